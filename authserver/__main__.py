@@ -1,0 +1,3 @@
+from authserver.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Request and response bodies, as they appear in the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    # Unknown parameters are ignored (RFC 6749 §3.1); values are never coerced.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class LoginRequest(_Request):
+    username: str = Field(min_length=1)
+    password: str
+    scope: str | None = None
+    client_id: str | None = None
+
+
+class RefreshRequest(_Request):
+    refresh_token: str = Field(min_length=1)
+    scope: str | None = None
+
+
+class LogoutRequest(_Request):
+    refresh_token: str = Field(min_length=1)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: str = Field(examples=["bearer"])
+    expires_in: int
+    scope: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_description: str
+
+
+class ProtectedResponse(BaseModel):
+    message: str
+    username: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+def body_schema(model: type[BaseModel], *, form: bool, json: bool) -> dict[str, Any]:
+    """An `openapi_extra` request body for a route that parses its own body."""
+    schema = model.model_json_schema()
+    content: dict[str, Any] = {}
+    if json:
+        content["application/json"] = {"schema": schema}
+    if form:
+        content["application/x-www-form-urlencoded"] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}

@@ -1,0 +1,157 @@
+"""Token routes: /login, /refresh, /token (RFC 6749), /revoke (RFC 7009), /logout."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
+
+from authserver.api.deps import ContextDep, ServicesDep, invalid_grant_is_401
+from authserver.api.parsing import read_form, read_json_or_form
+from authserver.api.responses import JSON, NO_STORE, token_response
+from authserver.api.schemas import (
+    LoginRequest,
+    LogoutRequest,
+    RefreshRequest,
+    TokenResponse,
+    body_schema,
+    errors,
+)
+from authserver.errors import InvalidClientError, InvalidRequestError
+from authserver.grants import token_request
+
+router = APIRouter(tags=["tokens"])
+DEFAULT_CLIENT_ID = "authserver"
+# RFC 6749 Appendix A.1: client_id = *VSCHAR
+_CLIENT_ID = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+class TokenForm(BaseModel):
+    grant_type: str
+    username: str | None = None
+    password: str | None = None
+    refresh_token: str | None = None
+    scope: str | None = None
+    client_id: str | None = None
+
+
+class RevokeForm(BaseModel):
+    token: str
+    token_type_hint: str | None = None
+
+
+def _basic_client_id(request: Request) -> str | None:
+    """A client_id from HTTP Basic (RFC 6749 §2.3.1); public clients have an empty secret."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidClientError("Malformed HTTP Basic credentials.") from exc
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise InvalidClientError("Malformed HTTP Basic credentials.")
+    if unquote(secret):
+        raise InvalidClientError("Clients are public: send no client secret.")
+    return unquote(client_id)
+
+
+def client_id_of(request: Request, form: dict[str, str]) -> str:
+    from_basic = _basic_client_id(request)
+    from_form = form.get("client_id") or None
+    if from_basic and from_form and from_basic != from_form:
+        raise InvalidRequestError("Two different client_id values were sent.")
+    if form.get("client_secret"):
+        raise InvalidClientError("Clients are public: send no client secret.", status_code=400)
+    client_id = from_basic or from_form or DEFAULT_CLIENT_ID
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidRequestError("The client_id is malformed.")
+    return client_id
+
+
+@router.post(
+    "/login",
+    response_model=TokenResponse,
+    responses=errors(400, 401, 429, 503),
+    openapi_extra=body_schema(LoginRequest, json=True, form=True),
+    dependencies=[Depends(invalid_grant_is_401)],
+    summary="Log in with a username and password (JSON or form)",
+)
+async def login(request: Request, services: ServicesDep, ctx: ContextDep) -> JSON:
+    body = await read_json_or_form(request, LoginRequest)
+    client_id = body.client_id or DEFAULT_CLIENT_ID
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidRequestError("The client_id is malformed.")
+    return token_response(
+        await services.auth.password_grant(
+            ctx,
+            username=body.username,
+            password=body.password,
+            scope=body.scope,
+            client_id=client_id,
+        )
+    )
+
+
+@router.post(
+    "/refresh",
+    response_model=TokenResponse,
+    responses=errors(400, 401, 503),
+    openapi_extra=body_schema(RefreshRequest, json=True, form=False),
+    dependencies=[Depends(invalid_grant_is_401)],
+    summary="Exchange a refresh token for a new token pair (rotation)",
+)
+async def refresh(request: Request, services: ServicesDep, ctx: ContextDep) -> JSON:
+    body = await read_json_or_form(request, RefreshRequest)
+    return token_response(
+        await services.auth.refresh_grant(ctx, refresh_token=body.refresh_token, scope=body.scope)
+    )
+
+
+@router.post(
+    "/token",
+    response_model=TokenResponse,
+    responses=errors(400, 401, 429, 503),
+    openapi_extra=body_schema(TokenForm, json=False, form=True),
+    summary="RFC 6749 token endpoint (password and refresh_token grants)",
+)
+async def token(request: Request, services: ServicesDep, ctx: ContextDep) -> JSON:
+    form = await read_form(request)
+    client_id = client_id_of(request, form)
+    return token_response(await token_request(services.auth, ctx, form, client_id=client_id))
+
+
+@router.post(
+    "/revoke",
+    status_code=200,
+    responses={200: {"description": "Revoked, or not a known token"}, **errors(400)},
+    openapi_extra=body_schema(RevokeForm, json=False, form=True),
+    summary="RFC 7009 token revocation",
+)
+async def revoke(request: Request, services: ServicesDep, ctx: ContextDep) -> Response:
+    form = await read_form(request)
+    token = form.get("token")
+    if not token:
+        raise InvalidRequestError("The 'token' parameter is missing.")
+    # RFC 7009 §2.2: the answer is 200 whether or not the token was known. An
+    # access token cannot be revoked (it is self-contained): it simply expires.
+    await services.auth.revoke(ctx, token=token)
+    return Response(status_code=200, headers=NO_STORE)
+
+
+@router.post(
+    "/logout",
+    status_code=204,
+    responses={204: {"description": "The session is over"}, **errors(400)},
+    openapi_extra=body_schema(LogoutRequest, json=True, form=False),
+    summary="Revoke the session (refresh family) of a refresh token",
+)
+async def logout(request: Request, services: ServicesDep, ctx: ContextDep) -> Response:
+    body = await read_json_or_form(request, LogoutRequest)
+    await services.auth.logout(ctx, refresh_token=body.refresh_token)
+    return Response(status_code=204, headers=NO_STORE)

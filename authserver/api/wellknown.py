@@ -1,0 +1,42 @@
+"""Discovery: the JWKS (RFC 7517) and authorization server metadata (RFC 8414)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from authserver.api.deps import ServicesDep
+from authserver.api.responses import JSON
+from authserver.grants import GRANT_TYPES
+
+router = APIRouter(tags=["discovery"])
+# Short enough that resource servers see a new or retired key within a minute.
+_CACHE = {"Cache-Control": "public, max-age=60"}
+
+
+@router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens")
+async def jwks(services: ServicesDep) -> JSON:
+    return JSON(services.keyring.jwks(), headers=_CACHE)
+
+
+def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "issuer": issuer,
+        "token_endpoint": f"{issuer}/token",
+        "jwks_uri": f"{issuer}/.well-known/jwks.json",
+        "revocation_endpoint": f"{issuer}/revoke",
+        "response_types_supported": [],
+        "grant_types_supported": list(GRANT_TYPES),
+        "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
+        "scopes_supported": list(scopes),
+        "service_documentation": f"{issuer}/docs",
+    }
+
+
+@router.get(
+    "/.well-known/oauth-authorization-server", summary="RFC 8414 authorization server metadata"
+)
+async def authorization_server_metadata(services: ServicesDep) -> JSON:
+    return JSON(metadata(services.issuer, services.scopes), headers=_CACHE)

@@ -1,0 +1,234 @@
+"""`create_app(settings)`: the FastAPI application, its services and its one error handler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+from authserver import __version__
+from authserver.api import docs, health, protected, token, wellknown
+from authserver.api.deps import Services
+from authserver.api.responses import JSON, NO_STORE
+from authserver.audit import Auditor
+from authserver.config import Settings
+from authserver.errors import (
+    InvalidGrantError,
+    InvalidRequestError,
+    OAuthError,
+    TemporarilyUnavailableError,
+)
+from authserver.grants import AuthService, TokenPolicy
+from authserver.keys import KeyRing, NoSigningKeyError, generate_key, key_files
+from authserver.passwords import PasswordHasher
+from authserver.refresh import Lifetimes
+from authserver.store.migrate import upgrade_async
+from authserver.store.protocol import StoreUnavailable
+from authserver.store.sql import SqlStore
+from authserver.throttle import LoginThrottle
+from authserver.tokens import AccessTokenVerifier, KeyRingSource
+
+log = logging.getLogger("authserver")
+
+
+def ensure_signing_key(settings: Settings) -> None:
+    """Generate a key if the directory has none; a lock stops concurrent starters doubling up."""
+    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(settings.keys_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not key_files(settings.keys_dir):
+            key = generate_key(settings.keys_dir)
+            log.warning(
+                "keys directory was empty: generated a new signing key",
+                extra={"kid": key.kid, "alg": key.alg, "file": str(key.path)},
+            )
+
+
+def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Services:
+    auditor = Auditor(store)
+    source = KeyRingSource(keyring)
+    policy = TokenPolicy(
+        issuer=settings.issuer,
+        audience=settings.audience,
+        access_token_ttl=settings.access_token_ttl,
+        scopes=settings.scopes,
+        lifetimes=Lifetimes(
+            refresh_ttl=settings.refresh_token_ttl,
+            session_max_age=settings.session_max_age,
+            reuse_grace=settings.refresh_reuse_grace,
+        ),
+    )
+    auth = AuthService(
+        store=store,
+        hasher=PasswordHasher(rounds=settings.bcrypt_rounds, threads=settings.bcrypt_threads),
+        keys=source,
+        auditor=auditor,
+        throttle=LoginThrottle(
+            store, max_failures=settings.login_max_failures, window=settings.login_window
+        ),
+        policy=policy,
+    )
+    verifier = AccessTokenVerifier(source, issuer=settings.issuer, audience=settings.audience)
+    return Services(
+        auth=auth,
+        store=store,
+        keyring=keyring,
+        verifier=verifier,
+        issuer=settings.issuer,
+        scopes=settings.scopes,
+    )
+
+
+async def _watch_keys(keyring: KeyRing, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(keyring.reload_if_changed)
+        except Exception:
+            log.exception("reloading the keys directory failed")
+
+
+async def _housekeeping(services: Services, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.purge_interval)
+        now = time.time()
+        try:
+            purged = await services.store.purge_expired(now=now)
+            await services.store.purge_login_failures(before=now - settings.login_window)
+            if purged:
+                log.info("purged expired refresh families", extra={"families": purged})
+        except Exception:
+            log.exception("housekeeping failed")
+
+
+def _error_response(request: Request, exc: OAuthError) -> JSON:
+    status = exc.status_code
+    if isinstance(exc, InvalidGrantError):
+        status = getattr(request.state, "invalid_grant_status", status)
+    return JSON(exc.body(), status_code=status, headers={**NO_STORE, **exc.headers()})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    # Starlette looks handlers up along the MRO: this one covers every OAuthError.
+    @app.exception_handler(OAuthError)
+    async def oauth_error(request: Request, exc: OAuthError) -> JSON:
+        return _error_response(request, exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSON:
+        log.warning("database unavailable: %s", exc)
+        return _error_response(request, TemporarilyUnavailableError(retry_after=2))
+
+    @app.exception_handler(NoSigningKeyError)
+    async def no_key(request: Request, exc: NoSigningKeyError) -> JSON:
+        log.error("cannot sign: %s", exc)
+        return _error_response(
+            request, TemporarilyUnavailableError("No signing key is loaded.", retry_after=5)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, _exc: RequestValidationError) -> JSON:
+        # Never FastAPI's default 422, which repeats the submitted input.
+        return _error_response(request, InvalidRequestError("The request is malformed."))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSON:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        body = {
+            "error": codes.get(exc.status_code, "invalid_request"),
+            "error_description": str(exc.detail),
+        }
+        return JSON(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, _exc: Exception) -> JSON:
+        log.exception("unhandled error")
+        return JSON(
+            {"error": "server_error", "error_description": "An unexpected error occurred."},
+            status_code=500,
+            headers=NO_STORE,
+        )
+
+
+class SecurityHeaders:
+    """Adds `X-Content-Type-Options: nosniff` to every response (pure ASGI: cheap)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; the store and keys are opened by its lifespan."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = SqlStore.from_settings(settings)
+        await upgrade_async(store.engine)
+        await asyncio.to_thread(ensure_signing_key, settings)
+        keyring = KeyRing(settings.keys_dir, allow_insecure=settings.allow_insecure_key_files)
+        await asyncio.to_thread(keyring.load)
+        services = build_services(settings, store, keyring)
+        app.state.services = services
+        await services.auth.hasher.warm_up()
+        tasks = [
+            asyncio.create_task(_watch_keys(keyring, settings.keys_reload_interval)),
+            asyncio.create_task(_housekeeping(services, settings)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            services.auth.hasher.close()
+            await store.close()
+
+    app = FastAPI(
+        title="authserver",
+        version=__version__,
+        description="Password login, rotating refresh tokens, JWT access tokens, JWKS.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=JSON,
+        swagger_ui_oauth2_redirect_url=None,
+    )
+    _install_error_handlers(app)
+    for router in (token.router, protected.router, wellknown.router, health.router):
+        app.include_router(router)
+    docs.install_docs(app)
+    app.add_middleware(SecurityHeaders)
+    if settings.trusted_proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))
+    return app
+
+
+def app_factory() -> Any:
+    """For `uvicorn --factory authserver.app:app_factory`: settings from the environment."""
+    return create_app(Settings())

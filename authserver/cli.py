@@ -1,0 +1,425 @@
+"""The `authserver` command: serve, users, keys, db, audit.
+
+Operator mistakes (an unknown user, an unreadable key file, an unreachable
+database) end with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Annotated, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+from authserver import audit
+from authserver.audit import CLI, Auditor
+from authserver.config import Settings
+from authserver.keys import ALGORITHMS, KeyFileError, KeyRing, generate_key, key_files
+from authserver.logs import configure_logging
+from authserver.passwords import PasswordHasher, PasswordPolicyError
+from authserver.store.protocol import Conflict, NotFound, StoreError
+from authserver.store.sql import SqlStore
+
+T = TypeVar("T")
+app = typer.Typer(
+    help="authserver: password login, rotating refresh tokens, JWT access tokens.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage signing keys.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,149}")
+DEMO_USER, DEMO_PASSWORD = "testuser", "testpassword"
+
+
+class OperatorError(Exception):
+    """A problem to report in one line."""
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"authserver: error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        name = "AUTHSERVER_" + "_".join(str(p) for p in err["loc"]).upper()
+        raise OperatorError(f"invalid configuration: {name}: {err['msg']}") from exc
+
+
+@contextlib.contextmanager
+def operator_errors() -> Iterator[None]:
+    """Turn every expected failure into one line and exit status 1."""
+    try:
+        yield
+    except OperatorError as exc:
+        fail(str(exc))
+    except KeyFileError as exc:
+        fail(str(exc))
+    except (StoreError, SQLAlchemyError, OSError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        fail(f"database error: {detail[0] if detail else type(exc).__name__}")
+
+
+def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T:
+    async def run() -> T:
+        from authserver.store.migrate import upgrade_async
+
+        store = SqlStore.from_settings(cfg)
+        try:
+            await upgrade_async(store.engine)
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+def check_username(name: str) -> None:
+    if not USERNAME.fullmatch(name):
+        raise OperatorError(
+            f"invalid username {name[:40]!r}: use 1-150 letters, digits and . _ @ + -"
+        )
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
+    demo: Annotated[bool, typer.Option(help="Create the demo user testuser/testpassword.")] = False,
+) -> None:
+    """Run the server (uvicorn), after applying migrations and loading the keys."""
+    import uvicorn
+
+    from authserver.app import ensure_signing_key
+
+    with operator_errors():
+        cfg = settings()
+        configure_logging(cfg.log_format, cfg.log_level)
+        ensure_signing_key(cfg)
+        KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
+        if demo:
+            run_with_store(cfg, lambda store: _create_demo_user(store, cfg))
+        else:
+            run_with_store(cfg, lambda store: store.ping())
+    uvicorn.run(
+        "authserver.app:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=False,  # AUTHSERVER_TRUSTED_PROXIES decides, in the app
+        server_header=False,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+async def _create_demo_user(store: SqlStore, cfg: Settings) -> None:
+    import logging
+
+    if await store.get_user(DEMO_USER) is not None:
+        return
+    hasher = PasswordHasher(rounds=cfg.bcrypt_rounds)
+    await store.add_user(DEMO_USER, await hasher.hash(DEMO_PASSWORD), at=time.time())
+    hasher.close()
+    logging.getLogger("authserver").warning(
+        "DEMO MODE: created the demo user %r with the demo password from the README. "
+        "Anyone can log in as it: never use --demo in production.",
+        DEMO_USER,
+    )
+    await Auditor(store).record(audit.USER_CREATED, CLI, username=DEMO_USER, demo=True)
+
+
+# -- users -----------------------------------------------------------------------
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    password_stdin: Annotated[bool, typer.Option(help="Read the password from stdin.")] = False,
+) -> None:
+    """Create a user."""
+    with operator_errors():
+        check_username(name)
+        cfg = settings()
+        password = read_password(password_stdin)
+        try:
+            password_hash = PasswordHasher(rounds=cfg.bcrypt_rounds).hash_sync(password)
+        except PasswordPolicyError as exc:
+            raise OperatorError(f"password refused: {exc}") from exc
+
+        async def work(store: SqlStore) -> None:
+            try:
+                await store.add_user(name, password_hash, at=time.time())
+            except Conflict as exc:
+                raise OperatorError(f"user {name!r} already exists") from exc
+            await Auditor(store).record(audit.USER_CREATED, CLI, username=name)
+
+        run_with_store(cfg, work)
+    typer.echo(f"created user {name}")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: str,
+    password_stdin: Annotated[bool, typer.Option(help="Read the password from stdin.")] = False,
+) -> None:
+    """Set a user's password; the user's sessions are revoked."""
+    with operator_errors():
+        cfg = settings()
+
+        async def exists(store: SqlStore) -> None:
+            if await store.get_user(name) is None:
+                raise OperatorError(f"unknown user {name!r}")
+
+        run_with_store(cfg, exists)
+        password = read_password(password_stdin)
+        try:
+            password_hash = PasswordHasher(rounds=cfg.bcrypt_rounds).hash_sync(password)
+        except PasswordPolicyError as exc:
+            raise OperatorError(f"password refused: {exc}") from exc
+
+        async def work(store: SqlStore) -> None:
+            now = time.time()
+            try:
+                await store.set_password_hash(name, password_hash, at=now)
+            except NotFound as exc:
+                raise OperatorError(f"unknown user {name!r}") from exc
+            user = await store.get_user(name)
+            if user is not None:
+                # A new password ends every session made with the old one.
+                await store.revoke_user_families(user.id, at=now, reason="password_changed")
+            await Auditor(store).record(audit.PASSWORD_CHANGED, CLI, username=name)
+
+        run_with_store(cfg, work)
+    typer.echo(f"password changed for {name}")
+
+
+def _set_disabled(name: str, disabled: bool) -> None:
+    with operator_errors():
+        cfg = settings()
+
+        async def work(store: SqlStore) -> None:
+            try:
+                await store.set_disabled(name, disabled, at=time.time())
+            except NotFound as exc:
+                raise OperatorError(f"unknown user {name!r}") from exc
+            event = audit.USER_DISABLED if disabled else audit.USER_ENABLED
+            await Auditor(store).record(event, CLI, username=name)
+
+        run_with_store(cfg, work)
+
+
+@users_app.command("disable")
+def users_disable(name: str) -> None:
+    """Disable a user and revoke every refresh token of theirs."""
+    _set_disabled(name, True)
+    typer.echo(f"disabled {name}; their refresh tokens are revoked")
+
+
+@users_app.command("enable")
+def users_enable(name: str) -> None:
+    """Enable a disabled user."""
+    _set_disabled(name, False)
+    typer.echo(f"enabled {name}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List users."""
+    with operator_errors():
+        users = run_with_store(settings(), lambda store: store.list_users())
+    typer.echo(f"{'USERNAME':<32} {'STATUS':<9} CREATED")
+    for user in users:
+        created = datetime.fromtimestamp(user.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status = "disabled" if user.disabled else "active"
+        typer.echo(f"{user.username:<32} {status:<9} {created}")
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+@keys_app.command("generate")
+def keys_generate(
+    alg: Annotated[str, typer.Option(help="RS256 or ES256.")] = "RS256",
+) -> None:
+    """Write a new private key (mode 0600); it becomes the signing key."""
+    with operator_errors():
+        if alg not in ALGORITHMS:
+            raise OperatorError(f"unsupported algorithm {alg!r}; use RS256 or ES256")
+        cfg = settings()
+        key = generate_key(cfg.keys_dir, alg)
+        with contextlib.suppress(StoreError, SQLAlchemyError, OSError):
+            run_with_store(
+                cfg,
+                lambda store: Auditor(store).record(
+                    audit.KEY_ADDED, CLI, kid=key.kid, alg=key.alg, file=key.path.name
+                ),
+            )
+    typer.echo(f"generated {key.alg} key {key.kid} in {key.path}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys: kid, algorithm, creation time, and which one signs."""
+    with operator_errors():
+        cfg = settings()
+        ring = KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files)
+        ring.load()
+    if not ring.keys:
+        typer.echo(f"no keys in {cfg.keys_dir}")
+        return
+    typer.echo(f"{'KID':<45} {'ALG':<6} {'CREATED':<21} SIGNING")
+    signing = ring.signing_key.kid
+    for key in ring.keys:
+        created = key.created.strftime("%Y-%m-%dT%H:%M:%SZ")
+        mark = "yes" if key.kid == signing else ""
+        typer.echo(f"{key.kid:<45} {key.alg:<6} {created:<21} {mark}")
+
+
+@keys_app.command("retire")
+def keys_retire(kid: str) -> None:
+    """Remove a key: tokens it signed stop verifying."""
+    with operator_errors():
+        cfg = settings()
+        ring = KeyRing(cfg.keys_dir, allow_insecure=True)
+        ring.load()
+        key = ring.get(kid)
+        if key is None:
+            raise OperatorError(f"no key with kid {kid!r} in {cfg.keys_dir}")
+        if len(key_files(cfg.keys_dir)) == 1:
+            raise OperatorError("refusing to retire the only key: generate a new one first")
+        key.path.unlink()
+        with contextlib.suppress(StoreError, SQLAlchemyError, OSError):
+            run_with_store(
+                cfg,
+                lambda store: Auditor(store).record(
+                    audit.KEY_RETIRED, CLI, kid=key.kid, alg=key.alg, file=key.path.name
+                ),
+            )
+    typer.echo(f"retired key {kid}")
+
+
+# -- db ----------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply schema migrations."""
+    with operator_errors():
+        run_with_store(settings(), lambda store: store.ping())
+    typer.echo("database is up to date")
+
+
+@db_app.command("purge")
+def db_purge() -> None:
+    """Delete refresh families that can no longer be used, and stale login failures."""
+    with operator_errors():
+        cfg = settings()
+
+        async def work(store: SqlStore) -> int:
+            now = time.time()
+            await store.purge_login_failures(before=now - cfg.login_window)
+            return await store.purge_expired(now=now)
+
+        purged = run_with_store(cfg, work)
+    typer.echo(f"purged {purged} refresh families")
+
+
+# -- audit -------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(value: str) -> float:
+    """`2026-11-25`, `2026-11-25T10:00:00Z`, a Unix time, or an age like `30m`, `2h`, `7d`."""
+    value = value.strip()
+    match = _RELATIVE.fullmatch(value)
+    if match:
+        return time.time() - int(match[1]) * _UNITS[match[2]]
+    with contextlib.suppress(ValueError):
+        return float(value)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise OperatorError(
+            f"cannot read --since {value[:40]!r}: use an ISO date/time, a Unix time, or 30m/2h/7d"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@app.command("audit")
+def audit_list(
+    user: Annotated[str | None, typer.Option(help="Only this user's events.")] = None,
+    event: Annotated[str | None, typer.Option(help="Only this event.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time, Unix time or 30m/2h/7d.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many (the newest).")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List security events, newest last."""
+    with operator_errors():
+        cfg = settings()
+        since_ts = parse_when(since) if since else None
+        events = run_with_store(
+            cfg,
+            lambda store: store.list_audit_events(
+                username=user, event=event, since=since_ts, limit=limit
+            ),
+        )
+    for ev in events:
+        at = datetime.fromtimestamp(ev.at, UTC).isoformat(timespec="milliseconds")
+        if as_json:
+            row = {
+                "at": at,
+                "event": ev.event,
+                "username": ev.username,
+                "client_addr": ev.client_addr,
+                "request_id": ev.request_id,
+                **ev.details,
+            }
+            typer.echo(json.dumps(row, default=str))
+        else:
+            details = " ".join(f"{k}={v}" for k, v in ev.details.items() if v is not None)
+            typer.echo(
+                f"{at} {ev.event:<24} user={ev.username or '-'} "
+                f"addr={ev.client_addr or '-'} {details}".rstrip()
+            )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,111 @@
+"""Settings: the only module that reads the environment."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
+
+
+class Settings(BaseSettings):
+    """Every knob of the server, from `AUTHSERVER_*` variables or a `.env` file.
+
+    Init arguments win over the environment, so tests build exactly the
+    settings they need: `Settings(database_url=..., keys_dir=...)`.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTHSERVER_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    database_url: str = "sqlite:///./authserver.db"
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
+    database_max_overflow: int = Field(default=10, ge=0, le=1000)
+    database_pool_timeout: float = Field(default=10.0, gt=0)
+    database_connect_timeout: float = Field(default=5.0, gt=0)
+    database_statement_timeout: float = Field(default=10.0, gt=0)
+    keys_dir: Path = Path("./keys")
+    keys_reload_interval: float = Field(default=5.0, gt=0, le=60)
+    allow_insecure_key_files: bool = False
+    issuer: str = "http://127.0.0.1:8000"
+    audience: str = "authserver"
+    access_token_ttl: int = Field(default=900, ge=1)
+    refresh_token_ttl: int = Field(default=1_209_600, ge=1)
+    session_max_age: int = Field(default=2_592_000, ge=1)
+    refresh_reuse_grace: int = Field(default=0, ge=0)
+    bcrypt_rounds: int = Field(default=12, ge=4, le=31)
+    bcrypt_threads: int = Field(default=0, ge=0, le=64)
+    scopes: Annotated[tuple[str, ...], NoDecode] = ("read", "write")
+    login_max_failures: int = Field(default=5, ge=1)
+    login_window: int = Field(default=900, ge=1)
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    purge_interval: float = Field(default=3600.0, gt=0)
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _split_scopes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(value.split())
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _check_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one scope is required")
+        for scope in value:
+            # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+            if not all(
+                c == "\x21" or "\x23" <= c <= "\x5b" or "\x5d" <= c <= "\x7e" for c in scope
+            ):
+                raise ValueError(f"invalid scope token {scope!r}")
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p for p in value.replace(",", " ").split() if p)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for proxy in value:
+            if proxy != "*":
+                ipaddress.ip_network(proxy, strict=False)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in {
+            "sqlite",
+            "sqlite+aiosqlite",
+            "postgresql",
+            "postgres",
+            "postgresql+asyncpg",
+        }:
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("issuer")
+    @classmethod
+    def _strip_issuer(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,40 @@
+"""Logging to standard error: one JSON object per line, or plain text for people."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+_CONFIGURED = "_authserver_handler"
+
+
+def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
+    """Send every log record to stderr, unbuffered, in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    setattr(handler, _CONFIGURED, True)
+    if log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(levelname)s %(name)s %(message)s",
+                rename_fields={"levelname": "level", "name": "logger"},
+                timestamp="time",
+                reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for existing in [h for h in root.handlers if getattr(h, _CONFIGURED, False)]:
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # uvicorn's own loggers propagate to ours, so its lines share the format.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # Access lines carry query strings, where a careless client may put a token.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

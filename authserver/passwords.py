@@ -1,0 +1,123 @@
+"""bcrypt hashing off the event loop, the 72-byte policy, and the timing guard."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import bcrypt
+
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores (bcrypt >= 5: refuses) anything longer
+# Hashing threads run at this niceness so the event loop (nice 0) always wins
+# the CPU: logins queue a little, while /protected and /health stay fast.
+_HASH_THREAD_NICENESS = 10
+
+
+class PasswordPolicyError(ValueError):
+    """A password that cannot be set; the message says why, never the password."""
+
+
+def validate_new_password(password: str) -> bytes:
+    """Return the UTF-8 bytes of an acceptable new password, or raise `PasswordPolicyError`."""
+    encoded = password.encode("utf-8", errors="surrogatepass")
+    if not encoded:
+        raise PasswordPolicyError("the password is empty")
+    if len(encoded) > MAX_PASSWORD_BYTES:
+        raise PasswordPolicyError(
+            f"the password is {len(encoded)} bytes long; bcrypt allows at most "
+            f"{MAX_PASSWORD_BYTES} bytes (UTF-8)"
+        )
+    if b"\x00" in encoded:
+        raise PasswordPolicyError("the password contains a NUL character")
+    return encoded
+
+
+def hash_rounds(password_hash: str) -> int | None:
+    """The cost of a `$2b$12$...` hash, or None if it is not one."""
+    parts = password_hash.split("$")
+    if len(parts) != 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _HASH_THREAD_NICENESS)
+
+
+def _check(password: bytes, password_hash: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, password_hash)
+    except ValueError:
+        return False
+
+
+class PasswordHasher:
+    """Hashes and checks passwords in a bounded pool of low-priority threads.
+
+    At most `threads` hashes run at once (default: one per core); the rest wait
+    their turn without blocking the event loop.
+    """
+
+    def __init__(self, *, rounds: int, threads: int = 0) -> None:
+        self.rounds = rounds
+        workers = threads or os.cpu_count() or 1
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="bcrypt", initializer=_lower_priority
+        )
+        self._dummy: bytes | None = None
+        self._dummy_lock = asyncio.Lock()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: object, *args: object) -> object:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+
+    def hash_sync(self, password: str) -> str:
+        """Hash a new password (validated first); for the CLI, which has no loop to spare."""
+        encoded = validate_new_password(password)
+        return bcrypt.hashpw(encoded, bcrypt.gensalt(self.rounds)).decode("ascii")
+
+    async def hash(self, password: str) -> str:
+        encoded = validate_new_password(password)
+        salt = bcrypt.gensalt(self.rounds)
+        hashed = await self._run(bcrypt.hashpw, encoded, salt)
+        assert isinstance(hashed, bytes)
+        return hashed.decode("ascii")
+
+    async def verify(self, password: str, password_hash: str | None) -> bool:
+        """Check a password; with no hash (unknown user) spend the same time on a dummy.
+
+        Answering faster for unknown users would tell an attacker which
+        usernames exist (the timing side of the anti-enumeration rule).
+        """
+        encoded = password.encode("utf-8", errors="surrogatepass")
+        if password_hash is None or len(encoded) > MAX_PASSWORD_BYTES:
+            await self._run(_check, encoded[:MAX_PASSWORD_BYTES], await self._dummy_hash())
+            return False
+        ok = await self._run(_check, encoded, password_hash.encode("ascii", errors="replace"))
+        return ok is True
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        rounds = hash_rounds(password_hash)
+        return rounds is None or rounds < self.rounds
+
+    async def _dummy_hash(self) -> bytes:
+        if self._dummy is None:
+            async with self._dummy_lock:
+                if self._dummy is None:
+                    hashed = await self._run(
+                        bcrypt.hashpw, b"timing-guard-dummy", bcrypt.gensalt(self.rounds)
+                    )
+                    assert isinstance(hashed, bytes)
+                    self._dummy = hashed
+        return self._dummy
+
+    async def warm_up(self) -> None:
+        """Compute the dummy hash now, so the first unknown-user login is not slower."""
+        await self._dummy_hash()

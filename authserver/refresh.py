@@ -1,0 +1,266 @@
+"""Refresh-token rotation with reuse detection.
+
+Every exchange spends the presented token and issues its successor in one
+transaction (a compare-and-set on the token's state), so concurrent requests
+with one token see exactly one winner. A spent token presented again is
+treated as theft: RFC 6819 §5.2.2.3 and RFC 9700 §4.14.2 say to revoke the
+whole family, the attacker's and the legitimate client's tokens alike.
+https://www.rfc-editor.org/rfc/rfc9700#section-4.14.2
+
+The only exception is the grace window (`refresh_reuse_grace`): for a few
+seconds after a rotation, the *immediately previous* token may be exchanged
+again, for a client whose response was lost. That revokes the unused
+successor and issues a fresh one, so a family always has one live token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from authserver import audit
+from authserver.audit import Auditor, RequestContext
+from authserver.store.protocol import RefreshRecord, RefreshTransaction, Store, User
+
+REFRESH_TOKEN_BYTES = 32
+MAX_REFRESH_TOKEN_LENGTH = 512
+
+
+def digest(token: str) -> str:
+    """What the database stores instead of the token: SHA-256, hex."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_refresh_token() -> tuple[str, str]:
+    token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+    return token, digest(token)
+
+
+@dataclass(frozen=True, slots=True)
+class Lifetimes:
+    refresh_ttl: int
+    session_max_age: int
+    reuse_grace: int
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A refresh token handed out, with what the access token beside it needs."""
+
+    refresh_token: str
+    family_id: str
+    username: str
+    granted_scope: str
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why an exchange failed; raised by the caller only after the transaction commits."""
+
+    reason: str
+    username: str | None = None
+    family_id: str | None = None
+
+
+async def start_family(
+    store: Store,
+    auditor: Auditor,
+    ctx: RequestContext,
+    *,
+    user: User,
+    scope: str,
+    client_id: str,
+    lifetimes: Lifetimes,
+    now: float,
+) -> Issued:
+    """Begin a new family at login and issue its first refresh token."""
+    family_id = str(uuid.uuid4())
+    token, token_hash = new_refresh_token()
+    session_end = now + lifetimes.session_max_age
+
+    async def work(tx: RefreshTransaction) -> None:
+        await tx.create_family(
+            family_id=family_id,
+            user_id=user.id,
+            client_id=client_id,
+            created_at=now,
+            expires_at=session_end,
+        )
+        await tx.add_refresh(
+            token_hash=token_hash,
+            family_id=family_id,
+            parent_hash=None,
+            scope=scope,
+            created_at=now,
+            expires_at=min(now + lifetimes.refresh_ttl, session_end),
+        )
+        await tx.add_audit_event(
+            auditor.event(
+                audit.LOGIN_SUCCEEDED,
+                ctx,
+                username=user.username,
+                family_id=family_id,
+                client_id=client_id,
+                scope=scope,
+            )
+        )
+
+    await store.atomic(work)
+    return Issued(token, family_id, user.username, scope, client_id)
+
+
+def _refusal(rec: RefreshRecord, now: float) -> str | None:
+    """Why a token that exists cannot be exchanged at all, reuse aside."""
+    if rec.family_revoked_at is not None:
+        return "revoked"
+    if rec.user_disabled:
+        return "user_disabled"
+    if now >= rec.family_expires_at:
+        return "session_expired"
+    return None
+
+
+@dataclass(slots=True)
+class _Rotation:
+    """One exchange's decisions, made inside its transaction."""
+
+    auditor: Auditor
+    ctx: RequestContext
+    lifetimes: Lifetimes
+    now: float
+    requested_scope: frozenset[str] | None
+    new_token: str
+    new_hash: str
+
+    async def decide(self, tx: RefreshTransaction, token_hash: str) -> Issued | Refused:
+        rec = await tx.get_refresh(token_hash)
+        if rec is None:
+            return Refused("unknown")
+        refusal = _refusal(rec, self.now)
+        if refusal is not None:
+            return Refused(refusal, rec.username, rec.family_id)
+        if rec.status == "active":
+            if self.now >= rec.expires_at:
+                return Refused("expired", rec.username, rec.family_id)
+            if self._widens(rec):
+                return Refused("invalid_scope", rec.username, rec.family_id)
+            if not await tx.spend_refresh(
+                token_hash, expected="active", successor_hash=self.new_hash, at=self.now
+            ):
+                return await self._reuse(tx, rec)
+            return await self._issue(tx, rec)
+        if rec.status == "spent" and await _within_grace(tx, rec, self.lifetimes, self.now):
+            if self._widens(rec):
+                return Refused("invalid_scope", rec.username, rec.family_id)
+            # A retry after a lost response: the unused successor gives way.
+            assert rec.successor_hash is not None and rec.spent_at is not None
+            await tx.revoke_token(rec.successor_hash)
+            await tx.spend_refresh(
+                token_hash, expected="spent", successor_hash=self.new_hash, at=rec.spent_at
+            )
+            return await self._issue(tx, rec)
+        if rec.status == "spent":
+            return await self._reuse(tx, rec)
+        return Refused("revoked", rec.username, rec.family_id)
+
+    def _widens(self, rec: RefreshRecord) -> bool:
+        # RFC 6749 §6: a refresh may narrow the scope, never widen it.
+        granted = set(rec.scope.split())
+        return self.requested_scope is not None and not self.requested_scope <= granted
+
+    async def _issue(self, tx: RefreshTransaction, rec: RefreshRecord) -> Issued:
+        await tx.add_refresh(
+            token_hash=self.new_hash,
+            family_id=rec.family_id,
+            parent_hash=rec.token_hash,
+            scope=rec.scope,
+            created_at=self.now,
+            expires_at=min(self.now + self.lifetimes.refresh_ttl, rec.family_expires_at),
+        )
+        await tx.add_audit_event(
+            self.auditor.event(
+                audit.REFRESHED, self.ctx, username=rec.username, family_id=rec.family_id
+            )
+        )
+        return Issued(self.new_token, rec.family_id, rec.username, rec.scope, rec.client_id)
+
+    async def _reuse(self, tx: RefreshTransaction, rec: RefreshRecord) -> Refused:
+        await tx.revoke_family(rec.family_id, at=self.now, reason="reuse")
+        await tx.add_audit_event(
+            self.auditor.event(
+                audit.REUSE_DETECTED,
+                self.ctx,
+                username=rec.username,
+                family_id=rec.family_id,
+                spent_at=rec.spent_at,
+            )
+        )
+        return Refused("reuse", rec.username, rec.family_id)
+
+
+async def rotate(
+    store: Store,
+    auditor: Auditor,
+    ctx: RequestContext,
+    *,
+    token: str,
+    lifetimes: Lifetimes,
+    now: float,
+    requested_scope: frozenset[str] | None = None,
+) -> Issued | Refused:
+    """Exchange a refresh token for its successor, detecting reuse.
+
+    Returns `Refused` (after committing any revocation it caused) rather than
+    raising, so that a reuse detection is never rolled back with the error.
+    """
+    if not token or len(token) > MAX_REFRESH_TOKEN_LENGTH:
+        return Refused("malformed")
+    token_hash = digest(token)
+    new_token, new_hash = new_refresh_token()
+    rotation = _Rotation(auditor, ctx, lifetimes, now, requested_scope, new_token, new_hash)
+    outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
+    if isinstance(outcome, Refused) and outcome.reason != "reuse":
+        auditor.event(
+            audit.REFRESH_FAILED,
+            ctx,
+            username=outcome.username,
+            reason=outcome.reason,
+            family_id=outcome.family_id,
+        )
+    return outcome
+
+
+async def _within_grace(
+    tx: RefreshTransaction, rec: RefreshRecord, lifetimes: Lifetimes, now: float
+) -> bool:
+    if lifetimes.reuse_grace <= 0 or rec.spent_at is None or rec.successor_hash is None:
+        return False
+    if now >= rec.spent_at + lifetimes.reuse_grace:
+        return False
+    successor = await tx.get_refresh(rec.successor_hash)
+    # Only the immediately previous token: its successor must still be unused.
+    return successor is not None and successor.status == "active"
+
+
+async def revoke_family(
+    store: Store, auditor: Auditor, ctx: RequestContext, *, token: str, now: float, event: str
+) -> bool:
+    """Revoke the family of a refresh token; False if the token is unknown."""
+    if not token or len(token) > MAX_REFRESH_TOKEN_LENGTH:
+        return False
+    token_hash = digest(token)
+
+    async def work(tx: RefreshTransaction) -> bool:
+        rec = await tx.get_refresh(token_hash)
+        if rec is None:
+            return False
+        if await tx.revoke_family(rec.family_id, at=now, reason=event):
+            await tx.add_audit_event(
+                auditor.event(event, ctx, username=rec.username, family_id=rec.family_id)
+            )
+        return True
+
+    return await store.atomic(work)

@@ -1,0 +1,150 @@
+"""What the domain modules need from storage. `sql.py` implements all of it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+T = TypeVar("T")
+
+TokenStatus = Literal["active", "spent", "revoked"]
+
+
+class StoreError(Exception):
+    """Base of the store's own exceptions; never shown to a client as-is."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    """The database did not answer, or stayed too contended to finish the work."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    password_hash: str
+    disabled: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRecord:
+    """One stored refresh token joined with its family and user."""
+
+    token_hash: str
+    family_id: str
+    parent_hash: str | None
+    successor_hash: str | None
+    status: TokenStatus
+    scope: str
+    created_at: float
+    expires_at: float
+    spent_at: float | None
+    client_id: str
+    family_created_at: float
+    family_expires_at: float
+    family_revoked_at: float | None
+    user_id: int
+    username: str
+    user_disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    at: float
+    event: str
+    username: str | None
+    client_addr: str | None
+    request_id: str | None
+    details: dict[str, Any]
+
+
+class RefreshTransaction(Protocol):
+    """The refresh-token operations that must run together in one transaction."""
+
+    async def get_refresh(self, token_hash: str) -> RefreshRecord | None:
+        """Read a token and lock it against concurrent writers until commit."""
+
+    async def get_user(self, username: str) -> User | None: ...
+
+    async def create_family(
+        self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
+    ) -> None: ...
+
+    async def add_refresh(
+        self,
+        *,
+        token_hash: str,
+        family_id: str,
+        parent_hash: str | None,
+        scope: str,
+        created_at: float,
+        expires_at: float,
+    ) -> None: ...
+
+    async def spend_refresh(
+        self, token_hash: str, *, expected: TokenStatus, successor_hash: str, at: float
+    ) -> bool:
+        """Compare-and-set: mark the token spent if it is still `expected`."""
+
+    async def revoke_token(self, token_hash: str) -> None: ...
+
+    async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
+        """Revoke the family and every token in it; False if it already was."""
+
+    async def add_audit_event(self, event: AuditEvent) -> None:
+        """Record an event in the same transaction as the change it describes."""
+
+
+class Store(Protocol):
+    async def atomic(self, work: Callable[[RefreshTransaction], Awaitable[T]]) -> T:
+        """Run `work` in one transaction, retried on serialization failures."""
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get_user(self, username: str) -> User | None: ...
+
+    async def add_user(self, username: str, password_hash: str, *, at: float) -> User: ...
+
+    async def set_password_hash(self, username: str, password_hash: str, *, at: float) -> None: ...
+
+    async def upgrade_password_hash(self, user_id: int, old_hash: str, new_hash: str) -> None: ...
+
+    async def set_disabled(self, username: str, disabled: bool, *, at: float) -> User: ...
+
+    async def list_users(self) -> Sequence[User]: ...
+
+    async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int: ...
+
+    async def purge_expired(self, *, now: float) -> int: ...
+
+    async def add_login_failure(self, keys: Sequence[str], *, at: float) -> None: ...
+
+    async def login_failures(self, key: str, *, since: float) -> tuple[int, float | None]:
+        """How many failures `key` has since `since`, and when the oldest was."""
+
+    async def clear_login_failures(self, key: str) -> None: ...
+
+    async def purge_login_failures(self, *, before: float) -> None: ...
+
+    async def add_audit_event(self, event: AuditEvent) -> None: ...
+
+    async def list_audit_events(
+        self,
+        *,
+        username: str | None = None,
+        event: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> Sequence[AuditEvent]: ...

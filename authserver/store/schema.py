@@ -1,0 +1,91 @@
+"""The tables, as SQLAlchemy Core metadata shared by the queries and the migrations.
+
+Times are Unix seconds (double precision): one representation on every backend,
+cheap to compare, and free of time-zone surprises.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Time = sa.Float(precision=53)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("username", sa.String(150), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(128), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+# A family is everything descended from one login (RFC 9700 §4.14.2).
+refresh_families = sa.Table(
+    "refresh_families",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Column("revoked_at", Time, nullable=True),
+    sa.Column("revoked_reason", sa.String(32), nullable=True),
+    sa.Index("ix_refresh_families_user_id", "user_id"),
+)
+
+# Only a SHA-256 digest of each refresh token is stored: a dump lets no one refresh.
+refresh_tokens = sa.Table(
+    "refresh_tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column(
+        "family_id",
+        sa.String(36),
+        sa.ForeignKey("refresh_families.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("parent_hash", sa.String(64), nullable=True),
+    sa.Column("successor_hash", sa.String(64), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Column("spent_at", Time, nullable=True),
+    sa.Index("ix_refresh_tokens_family_id", "family_id"),
+    sa.Index("ix_refresh_tokens_expires_at", "expires_at"),
+)
+
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(300), nullable=False),
+    sa.Column("failed_at", Time, nullable=False),
+    sa.Index("ix_login_failures_key_failed_at", "key", "failed_at"),
+)
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", Time, nullable=False),
+    sa.Column("event", sa.String(64), nullable=False),
+    sa.Column("username", sa.String(150), nullable=True),
+    sa.Column("client_addr", sa.String(64), nullable=True),
+    sa.Column("request_id", sa.String(64), nullable=True),
+    sa.Column("details", sa.Text, nullable=False, default="{}"),
+    sa.Index("ix_audit_events_at", "at"),
+    sa.Index("ix_audit_events_username_at", "username", "at"),
+    sa.Index("ix_audit_events_event_at", "event", "at"),
+)

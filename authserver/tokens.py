@@ -1,0 +1,298 @@
+"""Access tokens (RFC 9068 JWTs): minting and verification. The only module that imports jose.
+
+python-jose 3.5 is lax in ways an auth server cannot be, so verification
+does not lean on `jwt.decode`: it checks the header itself (`typ`, `kid`,
+`alg` pinned to the key's own algorithm, never HS*/none), verifies the
+signature with a prepared jose key, then requires every registered claim.
+Every failure, whatever raised it, becomes `InvalidTokenError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+from jose import jws
+from jose.backends.base import Key as JoseKey
+from jose.jwk import construct
+
+from authserver.errors import InvalidTokenError
+from authserver.keys import KeyRing
+
+ACCESS_TOKEN_TYPE = "at+jwt"
+_ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+# Only asymmetric algorithms: an HS* token "signed" with a public key must never verify.
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "ES256"})
+MAX_TOKEN_LENGTH = 8192
+_B64URL = re.compile(rb"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    """The verified claims of an access token."""
+
+    sub: str
+    scope: tuple[str, ...]
+    client_id: str
+    exp: float
+    iat: float
+    jti: str
+    iss: str
+    aud: str | list[str]
+    raw: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    kid: str
+    alg: str
+    key: JoseKey
+
+
+class KeySource(Protocol):
+    """Where a verifier finds keys by `kid`; `generation` changes whenever the set does."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def verification_key(self, kid: str) -> VerificationKey | None: ...
+
+
+def prepare_key(key: object, alg: str) -> JoseKey:
+    """Wrap a `cryptography` key object (or a JWK dict) as a jose key, once."""
+    if alg not in ASYMMETRIC_ALGORITHMS:
+        raise ValueError(f"algorithm {alg!r} is not allowed")
+    prepared: JoseKey = construct(key, alg)
+    return prepared
+
+
+def mint_access_token(
+    *,
+    key: JoseKey,
+    kid: str,
+    alg: str,
+    issuer: str,
+    audience: str,
+    subject: str,
+    scope: str,
+    client_id: str,
+    ttl: int,
+    now: float | None = None,
+) -> tuple[str, int]:
+    """Sign an RFC 9068 access token; returns the token and its `expires_in`."""
+    issued = int(now if now is not None else time.time())
+    claims = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "exp": issued + ttl,
+        "iat": issued,
+        "jti": secrets.token_urlsafe(16),
+        "scope": scope,
+        "client_id": client_id,
+    }
+    payload = orjson.dumps(claims)
+    token: str = jws.sign(
+        payload, key, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE}, algorithm=alg
+    )
+    return token, ttl
+
+
+def _b64decode(segment: bytes) -> bytes:
+    # RFC 7515 §2: base64url without padding; reject any other spelling.
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        raise InvalidTokenError("The access token is malformed.")
+    try:
+        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidTokenError("The access token is malformed.") from exc
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(data)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        raise InvalidTokenError(f"The access token {what} is not valid JSON.") from exc
+    if not isinstance(value, dict):
+        raise InvalidTokenError(f"The access token {what} is not a JSON object.")
+    return value
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTokenError(f"The access token has no valid '{name}' claim.")
+    return float(value)
+
+
+def _string(claims: Mapping[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidTokenError(f"The access token has no valid '{name}' claim.")
+    return value
+
+
+class AccessTokenVerifier:
+    """Verifies access tokens against a key source; safe to share across requests.
+
+    Verified tokens are remembered (keyed by the exact token string, until their
+    `exp`, forgotten whenever the key set changes), so a client that reuses its
+    token costs one dictionary lookup. Another spelling of the same token is a
+    miss and gets the full check.
+    """
+
+    def __init__(
+        self,
+        keys: KeySource,
+        *,
+        issuer: str,
+        audience: str,
+        leeway: float = 0.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = keys
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway
+        self._clock = clock
+        self._cache_size = cache_size
+        self._cache: dict[str, AccessClaims] = {}
+        self._generation = keys.generation
+
+    def verify(self, token: str) -> AccessClaims:
+        """Return the claims of a valid token; raise `InvalidTokenError` otherwise."""
+        now = self._clock()
+        if self._generation != self._keys.generation:
+            self._cache.clear()
+            self._generation = self._keys.generation
+        cached = self._cache.get(token)
+        if cached is not None:
+            if now < cached.exp + self._leeway:
+                return cached
+            del self._cache[token]
+        claims = self._verify(token, now)
+        if self._cache_size:
+            if len(self._cache) >= self._cache_size:
+                # Drop the oldest entry (dicts keep insertion order).
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[token] = claims
+        return claims
+
+    def _verify(self, token: str, now: float) -> AccessClaims:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidTokenError("The access token is malformed.")
+        try:
+            raw = token.encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise InvalidTokenError("The access token is malformed.") from exc
+        parts = raw.split(b".")
+        if len(parts) != 3:
+            raise InvalidTokenError("The access token is malformed.")
+        header = _json_object(_b64decode(parts[0]), "header")
+        key = self._key_for(header)
+        signature = _b64decode(parts[2])
+        try:
+            valid = key.key.verify(parts[0] + b"." + parts[1], signature)
+        except Exception:
+            valid = False
+        if not valid:
+            raise InvalidTokenError("The access token signature is invalid.")
+        return self._check_claims(_json_object(_b64decode(parts[1]), "payload"), now)
+
+    def _key_for(self, header: Mapping[str, Any]) -> VerificationKey:
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
+            raise InvalidTokenError("The token is not an access token (typ must be at+jwt).")
+        if "crit" in header:
+            raise InvalidTokenError("The access token has unsupported critical headers.")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > 256:
+            raise InvalidTokenError("The access token has no valid 'kid' header.")
+        key = self._keys.verification_key(kid)
+        if key is None:
+            raise InvalidTokenError("The access token was signed by an unknown key.")
+        # The key decides the algorithm, never the token (RFC 8725 §3.1).
+        if header.get("alg") != key.alg:
+            raise InvalidTokenError("The access token algorithm does not match its key.")
+        return key
+
+    def _check_claims(self, claims: Mapping[str, Any], now: float) -> AccessClaims:
+        exp = _number(claims, "exp")
+        if now >= exp + self._leeway:
+            raise InvalidTokenError("The access token has expired.")
+        iat = _number(claims, "iat")
+        if iat > now + self._leeway + 60:
+            raise InvalidTokenError("The access token was issued in the future.")
+        if "nbf" in claims and _number(claims, "nbf") > now + self._leeway:
+            raise InvalidTokenError("The access token is not valid yet.")
+        iss = _string(claims, "iss")
+        if iss != self._issuer:
+            raise InvalidTokenError("The access token was issued by another issuer.")
+        aud = claims.get("aud")
+        if not (aud == self._audience or (isinstance(aud, list) and self._audience in aud)):
+            raise InvalidTokenError("The access token is meant for another audience.")
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):
+            raise InvalidTokenError("The access token has no valid 'scope' claim.")
+        client_id = claims.get("client_id", "")
+        if not isinstance(client_id, str):
+            raise InvalidTokenError("The access token has no valid 'client_id' claim.")
+        return AccessClaims(
+            sub=_string(claims, "sub"),
+            scope=tuple(scope.split()),
+            client_id=client_id,
+            exp=exp,
+            iat=iat,
+            jti=_string(claims, "jti"),
+            iss=iss,
+            aud=aud,
+            raw=dict(claims),
+        )
+
+
+class KeyRingSource:
+    """`KeySource` over the server's own `KeyRing`, with jose keys prepared once."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._ring = ring
+        self._prepared: dict[str, VerificationKey] = {}
+        self._signing: dict[str, JoseKey] = {}
+        self._seen = -1
+
+    @property
+    def generation(self) -> int:
+        return self._ring.generation
+
+    def _sync(self) -> None:
+        if self._seen == self._ring.generation:
+            return
+        prepared = {}
+        for key in self._ring.keys:
+            known = self._prepared.get(key.kid)
+            prepared[key.kid] = known or VerificationKey(
+                kid=key.kid, alg=key.alg, key=prepare_key(key.public_key, key.alg)
+            )
+        self._prepared = prepared
+        self._signing = {k: v for k, v in self._signing.items() if k in prepared}
+        self._seen = self._ring.generation
+
+    def verification_key(self, kid: str) -> VerificationKey | None:
+        self._sync()
+        return self._prepared.get(kid)
+
+    def signing_key(self) -> tuple[str, str, JoseKey]:
+        """The kid, algorithm and prepared private key of the current signing key."""
+        self._sync()
+        key = self._ring.signing_key
+        prepared = self._signing.get(key.kid)
+        if prepared is None:
+            prepared = self._signing[key.kid] = prepare_key(key.private_key, key.alg)
+        return key.kid, key.alg, prepared
