@@ -52,11 +52,11 @@ class Auditor:
         self._store = store
         self._clock = clock
 
-    def event(
+    def build(
         self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
     ) -> AuditEvent:
-        """Build and log an event; the caller stores it, often inside its own transaction."""
-        event = AuditEvent(
+        """Build an event without logging it: for a transaction that may still roll back."""
+        return AuditEvent(
             at=self._clock(),
             event=name,
             username=username,
@@ -64,18 +64,28 @@ class Auditor:
             request_id=ctx.request_id,
             details=details,
         )
-        level = logging.WARNING if name in _WARNINGS else logging.INFO
+
+    def emit(self, event: AuditEvent) -> None:
+        """Write the event's log line (once the change it describes has happened)."""
+        level = logging.WARNING if event.event in _WARNINGS else logging.INFO
         log.log(
             level,
-            name,
+            event.event,
             extra={
-                "event": name,
-                "username": username,
-                "client_addr": ctx.client_addr,
-                "request_id": ctx.request_id,
-                **details,
+                "event": event.event,
+                "username": event.username,
+                "client_addr": event.client_addr,
+                "request_id": event.request_id,
+                **event.details,
             },
         )
+
+    def event(
+        self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
+    ) -> AuditEvent:
+        """Build and log an event that is not stored."""
+        event = self.build(name, ctx, username=username, **details)
+        self.emit(event)
         return event
 
     async def record(

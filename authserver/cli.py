@@ -152,8 +152,12 @@ async def _create_demo_user(store: SqlStore, cfg: Settings) -> None:
     if await store.get_user(DEMO_USER) is not None:
         return
     hasher = PasswordHasher(rounds=cfg.bcrypt_rounds)
-    await store.add_user(DEMO_USER, await hasher.hash(DEMO_PASSWORD), at=time.time())
-    hasher.close()
+    try:
+        await store.add_user(DEMO_USER, await hasher.hash(DEMO_PASSWORD), at=time.time())
+    except Conflict:
+        return  # another instance starting at the same moment created it
+    finally:
+        hasher.close()
     logging.getLogger("authserver").warning(
         "DEMO MODE: created the demo user %r with the demo password from the README. "
         "Anyone can log in as it: never use --demo in production.",

@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
-from authserver.store.protocol import RefreshRecord, RefreshTransaction, Store, User
+from authserver.store.protocol import AuditEvent, RefreshRecord, RefreshTransaction, Store, User
 
 REFRESH_TOKEN_BYTES = 32
 MAX_REFRESH_TOKEN_LENGTH = 512
@@ -80,6 +80,14 @@ async def start_family(
     family_id = str(uuid.uuid4())
     token, token_hash = new_refresh_token()
     session_end = now + lifetimes.session_max_age
+    event = auditor.build(
+        audit.LOGIN_SUCCEEDED,
+        ctx,
+        username=user.username,
+        family_id=family_id,
+        client_id=client_id,
+        scope=scope,
+    )
 
     async def work(tx: RefreshTransaction) -> None:
         await tx.create_family(
@@ -97,18 +105,10 @@ async def start_family(
             created_at=now,
             expires_at=min(now + lifetimes.refresh_ttl, session_end),
         )
-        await tx.add_audit_event(
-            auditor.event(
-                audit.LOGIN_SUCCEEDED,
-                ctx,
-                username=user.username,
-                family_id=family_id,
-                client_id=client_id,
-                scope=scope,
-            )
-        )
+        await tx.add_audit_event(event)
 
     await store.atomic(work)
+    auditor.emit(event)  # logged only once it is true
     return Issued(token, family_id, user.username, scope, client_id)
 
 
@@ -134,8 +134,10 @@ class _Rotation:
     requested_scope: frozenset[str] | None
     new_token: str
     new_hash: str
+    events: list[AuditEvent] = field(default_factory=list)
 
     async def decide(self, tx: RefreshTransaction, token_hash: str) -> Issued | Refused:
+        self.events.clear()  # a retried transaction starts over
         rec = await tx.get_refresh(token_hash)
         if rec is None:
             return Refused("unknown")
@@ -180,25 +182,31 @@ class _Rotation:
             created_at=self.now,
             expires_at=min(self.now + self.lifetimes.refresh_ttl, rec.family_expires_at),
         )
-        await tx.add_audit_event(
-            self.auditor.event(
+        await self._audit(
+            tx,
+            self.auditor.build(
                 audit.REFRESHED, self.ctx, username=rec.username, family_id=rec.family_id
-            )
+            ),
         )
         return Issued(self.new_token, rec.family_id, rec.username, rec.scope, rec.client_id)
 
     async def _reuse(self, tx: RefreshTransaction, rec: RefreshRecord) -> Refused:
         await tx.revoke_family(rec.family_id, at=self.now, reason="reuse")
-        await tx.add_audit_event(
-            self.auditor.event(
+        await self._audit(
+            tx,
+            self.auditor.build(
                 audit.REUSE_DETECTED,
                 self.ctx,
                 username=rec.username,
                 family_id=rec.family_id,
                 spent_at=rec.spent_at,
-            )
+            ),
         )
         return Refused("reuse", rec.username, rec.family_id)
+
+    async def _audit(self, tx: RefreshTransaction, event: AuditEvent) -> None:
+        await tx.add_audit_event(event)
+        self.events.append(event)
 
 
 async def rotate(
@@ -222,6 +230,8 @@ async def rotate(
     new_token, new_hash = new_refresh_token()
     rotation = _Rotation(auditor, ctx, lifetimes, now, requested_scope, new_token, new_hash)
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
+    for event in rotation.events:
+        auditor.emit(event)  # after the commit: a rolled-back attempt logs nothing
     if isinstance(outcome, Refused) and outcome.reason != "reuse":
         auditor.event(
             audit.REFRESH_FAILED,
@@ -252,15 +262,20 @@ async def revoke_family(
     if not token or len(token) > MAX_REFRESH_TOKEN_LENGTH:
         return False
     token_hash = digest(token)
+    revoked: list[AuditEvent] = []
 
     async def work(tx: RefreshTransaction) -> bool:
+        revoked.clear()
         rec = await tx.get_refresh(token_hash)
         if rec is None:
             return False
         if await tx.revoke_family(rec.family_id, at=now, reason=event):
-            await tx.add_audit_event(
-                auditor.event(event, ctx, username=rec.username, family_id=rec.family_id)
-            )
+            built = auditor.build(event, ctx, username=rec.username, family_id=rec.family_id)
+            await tx.add_audit_event(built)
+            revoked.append(built)
         return True
 
-    return await store.atomic(work)
+    known = await store.atomic(work)
+    for built in revoked:
+        auditor.emit(built)
+    return known

@@ -125,8 +125,12 @@ def _unavailable(exc: BaseException) -> bool:
         if exc.connection_invalidated or isinstance(exc, (InterfaceError, OperationalError)):
             return True
         sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-        # Class 08: connection exception; 57P: operator intervention (shutdown).
-        return sqlstate.startswith(("08", "57P", "53"))
+        # Class 08: connection exception; 57P: operator intervention (shutdown);
+        # 53: insufficient resources; 3D000 / 28: the database or role is gone
+        # (dropped, renamed), which a server sees only when it reconnects;
+        # 57014: a query the server cancelled (its own statement_timeout);
+        # 25006: a read-only server, as an old primary is after a failover.
+        return sqlstate.startswith(("08", "57P", "53", "3D", "28", "57014", "25006"))
     return False
 
 
@@ -255,15 +259,16 @@ class SqlTransaction:
         )
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
-        result = await self._conn.execute(
-            refresh_families.update()
-            .where(refresh_families.c.id == family_id, refresh_families.c.revoked_at.is_(None))
-            .values(revoked_at=at, revoked_reason=reason)
-        )
+        # Tokens before families, the order `_revoke_user_families` locks in too.
         await self._conn.execute(
             refresh_tokens.update()
             .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.status == "active")
             .values(status="revoked")
+        )
+        result = await self._conn.execute(
+            refresh_families.update()
+            .where(refresh_families.c.id == family_id, refresh_families.c.revoked_at.is_(None))
+            .values(revoked_at=at, revoked_reason=reason)
         )
         return result.rowcount == 1
 
@@ -469,6 +474,19 @@ class SqlStore:
     async def clear_login_failures(self, key: str) -> None:
         async def work(conn: AsyncConnection) -> None:
             await conn.execute(login_failures.delete().where(login_failures.c.key == key))
+
+        await self._run_write(work)
+
+    async def remove_login_failure(self, keys: Sequence[str], *, at: float) -> None:
+        # One row per key (the lowest id): a concurrent attempt at the same instant keeps its own.
+        ids = (
+            sa.select(sa.func.min(login_failures.c.id))
+            .where(login_failures.c.key.in_(list(keys)), login_failures.c.failed_at == at)
+            .group_by(login_failures.c.key)
+        )
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(login_failures.delete().where(login_failures.c.id.in_(ids)))
 
         await self._run_write(work)
 
