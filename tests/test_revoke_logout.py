@@ -1,0 +1,126 @@
+"""POST /revoke (RFC 7009) and POST /logout: both end a refresh family."""
+
+from __future__ import annotations
+
+import secrets
+
+from authserver import audit
+from tests.conftest import Running
+from tests.test_refresh import assert_invalid_grant, family_of, refresh, rotate
+
+
+async def revoke(server: Running, **form: str) -> None:
+    r = await server.client.post("/revoke", data=form)
+    assert r.status_code == 200, r.text
+    assert r.content == b""
+    assert r.headers["cache-control"] == "no-store"
+
+
+async def test_revoke_a_refresh_token_ends_its_family(server: Running) -> None:
+    other = (await server.login())["refresh_token"]
+    token = (await server.login())["refresh_token"]
+    await revoke(server, token=token)
+    assert_invalid_grant(await refresh(server, token), token)
+    family = await family_of(server, token)
+    assert family["revoked_reason"] == audit.REVOKED
+    assert family["statuses"]["active"] == 0
+    events = await server.store.list_audit_events(event=audit.REVOKED)
+    assert [e.details["family_id"] for e in events] == [family["id"]]
+    # Another session is untouched.
+    assert (await refresh(server, other)).status_code == 200
+
+
+async def test_revoke_an_older_token_ends_the_newest_too(server: Running) -> None:
+    first = (await server.login())["refresh_token"]
+    second = await rotate(server, first)
+    third = await rotate(server, second)
+    await revoke(server, token=first, token_type_hint="refresh_token")
+    assert_invalid_grant(await refresh(server, third), third)
+    # Revoking is not reuse: the audit trail says which it was.
+    assert (await family_of(server, third))["revoked_reason"] == audit.REVOKED
+    assert await server.store.list_audit_events(event=audit.REUSE_DETECTED) == []
+
+
+async def test_revoke_is_200_for_tokens_it_does_not_know(server: Running) -> None:
+    login = await server.login()
+    for token in (
+        secrets.token_urlsafe(32),
+        "garbage",
+        "x" * 5000,
+        login["access_token"],
+    ):
+        await revoke(server, token=token)
+        await revoke(server, token=token, token_type_hint="access_token")
+    await revoke(server, token="whatever", token_type_hint="unknown_hint")
+    # Revoking twice is as fine as once.
+    await revoke(server, token=login["refresh_token"])
+    await revoke(server, token=login["refresh_token"])
+    assert_invalid_grant(await refresh(server, login["refresh_token"]), login["refresh_token"])
+
+
+async def test_revoke_without_a_token_is_invalid_request(server: Running) -> None:
+    token = (await server.login())["refresh_token"]
+    cases = [
+        await server.client.post("/revoke", data={}),
+        await server.client.post("/revoke", data={"token": ""}),
+        await server.client.post("/revoke", data={"token_type_hint": "refresh_token"}),
+        # RFC 7009 §2.1: form encoding only.
+        await server.client.post("/revoke", json={"token": token}),
+        await server.client.post(
+            "/revoke",
+            content=f"token={token}&token={token}".encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+    ]
+    for r in cases:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "invalid_request"
+        assert token not in r.text
+    # None of those revoked anything.
+    assert (await refresh(server, token)).status_code == 200
+
+
+async def test_logout_ends_the_family(server: Running) -> None:
+    other = (await server.login())["refresh_token"]
+    first = (await server.login())["refresh_token"]
+    second = await rotate(server, first)
+    r = await server.client.post("/logout", json={"refresh_token": second})
+    assert r.status_code == 204
+    assert r.content == b""
+    assert_invalid_grant(await refresh(server, second), second)
+    family = await family_of(server, second)
+    assert family["revoked_reason"] == audit.LOGGED_OUT
+    assert family["statuses"]["active"] == 0
+    assert (await refresh(server, other)).status_code == 200
+
+
+async def test_logout_with_an_older_token_of_the_family(server: Running) -> None:
+    first = (await server.login())["refresh_token"]
+    second = await rotate(server, first)
+    assert (await server.client.post("/logout", json={"refresh_token": first})).status_code == 204
+    assert_invalid_grant(await refresh(server, second), second)
+
+
+async def test_logout_with_an_unknown_token_changes_nothing(server: Running) -> None:
+    token = (await server.login())["refresh_token"]
+    for unknown in (secrets.token_urlsafe(32), "garbage", "y" * 5000):
+        r = await server.client.post("/logout", json={"refresh_token": unknown})
+        assert r.status_code == 204
+    assert (await refresh(server, token)).status_code == 200
+
+
+async def test_logout_bad_requests(server: Running) -> None:
+    token = (await server.login())["refresh_token"]
+    for r in (
+        await server.client.post("/logout", json={}),
+        await server.client.post("/logout", json={"refresh_token": ""}),
+        await server.client.post("/logout", json={"refresh_token": 123}),
+        await server.client.post("/logout", json=[token]),
+        await server.client.post(
+            "/logout", content=b"{", headers={"Content-Type": "application/json"}
+        ),
+    ):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "invalid_request"
+        assert token not in r.text
+    assert (await refresh(server, token)).status_code == 200
