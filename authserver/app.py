@@ -18,7 +18,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
 from authserver.api import docs, health, protected, token, wellknown
-from authserver.api.deps import Services
+from authserver.api.deps import INVALID_GRANT_STATUS, Services
 from authserver.api.responses import JSON, NO_STORE
 from authserver.audit import Auditor
 from authserver.config import Settings
@@ -29,9 +29,11 @@ from authserver.errors import (
     TemporarilyUnavailableError,
 )
 from authserver.grants import AuthService, TokenPolicy
-from authserver.keys import KeyRing, NoSigningKeyError, generate_key, key_files
+from authserver.keys import KeyFileError, KeyRing, NoSigningKeyError, generate_key, key_files
+from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
+from authserver.resource import TokenValidator, error_response
 from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import StoreUnavailable
 from authserver.store.sql import SqlStore
@@ -43,8 +45,14 @@ log = logging.getLogger("authserver")
 
 def ensure_signing_key(settings: Settings) -> None:
     """Generate a key if the directory has none; a lock stops concurrent starters doubling up."""
-    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(settings.keys_dir / ".lock", "a") as lock:
+    try:
+        settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = open(settings.keys_dir / ".lock", "a")  # closed by the with below
+    except OSError as exc:
+        raise KeyFileError(
+            f"cannot use keys directory {settings.keys_dir}: {exc.strerror or exc}"
+        ) from exc
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not key_files(settings.keys_dir):
             key = generate_key(settings.keys_dir)
@@ -84,6 +92,7 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
         store=store,
         keyring=keyring,
         verifier=verifier,
+        validator=TokenValidator(verifier),
         issuer=settings.issuer,
         scopes=settings.scopes,
     )
@@ -114,8 +123,8 @@ async def _housekeeping(services: Services, settings: Settings) -> None:
 def _error_response(request: Request, exc: OAuthError) -> JSON:
     status = exc.status_code
     if isinstance(exc, InvalidGrantError):
-        status = getattr(request.state, "invalid_grant_status", status)
-    return JSON(exc.body(), status_code=status, headers={**NO_STORE, **exc.headers()})
+        status = request.scope.get(INVALID_GRANT_STATUS, status)
+    return error_response(exc, status_code=status)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -188,15 +197,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SqlStore.from_settings(settings)
-        await upgrade_async(store.engine)
+        # Keys first: a refused key file stops startup before any connection is opened.
         await asyncio.to_thread(ensure_signing_key, settings)
         keyring = KeyRing(settings.keys_dir, allow_insecure=settings.allow_insecure_key_files)
         await asyncio.to_thread(keyring.load)
+        store = SqlStore.from_settings(settings)
+        try:
+            await upgrade_async(store.engine)
+        except BaseException:
+            await store.close()
+            raise
         services = build_services(settings, store, keyring)
         app.state.services = services
-        await services.auth.hasher.warm_up()
         tasks = [
+            # The timing guard's dummy hash costs one bcrypt (~0.3 s at cost 12): make it
+            # in the background rather than before listening; a login needing it waits.
+            asyncio.create_task(services.auth.hasher.warm_up()),
             asyncio.create_task(_watch_keys(keyring, settings.keys_reload_interval)),
             asyncio.create_task(_housekeeping(services, settings)),
         ]
@@ -230,5 +246,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def app_factory() -> Any:
-    """For `uvicorn --factory authserver.app:app_factory`: settings from the environment."""
-    return create_app(Settings())
+    """For `uvicorn --factory authserver.app:app_factory`: settings from the environment.
+
+    Each worker process calls this, so it also sets up that process's logging.
+    """
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings)

@@ -149,21 +149,26 @@ def serve(
 async def _create_demo_user(store: SqlStore, cfg: Settings) -> None:
     import logging
 
-    if await store.get_user(DEMO_USER) is not None:
-        return
-    hasher = PasswordHasher(rounds=cfg.bcrypt_rounds)
-    try:
-        await store.add_user(DEMO_USER, await hasher.hash(DEMO_PASSWORD), at=time.time())
-    except Conflict:
-        return  # another instance starting at the same moment created it
-    finally:
-        hasher.close()
-    logging.getLogger("authserver").warning(
-        "DEMO MODE: created the demo user %r with the demo password from the README. "
+    log = logging.getLogger("authserver")
+    created = False
+    if await store.get_user(DEMO_USER) is None:
+        hasher = PasswordHasher(rounds=cfg.bcrypt_rounds)
+        try:
+            await store.add_user(DEMO_USER, await hasher.hash(DEMO_PASSWORD), at=time.time())
+            created = True
+        except Conflict:
+            pass  # another instance starting at the same moment created it
+        finally:
+            hasher.close()
+    # Every start in demo mode says so: the password is in the README.
+    log.warning(
+        "DEMO MODE: %s the demo user %r, whose password is printed in the README. "
         "Anyone can log in as it: never use --demo in production.",
+        "created" if created else "kept",
         DEMO_USER,
     )
-    await Auditor(store).record(audit.USER_CREATED, CLI, username=DEMO_USER, demo=True)
+    if created:
+        await Auditor(store).record(audit.USER_CREATED, CLI, username=DEMO_USER, demo=True)
 
 
 # -- users -----------------------------------------------------------------------

@@ -144,6 +144,16 @@ def generate_key(keys_dir: Path, alg: Algorithm = "RS256") -> SigningKey:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    try:
+        path = _publish(keys_dir, alg, pem)
+    except OSError as exc:
+        raise KeyFileError(
+            f"cannot write a key file into {keys_dir}: {exc.strerror or exc}"
+        ) from exc
+    return load_key(path)
+
+
+def _publish(keys_dir: Path, alg: Algorithm, pem: bytes) -> Path:
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     existing = key_files(keys_dir)
     stamp = datetime.now(UTC).strftime(_NAME_FORMAT)
@@ -160,7 +170,7 @@ def generate_key(keys_dir: Path, alg: Algorithm = "RS256") -> SigningKey:
         os.close(fd)
     # Atomic publish: a server polling the directory never sees half a file.
     os.replace(tmp, path)
-    return load_key(path)
+    return path
 
 
 class KeyRing:

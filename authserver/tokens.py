@@ -34,6 +34,15 @@ MAX_TOKEN_LENGTH = 8192
 _B64URL = re.compile(rb"[A-Za-z0-9_-]+")
 
 
+class UnknownKeyError(InvalidTokenError):
+    """The token names a `kid` the key source does not have (yet): a JWKS-backed
+    source may refetch and try again; to the client it is just `invalid_token`."""
+
+    def __init__(self, kid: str) -> None:
+        super().__init__("The access token was signed by an unknown key.")
+        self.kid = kid
+
+
 @dataclass(frozen=True, slots=True)
 class AccessClaims:
     """The verified claims of an access token."""
@@ -110,9 +119,13 @@ def _b64decode(segment: bytes) -> bytes:
     if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise InvalidTokenError("The access token is malformed.")
     try:
-        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+        decoded = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
     except (binascii.Error, ValueError) as exc:
         raise InvalidTokenError("The access token is malformed.") from exc
+    # Unused low bits in the last character would give one value many spellings.
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != segment:
+        raise InvalidTokenError("The access token is malformed.")
+    return decoded
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -218,7 +231,7 @@ class AccessTokenVerifier:
             raise InvalidTokenError("The access token has no valid 'kid' header.")
         key = self._keys.verification_key(kid)
         if key is None:
-            raise InvalidTokenError("The access token was signed by an unknown key.")
+            raise UnknownKeyError(kid)
         # The key decides the algorithm, never the token (RFC 8725 §3.1).
         if header.get("alg") != key.alg:
             raise InvalidTokenError("The access token algorithm does not match its key.")

@@ -7,13 +7,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from authserver.audit import RequestContext
-from authserver.errors import MissingTokenError
 from authserver.grants import AuthService
 from authserver.keys import KeyRing
+from authserver.resource import TokenValidator, Validator, require_token
 from authserver.store.protocol import Store
 from authserver.tokens import AccessClaims, AccessTokenVerifier
 
@@ -28,6 +28,7 @@ class Services:
     store: Store
     keyring: KeyRing
     verifier: AccessTokenVerifier
+    validator: TokenValidator
     issuer: str
     scopes: tuple[str, ...]
 
@@ -41,12 +42,20 @@ def get_context(request: Request) -> RequestContext:
     supplied = request.headers.get("x-request-id", "")
     request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
     client = request.client
-    return RequestContext(client_addr=client.host if client else None, request_id=request_id)
+    # Bounded like the audit column: behind a proxy trusted with "*", the host is any
+    # text the client put in X-Forwarded-For.
+    client_addr = client.host[:64] if client and client.host else None
+    return RequestContext(client_addr=client_addr, request_id=request_id)
+
+
+INVALID_GRANT_STATUS = "authserver.invalid_grant_status"
 
 
 def invalid_grant_is_401(request: Request) -> None:
     """The seed-compatible /login and /refresh answer a bad grant with 401, not 400."""
-    request.state.invalid_grant_status = 401
+    # In the request's own scope, not `request.state`: that dict is the lifespan
+    # state, which some ASGI servers (and asgi-lifespan) share across requests.
+    request.scope[INVALID_GRANT_STATUS] = 401
 
 
 # Declares the OAuth2 password flow in the OpenAPI document, so the Swagger UI's
@@ -58,12 +67,13 @@ oauth2_scheme = OAuth2PasswordBearer(
 )
 
 
-def get_claims(
-    request: Request, token: Annotated[str | None, Security(oauth2_scheme)]
-) -> AccessClaims:
-    if not token:
-        raise MissingTokenError()
-    return get_services(request).verifier.verify(token)
+def get_validator(request: Request) -> Validator:
+    return get_services(request).validator
+
+
+# The very dependency a resource server builds with `authserver.resource`, over
+# the server's own keys: local, so the validator never awaits anything.
+get_claims = require_token(get_validator, scheme=oauth2_scheme)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,443 @@
+"""The client kit: an `httpx.Auth` that logs in, attaches the bearer token and refreshes it.
+
+Three lines::
+
+    auth = TokenAuth("https://auth.example.com/token", username="alice", password="...")
+    async with httpx.AsyncClient(auth=auth) as client:
+        response = await client.get("https://api.example.com/hello")
+
+`TokenAuth` works with `httpx.AsyncClient` and `httpx.Client`, against any
+RFC 6749 token endpoint (password grant §4.3, refresh §6) or authserver's JSON
+`/login` + `/refresh` (`LoginEndpoints`). It refreshes the access token shortly
+before `expires_in` runs out, and once more when a request answers 401; it
+keeps the rotated refresh token each time.
+
+Refreshing is single-flight: when many concurrent requests find the token stale,
+one refresh is sent and the others wait for its result. A client sending the
+same refresh token twice would look like a stolen token to a server with reuse
+detection (RFC 9700 §4.14.2) and lose its whole session; this one never does.
+
+When the refresh token is dead (revoked, reused, expired: `invalid_grant`),
+every request raises `SessionExpired` until `set_tokens()` gives it a new pair;
+it never loops on 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+__all__ = [
+    "AuthError",
+    "Endpoints",
+    "LoginEndpoints",
+    "LoginFailed",
+    "SessionExpired",
+    "TokenAuth",
+    "TokenEndpoint",
+    "TokenEndpointError",
+    "TokenPair",
+]
+
+_JSON = {"Accept": "application/json"}
+_MIN_AGE_FOR_401_REFRESH = 1.0
+
+
+class AuthError(Exception):
+    """A token request failed; `error` and `description` are the server's (RFC 6749 §5.2)."""
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, error: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error = error
+
+
+class LoginFailed(AuthError):
+    """The username and password were refused (`invalid_grant`). Not retried."""
+
+
+class SessionExpired(AuthError):
+    """The refresh token is dead (revoked, reused, expired): log in again.
+
+    Raised by every request from then on, until `TokenAuth.set_tokens()`.
+    """
+
+
+class TokenEndpointError(AuthError):
+    """Any other failure of the token endpoint: 5xx, 429, an unexpected answer.
+
+    The session is not given up: the next request tries again. `retry_after`
+    carries the server's `Retry-After` (seconds) when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, error=error)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    """What a token response granted; persist it to resume a session later.
+
+    `expires_at` is a Unix time (None: the server did not say); `expires_in`
+    is the lifetime the server announced.
+    """
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    expires_at: float | None = None
+    expires_in: float | None = None
+    scope: str | None = None
+    token_type: str = "bearer"
+
+    @classmethod
+    def from_refresh_token(cls, refresh_token: str) -> TokenPair:
+        """A pair to start from when only the refresh token was kept: it refreshes first."""
+        return cls(access_token="", refresh_token=refresh_token, expires_at=0.0)
+
+    @classmethod
+    def from_response(
+        cls, body: Mapping[str, Any], *, now: float, previous: TokenPair | None = None
+    ) -> TokenPair:
+        """Parse a successful token response (RFC 6749 §5.1); `TokenEndpointError` if it is not."""
+        access_token = body.get("access_token")
+        token_type = body.get("token_type", "")
+        if not isinstance(access_token, str) or not access_token:
+            raise TokenEndpointError("The token response has no access_token.")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise TokenEndpointError("The token response is not for a bearer token.")
+        expires_in = body.get("expires_in")
+        lifetime: float | None = None
+        if isinstance(expires_in, (int, float, str)) and not isinstance(expires_in, bool):
+            try:
+                lifetime = max(0.0, float(expires_in))
+            except ValueError:
+                lifetime = None
+        refresh_token = body.get("refresh_token")
+        if not isinstance(refresh_token, str) or not refresh_token:
+            # RFC 6749 §6: a server that does not rotate keeps the old one valid.
+            refresh_token = previous.refresh_token if previous else None
+        scope = body.get("scope")
+        return cls(
+            access_token=access_token,
+            refresh_token=refresh_token,
+            expires_at=now + lifetime if lifetime is not None else None,
+            expires_in=lifetime,
+            scope=scope if isinstance(scope, str) else (previous.scope if previous else None),
+            token_type="bearer",
+        )
+
+
+def _absolute(url: str) -> httpx.URL:
+    parsed = httpx.URL(url)
+    # Never relative to the request being authenticated: that would send the
+    # password to whichever host the application happens to call.
+    if not parsed.is_absolute_url:
+        raise ValueError(f"token endpoint URL must be absolute: {url!r}")
+    return parsed
+
+
+class Endpoints(Protocol):
+    """How to ask for tokens: build the password-grant and refresh requests."""
+
+    def password_request(
+        self, *, username: str, password: str, scope: str | None
+    ) -> httpx.Request: ...
+
+    def refresh_request(self, *, refresh_token: str) -> httpx.Request: ...
+
+
+class TokenEndpoint:
+    """An RFC 6749 token endpoint (§3.2): form-encoded grants from a public client.
+
+    `client_id`, if given, goes in the form (§2.3.1 allows that for public clients).
+    """
+
+    def __init__(self, url: str, *, client_id: str | None = None) -> None:
+        self.url = _absolute(url)
+        self.client_id = client_id
+
+    def _post(self, form: dict[str, str]) -> httpx.Request:
+        if self.client_id:
+            form["client_id"] = self.client_id
+        return httpx.Request("POST", self.url, data=form, headers=_JSON)
+
+    def password_request(self, *, username: str, password: str, scope: str | None) -> httpx.Request:
+        form = {"grant_type": "password", "username": username, "password": password}
+        if scope:
+            form["scope"] = scope
+        return self._post(form)
+
+    def refresh_request(self, *, refresh_token: str) -> httpx.Request:
+        return self._post({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+
+class LoginEndpoints:
+    """authserver's JSON endpoints: `POST /login` and `POST /refresh` under `base_url`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        login_path: str = "/login",
+        refresh_path: str = "/refresh",
+        client_id: str | None = None,
+    ) -> None:
+        self.login_url = _absolute(base_url.rstrip("/") + login_path)
+        self.refresh_url = _absolute(base_url.rstrip("/") + refresh_path)
+        self.client_id = client_id
+
+    def password_request(self, *, username: str, password: str, scope: str | None) -> httpx.Request:
+        body = {"username": username, "password": password}
+        if scope:
+            body["scope"] = scope
+        if self.client_id:
+            body["client_id"] = self.client_id
+        return httpx.Request("POST", self.login_url, json=body, headers=_JSON)
+
+    def refresh_request(self, *, refresh_token: str) -> httpx.Request:
+        body = {"refresh_token": refresh_token}
+        return httpx.Request("POST", self.refresh_url, json=body, headers=_JSON)
+
+
+OnTokens = Callable[[TokenPair], object]
+
+
+class TokenAuth(httpx.Auth):
+    """Bearer authentication that obtains, attaches and refreshes tokens by itself.
+
+    `endpoint` is the absolute URL of a token endpoint (RFC 6749, form-encoded),
+    or an `Endpoints` such as `LoginEndpoints("https://auth.example.com")`.
+
+    Start either from `username` and `password` (the first request logs in;
+    the password is forgotten once a refresh token is granted) or from
+    `tokens`, a `TokenPair` saved earlier. `on_tokens(pair)` is called with
+    every new pair, in order, before any request uses it: persist it there (in
+    an async client it may be a coroutine function). An exception from it
+    propagates to the request that triggered the refresh; the new pair is
+    kept in memory all the same.
+
+    The token is refreshed when less than `refresh_margin` seconds, or a fifth
+    of its lifetime if that is less, remain; and after a 401, unless it was
+    obtained less than a second ago (then the 401 is returned as it is). Use
+    one instance with either sync or async clients, not both at once: each
+    kind has its own lock. Request bodies are read into memory so a request
+    can be sent again after a 401.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | Endpoints,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        scope: str | None = None,
+        tokens: TokenPair | None = None,
+        on_tokens: OnTokens | None = None,
+        refresh_margin: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        credentials = (
+            (username, password) if username is not None and password is not None else None
+        )
+        if tokens is None and credentials is None:
+            raise ValueError("TokenAuth needs username and password, or tokens")
+        self.endpoint: Endpoints = (
+            TokenEndpoint(endpoint) if isinstance(endpoint, str) else endpoint
+        )
+        self._credentials = credentials
+        self._scope = scope
+        self._tokens = tokens
+        self._on_tokens = on_tokens
+        self._margin = refresh_margin
+        self._clock = clock
+        self._dead: AuthError | None = None
+        self._renewed_at = -math.inf
+        self._sync_lock = threading.Lock()
+        self._async_lock = asyncio.Lock()
+
+    @property
+    def tokens(self) -> TokenPair | None:
+        """The current token pair (None before the first login)."""
+        return self._tokens
+
+    def set_tokens(self, tokens: TokenPair) -> None:
+        """Resume with a new pair, e.g. after `SessionExpired` and a fresh login elsewhere."""
+        self._tokens = tokens
+        self._dead = None
+
+    # -- decisions (no I/O) ----------------------------------------------------
+
+    def _is_stale(self, pair: TokenPair | None) -> bool:
+        if pair is None or not pair.access_token:
+            return True
+        if pair.expires_at is None:
+            return False  # no lifetime announced: only a 401 tells
+        margin = self._margin if pair.expires_in is None else min(self._margin, pair.expires_in / 5)
+        return self._clock() >= pair.expires_at - margin
+
+    def _check_alive(self) -> None:
+        dead = self._dead
+        if dead is not None:
+            # A fresh exception each time: re-raising one instance grows its traceback.
+            raise type(dead)(str(dead), status_code=dead.status_code, error=dead.error)
+
+    def _renew_after_401(self, sent: TokenPair) -> bool:
+        """Whether a 401 to a request sent with `sent` calls for a refresh before retrying."""
+        pair = self._tokens
+        if pair is not sent:
+            return True  # renewed meanwhile: just retry with the new token
+        if not (self._credentials is not None or pair.refresh_token):
+            return False
+        # A token this new was refused for some other reason (another audience, a
+        # resource that has not seen the new key yet): refreshing again would not
+        # help, and a misconfigured API must not turn every request into a refresh.
+        return self._clock() - self._renewed_at >= _MIN_AGE_FOR_401_REFRESH
+
+    def _renew(
+        self, seen: TokenPair | None
+    ) -> Generator[httpx.Request, httpx.Response, TokenPair | None]:
+        """Log in or refresh (the caller holds the lock), unless someone did since `seen`.
+
+        Yields the token request, receives its (read) response; returns the new pair.
+        """
+        self._check_alive()
+        previous = self._tokens
+        if previous is not seen:
+            return None  # another request refreshed while this one waited: reuse that
+        if previous is not None and previous.refresh_token:
+            request = self.endpoint.refresh_request(refresh_token=previous.refresh_token)
+            dead: type[AuthError] = SessionExpired
+        elif self._credentials is not None:
+            username, password = self._credentials
+            request = self.endpoint.password_request(
+                username=username, password=password, scope=self._scope
+            )
+            dead = LoginFailed
+        else:
+            raise SessionExpired("No refresh token and no credentials: log in again.")
+        response = yield request
+        pair = self._accept(response, previous, dead)
+        self._tokens = pair
+        self._renewed_at = self._clock()
+        if pair.refresh_token:
+            self._credentials = None  # the refresh token carries the session from here
+        return pair
+
+    def _accept(
+        self, response: httpx.Response, previous: TokenPair | None, dead: type[AuthError]
+    ) -> TokenPair:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code == 200 and isinstance(body, dict):
+            return TokenPair.from_response(body, now=self._clock(), previous=previous)
+        body = body if isinstance(body, dict) else {}
+        error = body.get("error") if isinstance(body.get("error"), str) else None
+        text = body.get("error_description")
+        detail = f"{error}: {text}" if isinstance(text, str) else (error or "no error code")
+        if error == "invalid_grant" and response.status_code in (400, 401):
+            what = "login" if dead is LoginFailed else "refresh"
+            self._dead = dead(
+                f"The {what} was refused ({detail}).", status_code=response.status_code, error=error
+            )
+            self._check_alive()
+        retry_after = response.headers.get("retry-after", "")
+        raise TokenEndpointError(
+            f"The token endpoint answered {response.status_code} ({detail}).",
+            status_code=response.status_code,
+            error=error,
+            retry_after=float(retry_after) if retry_after.isdigit() else None,
+        )
+
+    def _authorize(self, request: httpx.Request) -> TokenPair:
+        pair = self._tokens
+        assert pair is not None
+        request.headers["Authorization"] = f"Bearer {pair.access_token}"
+        return pair
+
+    # -- sync ------------------------------------------------------------------
+
+    def _sync_renew(self, seen: TokenPair | None) -> Generator[httpx.Request, httpx.Response, None]:
+        with self._sync_lock:
+            renew = self._renew(seen)
+            pair: TokenPair | None = None
+            try:
+                token_request = next(renew)
+                while True:
+                    response = yield token_request
+                    response.read()
+                    token_request = renew.send(response)
+            except StopIteration as done:
+                pair = done.value
+            if pair is not None and self._on_tokens is not None:
+                result = self._on_tokens(pair)
+                if inspect.isawaitable(result):
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    raise TypeError("on_tokens returned an awaitable in a sync client")
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        self._check_alive()
+        request.read()
+        seen = self._tokens
+        for attempt in range(2):
+            if attempt or self._is_stale(seen):
+                yield from self._sync_renew(seen)
+            seen = self._authorize(request)
+            response = yield request
+            # RFC 6750 §3.1: invalid_token may just mean expired; refresh once, then give up.
+            if response.status_code != 401 or not self._renew_after_401(seen):
+                return
+
+    # -- async -----------------------------------------------------------------
+
+    async def _notify(self, pair: TokenPair | None) -> None:
+        if pair is not None and self._on_tokens is not None:
+            result = self._on_tokens(pair)
+            if inspect.isawaitable(result):
+                await result
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        self._check_alive()
+        await request.aread()
+        seen = self._tokens
+        for attempt in range(2):
+            if attempt or self._is_stale(seen):
+                async with self._async_lock:
+                    renew = self._renew(seen)
+                    try:
+                        token_request = next(renew)
+                        while True:
+                            token_response = yield token_request
+                            await token_response.aread()
+                            token_request = renew.send(token_response)
+                    except StopIteration as done:
+                        await self._notify(done.value)
+            seen = self._authorize(request)
+            response = yield request
+            # RFC 6750 §3.1: invalid_token may just mean expired; refresh once, then give up.
+            if response.status_code != 401 or not self._renew_after_401(seen):
+                return

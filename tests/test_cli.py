@@ -1,0 +1,686 @@
+"""The `authserver` command, run in-process with typer's CliRunner against real databases.
+
+Commands that need a running server alongside (passwd, disable, keys retire) run
+the CLI in a worker thread: it starts its own event loop there, as it does in a shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner, Result
+
+from authserver.cli import app
+from authserver.config import Settings
+from authserver.keys import generate_key, key_files, load_key
+from authserver.store.sql import create_engine
+from tests.conftest import StartApp
+from tests.factories import hash_password
+
+# Keys live on disk: tests about them need no PostgreSQL run.
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/x"
+PASSWORD = "a fine passphrase"
+TABLES = {
+    "users",
+    "refresh_families",
+    "refresh_tokens",
+    "login_failures",
+    "audit_events",
+    "alembic_version",
+}
+
+
+def cli_env(database_url: str, keys_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "AUTHSERVER_DATABASE_URL": database_url,
+        "AUTHSERVER_KEYS_DIR": str(keys_dir),
+        "AUTHSERVER_BCRYPT_ROUNDS": "4",
+        "AUTHSERVER_LOG_FORMAT": "json",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def restored_logging() -> Iterator[None]:
+    """`serve` points the root logger at the stderr CliRunner swaps in, then closes: undo that."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def invoke(env: Mapping[str, str], *args: str, input: str | None = None) -> Result:
+    with restored_logging():
+        return CliRunner().invoke(app, list(args), env=dict(env), input=input)
+
+
+async def ainvoke(env: Mapping[str, str], *args: str, input: str | None = None) -> Result:
+    """The CLI from async tests: `asyncio.run` needs a thread without a running loop."""
+    return await asyncio.to_thread(invoke, env, *args, input=input)
+
+
+def assert_ok(result: Result) -> None:
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def _is_log_record(line: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return isinstance(json.loads(line), dict)
+    return False
+
+
+def assert_operator_error(result: Result, *fragments: str) -> str:
+    """Non-zero exit, exactly one line on stderr naming the problem, no traceback.
+
+    `serve` has configured its JSON logging by the time it fails, so the lines it
+    logged on the way (keys loaded, ...) may precede the message.
+    """
+    assert result.exit_code != 0, result.output
+    # An unhandled exception would show up here instead of a clean SystemExit.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    lines = [line for line in result.stderr.splitlines() if not _is_log_record(line)]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def jws_header(token: str) -> dict[str, Any]:
+    segment = token.split(".")[0]
+    header: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    )
+    return header
+
+
+async def wait_for_kids(
+    client: httpx.AsyncClient, predicate: Callable[[set[str]], bool], timeout: float = 15.0
+) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = {k["kid"] for k in (await client.get("/.well-known/jwks.json")).json()["keys"]}
+        if predicate(kids):
+            return kids
+        assert time.monotonic() < deadline, f"JWKS never changed as expected: {kids}"
+        await asyncio.sleep(0.05)
+
+
+async def table_names(database_url: str) -> set[str]:
+    engine = create_engine(Settings(database_url=database_url))
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def env(database_url: str, keys_dir: Path) -> dict[str, str]:
+    """For commands whose work is in the database: SQLite and PostgreSQL."""
+    return cli_env(database_url, keys_dir)
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path, keys_dir: Path) -> dict[str, str]:
+    """For commands whose work is not in the database."""
+    return cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", keys_dir)
+
+
+def usernames(env: Mapping[str, str]) -> dict[str, str]:
+    """`users list` as {name: status}."""
+    result = invoke(env, "users", "list")
+    assert_ok(result)
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["USERNAME", "STATUS", "CREATED"]
+    return {line.split()[0]: line.split()[1] for line in lines[1:]}
+
+
+# -- users ---------------------------------------------------------------------------
+
+
+async def test_users_add_prompts_twice_and_the_password_logs_in(
+    env: dict[str, str], start_app: StartApp
+) -> None:
+    result = await ainvoke(env, "users", "add", "carol", input=f"{PASSWORD}\n{PASSWORD}\n")
+    assert_ok(result)
+    assert result.output.count("Password") == 1
+    assert "Repeat for confirmation" in result.output
+    assert PASSWORD not in result.output
+    running = await start_app()
+    r = await running.client.post("/login", json={"username": "carol", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    r = await running.client.post("/login", json={"username": "carol", "password": "nope"})
+    assert r.status_code == 401
+
+
+def test_users_add_refuses_mismatched_passwords(env: dict[str, str]) -> None:
+    result = invoke(env, "users", "add", "carol", input="first one\nsecond one\n")
+    assert result.exit_code != 0
+    assert "do not match" in result.output
+    assert "carol" not in usernames(env)
+
+
+def test_users_add_password_stdin(env: dict[str, str]) -> None:
+    result = invoke(env, "users", "add", "dave", "--password-stdin", input=f"{PASSWORD}\n")
+    assert_ok(result)
+    assert "Password" not in result.output
+    assert usernames(env) == {"dave": "active"}
+
+
+def test_users_add_duplicate_is_one_line_error(env: dict[str, str]) -> None:
+    assert_ok(invoke(env, "users", "add", "erin", "--password-stdin", input="pw one\n"))
+    result = invoke(env, "users", "add", "erin", "--password-stdin", input="pw two\n")
+    assert_operator_error(result, "erin", "already exists")
+    assert "pw two" not in result.output
+
+
+def test_users_add_refuses_bad_username(sqlite_env: dict[str, str]) -> None:
+    result = invoke(sqlite_env, "users", "add", "bad name/../", "--password-stdin", input="pw\n")
+    assert_operator_error(result, "invalid username")
+    assert usernames(sqlite_env) == {}
+
+
+def test_users_list_shows_status(env: dict[str, str]) -> None:
+    for name in ("zed", "amy"):
+        assert_ok(invoke(env, "users", "add", name, "--password-stdin", input="pw pw pw\n"))
+    assert_ok(invoke(env, "users", "disable", "zed"))
+    result = invoke(env, "users", "list")
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert names == ["amy", "zed"]
+    assert usernames(env) == {"amy": "active", "zed": "disabled"}
+
+
+async def test_users_passwd_changes_password_and_revokes_sessions(
+    env: dict[str, str], start_app: StartApp
+) -> None:
+    assert_ok(await ainvoke(env, "users", "add", "fred", "--password-stdin", input="old pass\n"))
+    running = await start_app()
+    tokens = await running.login("fred", "old pass")
+
+    result = await ainvoke(env, "users", "passwd", "fred", "--password-stdin", input="new pass\n")
+    assert_ok(result)
+    assert "new pass" not in result.output
+
+    r = await running.client.post("/login", json={"username": "fred", "password": "old pass"})
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_grant"
+    await running.login("fred", "new pass")
+    r = await running.client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_grant"
+
+
+async def test_users_passwd_prompts_twice(env: dict[str, str], start_app: StartApp) -> None:
+    assert_ok(await ainvoke(env, "users", "add", "gina", "--password-stdin", input="old pass\n"))
+    result = await ainvoke(env, "users", "passwd", "gina", input="new pass\nnew pass\n")
+    assert_ok(result)
+    running = await start_app()
+    await running.login("gina", "new pass")
+
+
+async def test_users_disable_refuses_login_and_revokes_refresh_tokens_enable_restores(
+    env: dict[str, str], start_app: StartApp
+) -> None:
+    assert_ok(await ainvoke(env, "users", "add", "hank", "--password-stdin", input=f"{PASSWORD}\n"))
+    running = await start_app()
+    first = await running.login("hank", PASSWORD)
+    second = await running.login("hank", PASSWORD)
+
+    assert_ok(await ainvoke(env, "users", "disable", "hank"))
+    r = await running.client.post("/login", json={"username": "hank", "password": PASSWORD})
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_grant"
+    for tokens in (first, second):
+        r = await running.client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert r.status_code == 401
+
+    assert_ok(await ainvoke(env, "users", "enable", "hank"))
+    await running.login("hank", PASSWORD)
+    # Enabling does not bring revoked sessions back.
+    r = await running.client.post("/refresh", json={"refresh_token": first["refresh_token"]})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("args", "input"),
+    [
+        (("users", "passwd", "ghost", "--password-stdin"), "whatever pw\n"),
+        (("users", "disable", "ghost"), None),
+        (("users", "enable", "ghost"), None),
+    ],
+)
+def test_unknown_user_is_one_line_error(
+    env: dict[str, str], args: tuple[str, ...], input: str | None
+) -> None:
+    assert_operator_error(invoke(env, *args, input=input), "unknown user", "ghost")
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "alg", "kty"), [((), "RS256", "RSA"), (("--alg", "ES256"), "ES256", "EC")]
+)
+@SQLITE_ONLY
+async def test_keys_generate_writes_0600_key_that_signs(
+    env: dict[str, str],
+    keys_dir: Path,
+    start_app: StartApp,
+    option: tuple[str, ...],
+    alg: str,
+    kty: str,
+) -> None:
+    running = await start_app(keys_reload_interval=0.2)
+    await running.store.add_user("ivy", hash_password(PASSWORD), at=time.time())
+    before = set(key_files(keys_dir))
+
+    result = await ainvoke(env, "keys", "generate", *option)
+    assert_ok(result)
+    new = set(key_files(keys_dir)) - before
+    assert len(new) == 1
+    path = new.pop()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key_files(keys_dir)[-1] == path  # the newest file name sorts last
+    kid = result.stdout.split()[3]
+    assert alg in result.stdout and str(path) in result.stdout
+
+    kids = await wait_for_kids(running.client, lambda kids: kid in kids)
+    assert len(kids) == 2
+    jwk = next(
+        k
+        for k in (await running.client.get("/.well-known/jwks.json")).json()["keys"]
+        if k["kid"] == kid
+    )
+    assert (jwk["alg"], jwk["kty"]) == (alg, kty)
+    tokens = await running.login("ivy", PASSWORD)
+    assert jws_header(tokens["access_token"])["kid"] == kid
+    assert jws_header(tokens["access_token"])["alg"] == alg
+    r = await running.client.get(
+        "/protected", headers={"Authorization": f"Bearer {tokens['access_token']}"}
+    )
+    assert r.status_code == 200
+
+
+def test_keys_generate_creates_missing_directory(tmp_path: Path) -> None:
+    keys = tmp_path / "fresh" / "keys"
+    result = invoke(cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", keys), "keys", "generate")
+    assert_ok(result)
+    (path,) = key_files(keys)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(keys.stat().st_mode) & 0o077 == 0
+
+
+def test_keys_generate_refuses_unknown_algorithm(
+    sqlite_env: dict[str, str], keys_dir: Path
+) -> None:
+    before = key_files(keys_dir)
+    assert_operator_error(invoke(sqlite_env, "keys", "generate", "--alg", "HS256"), "HS256")
+    assert key_files(keys_dir) == before
+
+
+def test_keys_list_shows_kid_alg_created_and_signing(
+    sqlite_env: dict[str, str], keys_dir: Path
+) -> None:
+    (first,) = [generate_key(keys_dir, "ES256")]  # keys_dir already holds an RS256 key
+    result = invoke(sqlite_env, "keys", "generate")
+    assert_ok(result)
+    newest = result.stdout.split()[3]
+    listing = invoke(sqlite_env, "keys", "list")
+    assert_ok(listing)
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["KID", "ALG", "CREATED", "SIGNING"]
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 3
+    by_kid = {row[0]: row for row in rows}
+    assert by_kid[first.kid][1] == "ES256"
+    assert by_kid[newest][1:] == ["RS256", by_kid[newest][2], "yes"]
+    assert [row for row in rows if "yes" in row[3:]] == [by_kid[newest]]
+    assert all(row[2].endswith("Z") and row[2][:2] == "20" for row in rows)
+
+
+@SQLITE_ONLY
+async def test_keys_retire_stops_its_tokens_after_reload(
+    env: dict[str, str], keys_dir: Path, start_app: StartApp
+) -> None:
+    running = await start_app(keys_reload_interval=0.2)
+    await running.store.add_user("jack", hash_password(PASSWORD), at=time.time())
+    old = await running.login("jack", PASSWORD)
+    old_kid = jws_header(old["access_token"])["kid"]
+    auth = {"Authorization": f"Bearer {old['access_token']}"}
+    assert (await running.client.get("/protected", headers=auth)).status_code == 200
+
+    assert_ok(await ainvoke(env, "keys", "generate", "--alg", "ES256"))
+    await wait_for_kids(running.client, lambda kids: len(kids) == 2)
+    # A previous key still verifies until it is retired.
+    assert (await running.client.get("/protected", headers=auth)).status_code == 200
+
+    result = await ainvoke(env, "keys", "retire", old_kid)
+    assert_ok(result)
+    assert old_kid in result.stdout
+    await wait_for_kids(running.client, lambda kids: old_kid not in kids)
+    r = await running.client.get("/protected", headers=auth)
+    assert r.status_code == 401
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    new = await running.login("jack", PASSWORD)
+    r = await running.client.get(
+        "/protected", headers={"Authorization": f"Bearer {new['access_token']}"}
+    )
+    assert r.status_code == 200
+
+
+def test_keys_retire_refuses_unknown_kid_and_the_only_key(
+    sqlite_env: dict[str, str], keys_dir: Path
+) -> None:
+    (only,) = key_files(keys_dir)
+    assert_operator_error(invoke(sqlite_env, "keys", "retire", "no-such-kid"), "no-such-kid")
+    listing = invoke(sqlite_env, "keys", "list").stdout.splitlines()
+    kid = listing[1].split()[0]
+    assert_operator_error(invoke(sqlite_env, "keys", "retire", kid), "only key")
+    assert key_files(keys_dir) == [only]
+
+
+# -- db ---------------------------------------------------------------------------------
+
+
+async def test_db_upgrade_creates_tables_and_is_idempotent(
+    env: dict[str, str], database_url: str
+) -> None:
+    assert not (await table_names(database_url)) & TABLES
+    for _ in range(2):
+        result = await ainvoke(env, "db", "upgrade")
+        assert_ok(result)
+        assert TABLES <= await table_names(database_url)
+
+
+async def test_db_purge_removes_dead_families(env: dict[str, str], start_app: StartApp) -> None:
+    running = await start_app()
+    await running.store.add_user("kate", hash_password(PASSWORD), at=time.time())
+    dead = await running.login("kate", PASSWORD)
+    live = await running.login("kate", PASSWORD)
+    r = await running.client.post("/logout", json={"refresh_token": dead["refresh_token"]})
+    assert r.status_code == 204
+
+    result = await ainvoke(env, "db", "purge")
+    assert_ok(result)
+    assert "purged 1 refresh famil" in result.stdout
+    r = await running.client.post("/refresh", json={"refresh_token": live["refresh_token"]})
+    assert r.status_code == 200
+    result = await ainvoke(env, "db", "purge")
+    assert "purged 0 refresh famil" in result.stdout
+
+
+# -- audit -------------------------------------------------------------------------------
+
+
+def audit_rows(env: Mapping[str, str], *args: str) -> list[dict[str, Any]]:
+    result = invoke(env, "audit", "--json", *args)
+    assert_ok(result)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_audit_filters_and_lists_newest_last(env: dict[str, str]) -> None:
+    for name in ("lena", "mike"):
+        assert_ok(invoke(env, "users", "add", name, "--password-stdin", input="pw pw pw\n"))
+    assert_ok(invoke(env, "users", "disable", "mike"))
+    assert_ok(invoke(env, "users", "enable", "mike"))
+
+    rows = audit_rows(env, "--user", "mike")
+    assert [r["event"] for r in rows] == ["user_created", "user_disabled", "user_enabled"]
+    assert {r["username"] for r in rows} == {"mike"}
+    assert [r["at"] for r in rows] == sorted(r["at"] for r in rows)
+
+    rows = audit_rows(env, "--event", "user_created")
+    assert [r["username"] for r in rows] == ["lena", "mike"]
+
+    assert len(audit_rows(env, "--since", "1h")) == 4
+    assert audit_rows(env, "--since", "2100-01-01") == []
+    assert len(audit_rows(env, "--since", "2000-01-01T00:00:00Z", "--user", "lena")) == 1
+
+    text = invoke(env, "audit", "--event", "user_disabled")
+    assert_ok(text)
+    assert len(text.stdout.splitlines()) == 1
+    assert "user_disabled" in text.stdout and "user=mike" in text.stdout
+    for row in audit_rows(env):
+        assert "pw pw pw" not in json.dumps(row)
+
+
+def test_audit_refuses_unreadable_since(sqlite_env: dict[str, str]) -> None:
+    assert_operator_error(invoke(sqlite_env, "audit", "--since", "last tuesday"), "--since")
+
+
+# -- operator errors ----------------------------------------------------------------------
+
+
+def _unreadable(path: Path) -> None:
+    if os.geteuid() != 0:
+        path.write_text("unreadable\n")
+        path.chmod(0)
+    else:
+        # root reads any mode: point the key file at something whose read fails (EIO).
+        path.symlink_to("/proc/self/mem")
+
+
+@pytest.mark.parametrize("problem", ["garbage", "unreadable"])
+@pytest.mark.parametrize(
+    "args", [("keys", "list"), ("keys", "retire", "x"), ("serve", "--port", "1")]
+)
+def test_bad_key_file_is_one_line_error_naming_it(
+    tmp_path: Path, keys_dir: Path, problem: str, args: tuple[str, ...]
+) -> None:
+    bad = keys_dir / "zz-bad.pem"
+    if problem == "garbage":
+        bad.write_text(
+            "-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n"
+        )
+        bad.chmod(0o600)
+    else:
+        _unreadable(bad)
+    env = cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", keys_dir)
+    line = assert_operator_error(invoke(env, *args), str(bad))
+    assert "PRIVATE KEY" not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("users", "list"),
+        ("users", "add", "nina", "--password-stdin"),
+        ("users", "disable", "nina"),
+        ("db", "upgrade"),
+        ("db", "purge"),
+        ("audit",),
+        ("serve", "--port", "1"),
+    ],
+)
+def test_unreachable_database_is_one_line_error(keys_dir: Path, args: tuple[str, ...]) -> None:
+    env = cli_env(UNREACHABLE_DB, keys_dir)
+    assert_operator_error(invoke(env, *args, input="pw pw pw\n"), "database")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AUTHSERVER_BCRYPT_ROUNDS", "lots"),
+        ("AUTHSERVER_BCRYPT_ROUNDS", "3"),
+        ("AUTHSERVER_DATABASE_URL", "mysql://root@localhost/x"),
+        ("AUTHSERVER_LOG_FORMAT", "xml"),
+        ("AUTHSERVER_SCOPES", ""),
+        ("AUTHSERVER_TRUSTED_PROXIES", "not-an-address"),
+        ("AUTHSERVER_ACCESS_TOKEN_TTL", "0"),
+    ],
+)
+@pytest.mark.parametrize("args", [("users", "list"), ("keys", "list"), ("serve", "--port", "1")])
+def test_invalid_configuration_is_one_line_error(
+    tmp_path: Path, keys_dir: Path, variable: str, value: str, args: tuple[str, ...]
+) -> None:
+    env = cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", keys_dir)
+    env[variable] = value
+    assert_operator_error(invoke(env, *args), "invalid configuration", variable)
+
+
+def test_keys_dir_that_is_a_file_is_one_line_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "keys"
+    not_a_dir.write_text("")
+    env = cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", not_a_dir)
+    for args in (("keys", "list"), ("keys", "generate"), ("serve", "--port", "1")):
+        line = assert_operator_error(invoke(env, *args), str(not_a_dir))
+        assert "database" not in line
+
+
+def test_python_m_authserver_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "authserver", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("serve", "users", "keys", "db", "audit"):
+        assert command in result.stdout
+
+
+def test_operator_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, **cli_env(UNREACHABLE_DB, tmp_path / "keys")}
+    result = subprocess.run(
+        [sys.executable, "-m", "authserver", "users", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "database" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- serve as a real process ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serve_process(
+    cwd: Path, log_path: Path, *args: str, env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """`authserver serve` on a free port; yields its base URL once /health answers 200."""
+    port = _free_port()
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUTHSERVER_")},
+        "AUTHSERVER_DATABASE_URL": f"sqlite:///{cwd / 'authserver.db'}",
+        "AUTHSERVER_KEYS_DIR": str(cwd / "keys"),
+        "AUTHSERVER_BCRYPT_ROUNDS": "4",
+        "AUTHSERVER_ISSUER": f"http://127.0.0.1:{port}",
+        **(env or {}),
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "authserver", "serve", "--port", str(port), *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=log,
+            stderr=log,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        yield base
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once it has shut down gracefully.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), log_path.read_text()
+        assert "Application shutdown complete" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_generates_key_creates_demo_user_and_answers(tmp_path: Path) -> None:
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    log_path = tmp_path / "stderr.log"
+    with serve_process(cwd, log_path, "--demo") as base:
+        (key,) = key_files(cwd / "keys")
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+        r = httpx.get(f"{base}/health", timeout=10)
+        assert r.json() == {"status": "ok"}
+        r = httpx.post(
+            f"{base}/login", json={"username": "testuser", "password": "testpassword"}, timeout=10
+        )
+        assert r.status_code == 200, r.text
+        r = httpx.get(
+            f"{base}/protected",
+            headers={"Authorization": f"Bearer {r.json()['access_token']}"},
+            timeout=10,
+        )
+        assert r.json()["username"] == "testuser"
+        r = httpx.post(
+            f"{base}/login", json={"username": "testuser", "password": "testpassword!"}, timeout=10
+        )
+        assert r.status_code == 401
+
+    text = log_path.read_text()
+    # One JSON object per line, every line.
+    records = [json.loads(line) for line in text.splitlines()]
+    generated = [r for r in records if "generated" in r["message"] and "key" in r["message"]]
+    assert len(generated) == 1
+    assert generated[0]["kid"] == load_key(key).kid
+    assert generated[0]["level"] == "WARNING"
+    demo = [r for r in records if "DEMO" in r["message"]]
+    assert len(demo) == 1
+    assert demo[0]["level"] == "WARNING"
+    assert "testuser" in demo[0]["message"]
+    assert "testpassword" not in text
+    assert "PRIVATE KEY" not in text
+
+
+def test_serve_demo_twice_keeps_key_and_user(tmp_path: Path) -> None:
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    with serve_process(cwd, tmp_path / "first.log", "--demo"):
+        first = key_files(cwd / "keys")
+    with serve_process(cwd, tmp_path / "second.log", "--demo") as base:
+        assert key_files(cwd / "keys") == first
+        r = httpx.post(
+            f"{base}/login", json={"username": "testuser", "password": "testpassword"}, timeout=10
+        )
+        assert r.status_code == 200
+    second = (tmp_path / "second.log").read_text()
+    assert "generated" not in second
