@@ -113,26 +113,28 @@ class AuthService:
                 raise InvalidScopeError(f"Unknown scope: {' '.join(unknown)[:200]}.")
         granted = " ".join(requested or self.policy.scopes)
         now = self.clock()
-        try:
-            had_failures = await self.throttle.validate(username, ctx.client_addr, now=now)
-        except SlowDownError:
-            self.auditor.event(audit.LOGIN_THROTTLED, ctx, username=username[:150])
-            raise
         user = await self.store.get_user(username) if len(username) <= MAX_USERNAME_LENGTH else None
-        # Unknown users get a dummy check too, so timing does not reveal who exists.
-        ok = await self.hasher.verify(password, user.password_hash if user else None)
-        if user is None or not ok or user.disabled:
-            reason = "unknown_user" if user is None else "disabled" if ok else "bad_password"
-            await self.throttle.record_failure(username, ctx.client_addr, now=now)
+        try:
+            await self.throttle.validate(username, ctx.client_addr, now=now)
+            # Unknown users get a dummy check too, so timing does not reveal who exists.
+            ok = await self.hasher.verify(password, user.password_hash if user else None)
+            if user is None or not ok or user.disabled:
+                reason = "unknown_user" if user is None else "disabled" if ok else "bad_password"
+                await self.auditor.record(
+                    audit.LOGIN_FAILED,
+                    ctx,
+                    username=user.username if user else None,
+                    reason=reason,
+                )
+                await self.throttle.failed(username, ctx.client_addr, now=now)
+                raise InvalidGrantError(_BAD_CREDENTIALS)
+            await self.throttle.succeeded(username, ctx.client_addr, now=now)
+        except SlowDownError:
+            # Named only if the user exists: a password typed as a username stays out of the trail.
             await self.auditor.record(
-                audit.LOGIN_FAILED,
-                ctx,
-                username=username[:MAX_USERNAME_LENGTH] if user else None,
-                reason=reason,
+                audit.LOGIN_THROTTLED, ctx, username=user.username if user else None
             )
-            raise InvalidGrantError(_BAD_CREDENTIALS)
-        if had_failures:
-            await self.throttle.reset(username)
+            raise
         if self.hasher.needs_rehash(user.password_hash):
             new_hash = await self.hasher.hash(password)
             await self.store.upgrade_password_hash(user.id, user.password_hash, new_hash)
@@ -153,6 +155,8 @@ class AuthService:
     ) -> dict[str, Any]:
         """Rotate a refresh token (RFC 6749 §6); a narrower scope may be asked for."""
         requested = parse_scope(scope)
+        # Fail before spending the token if nothing could sign its successor's pair.
+        self.keys.signing_key()
         now = self.clock()
         outcome = await rotate(
             self.store,

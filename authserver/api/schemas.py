@@ -61,5 +61,30 @@ def body_schema(model: type[BaseModel], *, form: bool, json: bool) -> dict[str, 
     return {"requestBody": {"required": True, "content": content}}
 
 
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again (RFC 9110 §10.2.3)",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        "required": True,
+    }
+}
+_DESCRIPTIONS = {
+    400: "A malformed request or a refused grant (RFC 6749 §5.2)",
+    401: "Missing or invalid credentials",
+    413: "The request body is too large",
+    429: "Too many failed logins: slow_down",
+    503: "The database or the signing key is unavailable: temporarily_unavailable",
+}
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorBody} for status in statuses}
+    """OpenAPI `responses` for error statuses, each an `ErrorBody`."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response: dict[str, Any] = {"model": ErrorBody}
+        if status in _DESCRIPTIONS:
+            response["description"] = _DESCRIPTIONS[status]
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        responses[status] = response
+    return responses

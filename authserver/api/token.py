@@ -129,6 +129,7 @@ async def token(request: Request, services: ServicesDep, ctx: ContextDep) -> JSO
 @router.post(
     "/revoke",
     status_code=200,
+    response_class=Response,  # an empty 200 body (RFC 7009 §2.2), not JSON
     responses={200: {"description": "Revoked, or not a known token"}, **errors(400)},
     openapi_extra=body_schema(RevokeForm, json=False, form=True),
     summary="RFC 7009 token revocation",

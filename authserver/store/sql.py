@@ -477,19 +477,6 @@ class SqlStore:
 
         await self._run_write(work)
 
-    async def remove_login_failure(self, keys: Sequence[str], *, at: float) -> None:
-        # One row per key (the lowest id): a concurrent attempt at the same instant keeps its own.
-        ids = (
-            sa.select(sa.func.min(login_failures.c.id))
-            .where(login_failures.c.key.in_(list(keys)), login_failures.c.failed_at == at)
-            .group_by(login_failures.c.key)
-        )
-
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(login_failures.delete().where(login_failures.c.id.in_(ids)))
-
-        await self._run_write(work)
-
     async def purge_login_failures(self, *, before: float) -> None:
         async def work(conn: AsyncConnection) -> None:
             await conn.execute(login_failures.delete().where(login_failures.c.failed_at <= before))
