@@ -43,6 +43,14 @@ app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
+
+@app.callback()
+def _log_to_stderr() -> None:
+    """Security events a command causes (user disabled, key added) are logged like the server's."""
+    with contextlib.suppress(ValidationError):
+        cfg = Settings()
+        configure_logging(cfg.log_format, cfg.log_level)
+
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,149}")
 DEMO_USER, DEMO_PASSWORD = "testuser", "testpassword"
 

@@ -38,3 +38,5 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         logger.propagate = True
     # Access lines carry query strings, where a careless client may put a token.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Migration chatter on every start and every CLI command says nothing new.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
