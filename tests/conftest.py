@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import httpx
@@ -55,6 +55,13 @@ async def drop_pg_database(url: str) -> None:
         await conn.close()
 
 
+def postgres_unavailable(reason: str) -> NoReturn:
+    """Skip the PostgreSQL half of a test, except in CI, which must run it: fail there."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"PostgreSQL is required in CI: {reason}")
+    pytest.skip(f"PostgreSQL run skipped: {reason}")
+
+
 @pytest.fixture(params=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh, empty database: a SQLite file, or a new PostgreSQL database."""
@@ -62,8 +69,11 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield f"sqlite:///{tmp_path / 'authserver.db'}"
         return
     if not POSTGRES_URL:
-        pytest.skip("PostgreSQL run skipped: AUTHSERVER_TEST_POSTGRES_URL is not set")
-    url = await create_pg_database()
+        postgres_unavailable("AUTHSERVER_TEST_POSTGRES_URL is not set")
+    try:
+        url = await create_pg_database()
+    except (OSError, asyncpg.PostgresError) as exc:
+        postgres_unavailable(f"cannot reach {POSTGRES_URL}: {exc}")
     try:
         yield url
     finally:

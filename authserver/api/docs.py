@@ -1,21 +1,25 @@
-"""The Swagger UI at /docs, with its assets served from the installed swagger-ui-bundle.
+"""The Swagger UI at /docs, with its assets served from the installed fastapi-offline.
 
-No CDN: the page works on a machine with no internet.
+No CDN: the page works on a machine with no internet. fastapi-offline ships
+Swagger UI 5, which renders the OpenAPI 3.1 document FastAPI generates (the
+swagger-ui-bundle package stops at 4.15, which refuses 3.1).
 """
 
 from __future__ import annotations
+
+from importlib.resources import files
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 ASSETS = "/docs/assets"
+ASSETS_DIR = files("fastapi_offline") / "static"
 
 
 def install_docs(app: FastAPI) -> None:
-    app.mount(ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="swagger-assets")
+    app.mount(ASSETS, StaticFiles(directory=str(ASSETS_DIR)), name="swagger-assets")
     redirect_url = "/docs/oauth2-redirect"
 
     @app.get("/docs", include_in_schema=False)
@@ -25,10 +29,11 @@ def install_docs(app: FastAPI) -> None:
             title=f"{app.title} - API",
             swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{ASSETS}/favicon-32x32.png",
+            swagger_favicon_url=f"{ASSETS}/favicon.png",
             oauth2_redirect_url=redirect_url,
             init_oauth={"clientId": "", "usePkceWithAuthorizationCodeGrant": False},
-            swagger_ui_parameters={"persistAuthorization": False},
+            # No validator badge: it would send the schema URL to validator.swagger.io.
+            swagger_ui_parameters={"persistAuthorization": False, "validatorUrl": None},
         )
 
     @app.get(redirect_url, include_in_schema=False)
