@@ -6,6 +6,7 @@ is set (CI always sets it), on a fresh PostgreSQL database of its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,7 +24,9 @@ from fastapi import FastAPI
 from authserver.app import create_app
 from authserver.config import Settings
 from authserver.keys import generate_key
+from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import Store
+from authserver.store.sql import create_engine
 from tests.factories import DEFAULT_PASSWORD, make_user
 
 POSTGRES_URL = os.environ.get("AUTHSERVER_TEST_POSTGRES_URL", "")
@@ -35,15 +38,41 @@ def _admin_dsn() -> str:
     return POSTGRES_URL
 
 
-async def create_pg_database() -> str:
+async def create_pg_database(template: str | None = None) -> str:
+    """A new database: empty, or a copy of `template` (much faster than migrating anew)."""
     name = f"authserver_test_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(_admin_dsn())
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await conn.close()
     base, _, _ = POSTGRES_URL.rpartition("/")
     return f"{base}/{name}"
+
+
+_template: dict[str, str] = {}
+
+
+async def migrated_template() -> str:
+    """This worker's migrated template database, made once per session."""
+    if "name" not in _template:
+        url = await create_pg_database()
+        engine = create_engine(Settings(database_url=url))
+        try:
+            await upgrade_async(engine)
+        finally:
+            await engine.dispose()
+        _template["name"] = url.rpartition("/")[2]
+    return _template["name"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_template() -> Iterator[None]:
+    yield
+    if "name" in _template:
+        base, _, _ = POSTGRES_URL.rpartition("/")
+        asyncio.run(drop_pg_database(f"{base}/{_template['name']}"))
 
 
 async def drop_pg_database(url: str) -> None:
@@ -64,14 +93,20 @@ def postgres_unavailable(reason: str) -> NoReturn:
 
 @pytest.fixture(params=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh, empty database: a SQLite file, or a new PostgreSQL database."""
+    """A fresh database of this test's own: a SQLite file, or a PostgreSQL database.
+
+    The PostgreSQL one is a copy of a migrated template (empty with
+    `@pytest.mark.empty_database`); the SQLite file starts empty. Either way the
+    app's own migration step runs, a no-op on an already migrated database.
+    """
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'authserver.db'}"
         return
     if not POSTGRES_URL:
         postgres_unavailable("AUTHSERVER_TEST_POSTGRES_URL is not set")
     try:
-        url = await create_pg_database()
+        empty = request.node.get_closest_marker("empty_database") is not None
+        url = await create_pg_database(template=None if empty else await migrated_template())
     except (OSError, asyncpg.PostgresError) as exc:
         postgres_unavailable(f"cannot reach {POSTGRES_URL}: {exc}")
     try:
@@ -80,10 +115,21 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await drop_pg_database(url)
 
 
+@pytest.fixture(scope="session")
+def rsa_key_pem(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """One RSA key for the whole session: generating one per test costs more than the test."""
+    return generate_key(tmp_path_factory.mktemp("session-key"), "RS256").path.read_bytes()
+
+
 @pytest.fixture
-def keys_dir(tmp_path: Path) -> Path:
+def keys_dir(tmp_path: Path, rsa_key_pem: bytes) -> Path:
+    """A keys directory holding the session's RSA key, mode 0600, named as `keys generate` names."""
     path = tmp_path / "keys"
-    generate_key(path, "RS256")
+    path.mkdir(mode=0o700)
+    key_file = path / "20200101T000000000000Z-rs256.pem"
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(rsa_key_pem)
     return path
 
 

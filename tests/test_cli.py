@@ -404,6 +404,7 @@ def test_keys_retire_refuses_unknown_kid_and_the_only_key(
 # -- db ---------------------------------------------------------------------------------
 
 
+@pytest.mark.empty_database
 async def test_db_upgrade_creates_tables_and_is_idempotent(
     env: dict[str, str], database_url: str
 ) -> None:
