@@ -23,7 +23,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from authserver import audit
 from authserver.audit import CLI, Auditor
 from authserver.config import Settings
-from authserver.keys import ALGORITHMS, KeyFileError, KeyRing, generate_key, key_files
+from authserver.keys import (
+    ALGORITHMS,
+    KeyFileError,
+    KeyRing,
+    SigningKey,
+    generate_key,
+    key_files,
+)
 from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher, PasswordPolicyError
 from authserver.store.protocol import Conflict, NotFound, StoreError
@@ -50,6 +57,7 @@ def _log_to_stderr() -> None:
     with contextlib.suppress(ValidationError):
         cfg = Settings()
         configure_logging(cfg.log_format, cfg.log_level)
+
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,149}")
 DEMO_USER, DEMO_PASSWORD = "testuser", "testpassword"
@@ -288,6 +296,19 @@ def users_list() -> None:
 # -- keys ------------------------------------------------------------------------
 
 
+def _audit_key(cfg: Settings, event: str, key: SigningKey) -> None:
+    """Store a key event; the key change stands even if the database is unreachable."""
+    try:
+        run_with_store(
+            cfg,
+            lambda store: Auditor(store).record(
+                event, CLI, kid=key.kid, alg=key.alg, file=key.path.name
+            ),
+        )
+    except (StoreError, SQLAlchemyError, OSError) as exc:
+        typer.echo(f"authserver: warning: {event} not stored in the audit trail: {exc}", err=True)
+
+
 @keys_app.command("generate")
 def keys_generate(
     alg: Annotated[str, typer.Option(help="RS256 or ES256.")] = "RS256",
@@ -298,13 +319,7 @@ def keys_generate(
             raise OperatorError(f"unsupported algorithm {alg!r}; use RS256 or ES256")
         cfg = settings()
         key = generate_key(cfg.keys_dir, alg)
-        with contextlib.suppress(StoreError, SQLAlchemyError, OSError):
-            run_with_store(
-                cfg,
-                lambda store: Auditor(store).record(
-                    audit.KEY_ADDED, CLI, kid=key.kid, alg=key.alg, file=key.path.name
-                ),
-            )
+        _audit_key(cfg, audit.KEY_ADDED, key)
     typer.echo(f"generated {key.alg} key {key.kid} in {key.path}")
 
 
@@ -339,13 +354,7 @@ def keys_retire(kid: str) -> None:
         if len(key_files(cfg.keys_dir)) == 1:
             raise OperatorError("refusing to retire the only key: generate a new one first")
         key.path.unlink()
-        with contextlib.suppress(StoreError, SQLAlchemyError, OSError):
-            run_with_store(
-                cfg,
-                lambda store: Auditor(store).record(
-                    audit.KEY_RETIRED, CLI, kid=key.kid, alg=key.alg, file=key.path.name
-                ),
-            )
+        _audit_key(cfg, audit.KEY_RETIRED, key)
     typer.echo(f"retired key {kid}")
 
 

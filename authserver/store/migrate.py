@@ -23,6 +23,9 @@ def _config() -> Config:
 async def upgrade_async(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision, from inside a running event loop."""
     async with engine.connect() as connection:
+        # On SQLite, take the write lock up front so concurrent starters migrate one at a time
+        # (PostgreSQL serialises them with an advisory lock in env.py).
+        connection = await connection.execution_options(sqlite_write=True)
 
         def run(sync_connection: object) -> None:
             config = _config()
