@@ -1,0 +1,625 @@
+"""The measurements, one method per target of issue 5.
+
+Each compares against a baseline measured in the same run, in alternating
+rounds (A B A B ...), and quotes medians of the per-round ratios; each also
+reports the server's CPU time per request (utime + stime from /proc), which
+other load on the machine disturbs far less than throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+
+from bench import data
+from bench.load import Load, LoadResult, run_load
+from bench.server import (
+    Server,
+    authserver_command,
+    bench_app_command,
+    free_port,
+    server_env,
+)
+
+REFRESH_CLIENTS = 32
+GET_CONNECTIONS = 32
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    rounds: int
+    duration: int  # seconds of each measured run (wrk takes whole seconds)
+    warmup: int
+    login_duration: int
+    probe_delay_ms: float
+    memory_refreshes: int
+    memory_chunk: int
+    startup_runs: int
+    scaling_rounds: int
+    workers: tuple[int, ...] = (1, 2, 4)
+    fresh_tokens: int = 0  # 0: enough to defeat the server's verified-token cache
+
+
+QUICK = Plan(
+    name="quick",
+    rounds=2,
+    duration=2,
+    warmup=1,
+    login_duration=3,
+    probe_delay_ms=10,
+    memory_refreshes=3_000,
+    memory_chunk=2,
+    startup_runs=3,
+    scaling_rounds=1,
+)
+FULL = Plan(
+    name="full",
+    rounds=7,
+    duration=3,
+    warmup=1,
+    login_duration=8,
+    probe_delay_ms=5,
+    memory_refreshes=100_000,
+    memory_chunk=10,
+    startup_runs=5,
+    scaling_rounds=3,
+)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Measured:
+    """One load run against one server."""
+
+    load: LoadResult
+    cpu_seconds: float
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_seconds / max(1, self.load.requests) * 1e6
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "rps": round(self.load.rps, 1),
+            "requests": self.load.requests,
+            "errors": self.load.errors,
+            "p50_ms": round(self.load.p50_ms, 3),
+            "p99_ms": round(self.load.p99_ms, 3),
+            "cpu_us_per_request": round(self.cpu_us_per_request, 1),
+        }
+
+
+class Bench:
+    """Runs the sections of the benchmark in one temporary directory."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        client: str,
+        root: Path,
+        postgres_url: str | None,
+        say: Callable[[str], None],
+    ) -> None:
+        self.plan = plan
+        self.client = client
+        self.root = root
+        self.postgres_url = postgres_url
+        self.say = say
+        self.servers: list[Server] = []
+        self.pg_databases: list[str] = []
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def workspace(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start_bench_app(
+        self, name: str, database_url: str, keys_dir: Path, *, workers: int = 1, **env: str
+    ) -> Server:
+        port = free_port()
+        server = Server.start(
+            name,
+            bench_app_command(port, workers),
+            server_env(database_url=database_url, keys_dir=keys_dir, port=port, **env),
+            cwd=self.workspace(name),
+            port=port,
+        )
+        self.servers.append(server)
+        server.wait_healthy()
+        return server
+
+    def stop(self, server: Server) -> None:
+        server.stop()
+        if server in self.servers:
+            self.servers.remove(server)
+
+    def close(self) -> None:
+        for server in list(self.servers):
+            self.stop(server)
+        if self.postgres_url:
+            for url in self.pg_databases:
+                try:
+                    data.drop_pg_database(self.postgres_url, url)
+                except Exception as exc:
+                    self.say(f"  could not drop {url}: {exc}")
+
+    def measure(self, server: Server, load: Load) -> Measured:
+        before = server.cpu_seconds()
+        result = run_load(server.url, load, client=self.client)
+        return Measured(result, server.cpu_seconds() - before)
+
+    def sqlite_target(self, name: str) -> tuple[str, Path]:
+        work = self.workspace(name)
+        keys_dir = work / "keys"
+        if not keys_dir.exists():
+            data.make_keys(keys_dir)
+        return f"sqlite:///{work / 'authserver.db'}", keys_dir
+
+    def pg_database(self) -> str:
+        assert self.postgres_url
+        url = data.create_pg_database(self.postgres_url)
+        self.pg_databases.append(url)
+        return url
+
+    # -- 1. /protected ---------------------------------------------------------------
+
+    def protected(self, server: Server, keys_dir: Path) -> dict[str, Any]:
+        """/protected with one reused token, and with a fresh token per request, vs bare.
+
+        All three send the same request (a GET with a bearer token, produced by the
+        same Lua function), so the load generator costs the same for each; the
+        bare endpoint ignores the token.
+        """
+        plan = self.plan
+        # More tokens than the server's verified-token cache holds, taken in a cycle:
+        # by the time a token comes round again the cache has long forgotten it.
+        count = plan.fresh_tokens or int(data.verifier_cache_size() * 1.1) + 100
+        self.say(f"  minting {count} access tokens for the fresh-token runs")
+        fresh = data.mint_access_tokens(
+            keys_dir, issuer=server.url, audience="authserver", count=count
+        )
+        (reused,) = data.mint_access_tokens(
+            keys_dir, issuer=server.url, audience="authserver", count=1
+        )
+        offset = 0
+
+        def load(variant: str, duration: int) -> Load:
+            path = "/bench/bare" if variant == "bare" else "/protected"
+            tokens = [reused] if variant == "reused" else fresh
+            start = offset if variant == "fresh" else 0
+            return Load("tokens", path, duration, GET_CONNECTIONS, tokens=tokens, offset=start)
+
+        variants = ("bare", "reused", "fresh")
+        for variant in variants:
+            warm = self.measure(server, load(variant, plan.warmup))
+            offset += warm.load.requests if variant == "fresh" else 0
+            self._check_errors(f"/protected warm-up ({variant})", warm)
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.rounds):
+            row: dict[str, Any] = {}
+            for variant in variants:
+                measured = self.measure(server, load(variant, plan.duration))
+                if variant == "fresh":
+                    offset += measured.load.requests
+                row[variant] = measured.as_dict()
+            row["reused_ratio"] = row["reused"]["rps"] / row["bare"]["rps"]
+            row["fresh_ratio"] = row["fresh"]["rps"] / row["bare"]["rps"]
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: bare {row['bare']['rps']:.0f}/s, "
+                f"reused {row['reused']['rps']:.0f}/s ({row['reused_ratio']:.2f}x), "
+                f"fresh {row['fresh']['rps']:.0f}/s ({row['fresh_ratio']:.2f}x)"
+            )
+        cache_hits_possible = offset > count and count <= data.verifier_cache_size()
+        if cache_hits_possible:
+            self.say(
+                f"  WARNING: {offset} fresh requests cycled through only {count} tokens, "
+                "fewer than the server caches: the fresh figure may include cache hits"
+            )
+        cpu = {v: median([r[v]["cpu_us_per_request"] for r in rounds]) for v in variants}
+        return {
+            "rounds": rounds,
+            "rps": {v: median([r[v]["rps"] for r in rounds]) for v in variants},
+            "cpu_us_per_request": cpu,
+            "p99_ms": {v: median([r[v]["p99_ms"] for r in rounds]) for v in variants},
+            "errors": sum(r[v]["errors"] for r in rounds for v in variants),
+            "reused_ratio": median([r["reused_ratio"] for r in rounds]),
+            "fresh_ratio": median([r["fresh_ratio"] for r in rounds]),
+            # What the ratios would be if the server's CPU were all that mattered.
+            "reused_cpu_ratio": cpu["bare"] / cpu["reused"],
+            "fresh_cpu_ratio": cpu["bare"] / cpu["fresh"],
+            "fresh_tokens": count,
+            "fresh_requests": offset,
+            "fresh_cache_hits_possible": cache_hits_possible,
+            "connections": GET_CONNECTIONS,
+        }
+
+    # -- 2. /login -------------------------------------------------------------------
+
+    def login(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """/login at the configured bcrypt cost vs the bcrypt bound; /protected p99 under it."""
+        plan = self.plan
+        settings = data.bench_settings(database_url, keys_dir)
+        rounds_cost = settings.bcrypt_rounds
+        username = "loginuser"
+        data.ensure_user(settings, username)
+        password = data.BENCH_PASSWORD.encode()
+        reference = bcrypt.hashpw(password, bcrypt.gensalt(rounds_cost))
+        (token,) = data.mint_access_tokens(
+            keys_dir, issuer=server.url, audience="authserver", count=1
+        )
+        n = cores()
+        body = json.dumps({"username": username, "password": data.BENCH_PASSWORD})
+        # Twice as many clients as hashing threads: the pool is never idle.
+        logins = Load("post", "/login", plan.login_duration, connections=2 * n, body=body)
+        probe = Load(
+            "probe",
+            "/protected",
+            plan.login_duration - 1,
+            headers={"Authorization": f"Bearer {token}"},
+            delay_ms=plan.probe_delay_ms,
+        )
+        warm = self.measure(server, Load("post", "/login", 1, connections=2 * n, body=body))
+        self._check_errors("/login warm-up", warm)
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.rounds):
+            timings = [self._time_checkpw(password, reference) for _ in range(3)]
+            checkpw = median([wall for wall, _ in timings])
+            checkpw_cpu = median([cpu for _, cpu in timings])
+            bound = n / checkpw
+            idle = self.measure(server, probe)
+            loaded_probe, login_run = self._concurrently(server, probe, logins)
+            row = {
+                "checkpw_s": checkpw,
+                "checkpw_cpu_s": checkpw_cpu,
+                "bound_per_s": bound,
+                # How much of the machine the server got while logins ran: well under
+                # `cores` means other processes took the rest.
+                "server_cores_used": login_run.cpu_seconds / login_run.load.seconds,
+                "login": login_run.as_dict(),
+                "login_ratio": login_run.load.rps / bound,
+                "idle_probe": idle.as_dict(),
+                "loaded_probe": loaded_probe.as_dict(),
+                "p99_ratio": loaded_probe.load.p99_ms / max(idle.load.p99_ms, 1e-6),
+            }
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: checkpw {checkpw * 1000:.0f} ms -> bound {bound:.2f}/s; "
+                f"logins {login_run.load.rps:.2f}/s ({row['login_ratio']:.2f}x, server used "
+                f"{row['server_cores_used']:.2f} cores); "
+                f"/protected p99 idle {idle.load.p99_ms:.2f} ms, "
+                f"under logins {loaded_probe.load.p99_ms:.2f} ms ({row['p99_ratio']:.2f}x)"
+            )
+        return {
+            "bcrypt_rounds": rounds_cost,
+            "cores": n,
+            "login_clients": 2 * n,
+            "probe_interval_ms": plan.probe_delay_ms,
+            "rounds": rounds,
+            "checkpw_ms": median([r["checkpw_s"] for r in rounds]) * 1000,
+            "checkpw_cpu_ms": median([r["checkpw_cpu_s"] for r in rounds]) * 1000,
+            "server_cores_used": median([r["server_cores_used"] for r in rounds]),
+            "bound_per_s": median([r["bound_per_s"] for r in rounds]),
+            "login_per_s": median([r["login"]["rps"] for r in rounds]),
+            "login_ratio": median([r["login_ratio"] for r in rounds]),
+            "cpu_ms_per_login": median([r["login"]["cpu_us_per_request"] for r in rounds]) / 1000,
+            "idle_p99_ms": median([r["idle_probe"]["p99_ms"] for r in rounds]),
+            "loaded_p99_ms": median([r["loaded_probe"]["p99_ms"] for r in rounds]),
+            "p99_ratio": median([r["p99_ratio"] for r in rounds]),
+            "errors": sum(r["login"]["errors"] + r["loaded_probe"]["errors"] for r in rounds),
+        }
+
+    @staticmethod
+    def _time_checkpw(password: bytes, hashed: bytes) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of one `checkpw`."""
+        began, cpu = time.perf_counter(), time.thread_time()
+        bcrypt.checkpw(password, hashed)
+        return time.perf_counter() - began, time.thread_time() - cpu
+
+    def _concurrently(self, server: Server, probe: Load, main: Load) -> tuple[Measured, Measured]:
+        """Run `main`, and `probe` inside it (starting half a second later)."""
+        results: dict[str, LoadResult] = {}
+
+        def run_main() -> None:
+            results["main"] = run_load(server.url, main, client=self.client)
+
+        before = server.cpu_seconds()
+        thread = threading.Thread(target=run_main)
+        thread.start()
+        time.sleep(0.5)
+        probed = run_load(server.url, probe, client=self.client)
+        thread.join()
+        cpu = server.cpu_seconds() - before
+        return Measured(probed, 0.0), Measured(results["main"], cpu)
+
+    # -- 3. /refresh -----------------------------------------------------------------
+
+    def refresh(self, server: Server, settings_url: str, keys_dir: Path) -> dict[str, Any]:
+        """/refresh, 32 clients each rotating its own family, vs the sign-only endpoint."""
+        plan = self.plan
+        settings = data.bench_settings(settings_url, keys_dir)
+        families = data.seed_families(settings, REFRESH_CLIENTS * (plan.rounds + 1))
+        batches = [
+            families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
+        ]
+        body = json.dumps({"refresh_token": secrets.token_urlsafe(32)})
+        sign = Load("post", "/bench/sign", plan.duration, REFRESH_CLIENTS, body=body)
+
+        def refresh(tokens: list[str], duration: int) -> Load:
+            return Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=tokens)
+
+        self.measure(server, Load("post", "/bench/sign", plan.warmup, REFRESH_CLIENTS, body=body))
+        warm = self.measure(server, refresh(batches[0], plan.warmup))
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.rounds):
+            signed = self.measure(server, sign)
+            refreshed = self.measure(server, refresh(batches[index + 1], plan.duration))
+            row = {
+                "sign": signed.as_dict(),
+                "refresh": refreshed.as_dict(),
+                "ratio": refreshed.load.rps / signed.load.rps,
+            }
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: sign {signed.load.rps:.0f}/s, refresh "
+                f"{refreshed.load.rps:.0f}/s ({row['ratio']:.2f}x), "
+                f"{refreshed.load.errors} errors"
+            )
+        return {
+            "clients": REFRESH_CLIENTS,
+            "rounds": rounds,
+            "sign_per_s": median([r["sign"]["rps"] for r in rounds]),
+            "refresh_per_s": median([r["refresh"]["rps"] for r in rounds]),
+            "ratio": median([r["ratio"] for r in rounds]),
+            "cpu_us_per_request": {
+                "sign": median([r["sign"]["cpu_us_per_request"] for r in rounds]),
+                "refresh": median([r["refresh"]["cpu_us_per_request"] for r in rounds]),
+            },
+            "p99_ms": median([r["refresh"]["p99_ms"] for r in rounds]),
+            "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
+            "sign_errors": sum(r["sign"]["errors"] for r in rounds),
+        }
+
+    def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:
+        """Refresh throughput of 1, 2, 4 worker processes sharing one PostgreSQL database."""
+        plan = self.plan
+        settings = data.bench_settings(url, keys_dir)
+        runs = len(servers) * (plan.scaling_rounds + 1)
+        families = data.seed_families(settings, REFRESH_CLIENTS * runs)
+        batches = iter(
+            families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
+        )
+        for server in servers.values():
+            self.measure(server, Load("refresh", "/refresh", plan.warmup, tokens=next(batches)))
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.scaling_rounds):
+            row: dict[str, Any] = {}
+            for workers, server in servers.items():
+                load = Load("refresh", "/refresh", plan.duration, threads=2, tokens=next(batches))
+                row[str(workers)] = self.measure(server, load).as_dict()
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: "
+                + ", ".join(f"{w} proc {row[str(w)]['rps']:.0f}/s" for w in servers)
+            )
+        first = str(min(servers))
+        return {
+            "workers": list(servers),
+            "rounds": rounds,
+            "refresh_per_s": {w: median([r[str(w)]["rps"] for r in rounds]) for w in servers},
+            "speedup": {
+                w: median([r[str(w)]["rps"] / r[first]["rps"] for r in rounds]) for w in servers
+            },
+            "cpu_us_per_request": {
+                w: median([r[str(w)]["cpu_us_per_request"] for r in rounds]) for w in servers
+            },
+            "errors": sum(r[str(w)]["errors"] for r in rounds for w in servers),
+        }
+
+    # -- 4. memory and purge -----------------------------------------------------------
+
+    def memory(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """RSS after N refreshes, and its growth over the second half of them."""
+        plan = self.plan
+        settings = data.bench_settings(database_url, keys_dir)
+        target, half = plan.memory_refreshes, plan.memory_refreshes // 2
+        samples = [(0, server.rss_bytes())]
+        done = errors = 0
+        half_sample: tuple[int, int] | None = None
+        rate = 0.0
+        began = time.monotonic()
+        while done < target:
+            mark = half if half_sample is None else target
+            duration = plan.memory_chunk
+            if rate:
+                duration = max(1, min(plan.memory_chunk, math.ceil((mark - done) / rate)))
+            tokens = data.seed_families(settings, REFRESH_CLIENTS)
+            run = run_load(
+                server.url,
+                Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=tokens),
+                client=self.client,
+            )
+            done += run.ok
+            errors += run.errors
+            rate = run.rps or rate
+            samples.append((done, server.rss_bytes()))
+            if len(samples) % 5 == 0:
+                self.say(f"  {done} refreshes, RSS {samples[-1][1] / MB:.1f} MB")
+            if half_sample is None and done >= half:
+                half_sample = samples[-1]
+            if run.ok == 0:
+                raise RuntimeError(f"no refresh succeeded:\n{server.tail()}")
+        end = samples[-1]
+        assert half_sample is not None
+        rows = data.count_rows(settings, "refresh_tokens", "refresh_families", "audit_events")
+        growth = (end[1] - half_sample[1]) / half_sample[1]
+        self.say(
+            f"  RSS {half_sample[1] / MB:.1f} MB after {half_sample[0]} refreshes, "
+            f"{end[1] / MB:.1f} MB after {end[0]} ({growth * 100:+.1f} %), {errors} errors"
+        )
+        return {
+            "refreshes": end[0],
+            "seconds": time.monotonic() - began,
+            "rss_mb": end[1] / MB,
+            "half_refreshes": half_sample[0],
+            "half_rss_mb": half_sample[1] / MB,
+            "start_rss_mb": samples[0][1] / MB,
+            "growth": growth,
+            "samples": [{"refreshes": n, "rss_mb": rss / MB} for n, rss in samples],
+            "errors": errors,
+            "rows": rows,
+        }
+
+    def purge(self) -> dict[str, Any]:
+        """Expired families go: by the server's periodic task, and by `authserver db purge`."""
+        database_url, keys_dir = self.sqlite_target("purge-periodic")
+        ttl = 2
+        port = free_port()
+        env = server_env(
+            database_url=database_url,
+            keys_dir=keys_dir,
+            port=port,
+            AUTHSERVER_REFRESH_TOKEN_TTL=str(ttl),
+            AUTHSERVER_PURGE_INTERVAL="0.5",
+        )
+        server = Server.start(
+            "purge-serve",
+            [*authserver_command(), "serve", "--port", str(port)],
+            env,
+            cwd=self.workspace("purge-periodic"),
+            port=port,
+        )
+        self.servers.append(server)
+        try:
+            server.wait_healthy()
+            short = data.bench_settings(database_url, keys_dir, refresh_token_ttl=ttl)
+            expiring = data.seed_families(short, 10)
+            live = data.bench_settings(database_url, keys_dir)
+            data.seed_families(live, 3)
+            for token in expiring:  # each family gets a spent row and an active one
+                self._post_json(server.url + "/refresh", {"refresh_token": token})
+            tables = ("refresh_tokens", "refresh_families")
+            before = data.count_rows(short, *tables)
+            deadline = time.monotonic() + ttl + 8
+            after = before
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                after = data.count_rows(short, *tables)
+                if after["refresh_families"] == 3:
+                    break
+        finally:
+            self.stop(server)
+        periodic = {
+            "before": before,
+            "after": after,
+            "ok": after == {"refresh_tokens": 3, "refresh_families": 3},
+        }
+
+        database_url, keys_dir = self.sqlite_target("purge-cli")
+        short = data.bench_settings(database_url, keys_dir, refresh_token_ttl=1)
+        data.seed_families(short, 10)
+        data.seed_families(data.bench_settings(database_url, keys_dir), 3)
+        cli_before = data.count_rows(short, *tables)
+        time.sleep(1.2)
+        cli_env = server_env(database_url=database_url, keys_dir=keys_dir, port=0)
+        run = subprocess.run(
+            [*authserver_command(), "db", "purge"],
+            env=cli_env,
+            cwd=self.workspace("purge-cli"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        cli_after = data.count_rows(short, *tables)
+        cli = {
+            "command": "authserver db purge",
+            "exit": run.returncode,
+            "output": (run.stdout + run.stderr).strip()[-300:],
+            "before": cli_before,
+            "after": cli_after,
+            "ok": run.returncode == 0 and cli_after == {"refresh_tokens": 3, "refresh_families": 3},
+        }
+        self.say(
+            f"  periodic task: {before} -> {after}; db purge: {cli_before} -> {cli_after} "
+            f"({cli['output']!r})"
+        )
+        return {"periodic": periodic, "cli": cli, "ok": periodic["ok"] and cli["ok"]}
+
+    @staticmethod
+    def _post_json(url: str, body: dict[str, str]) -> int:
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status: int = response.status
+            return status
+
+    # -- 5. start-up -------------------------------------------------------------------
+
+    def startup(self) -> dict[str, Any]:
+        """Seconds from `authserver serve` to the first 200 from /health, keys on disk."""
+        work = self.workspace("startup")
+        keys_dir = work / "keys"
+        data.make_keys(keys_dir, 3)
+        database_url = f"sqlite:///{work / 'authserver.db'}"
+        data.ensure_user(data.bench_settings(database_url, keys_dir), data.BENCH_USER)
+        runs: list[dict[str, float]] = []
+        for index in range(self.plan.startup_runs):
+            port = free_port()
+            server = Server.start(
+                "startup",
+                [*authserver_command(), "serve", "--port", str(port)],
+                server_env(database_url=database_url, keys_dir=keys_dir, port=port),
+                cwd=work,
+                port=port,
+            )
+            self.servers.append(server)
+            try:
+                seconds = server.wait_healthy(interval=0.01)
+                cpu = server.cpu_seconds()
+            finally:
+                self.stop(server)
+            runs.append({"seconds": seconds, "cpu_seconds": cpu})
+            self.say(f"  run {index + 1}: /health 200 after {seconds:.2f} s ({cpu:.2f} s CPU)")
+        return {
+            "keys": 3,
+            "runs": runs,
+            "median_s": median([r["seconds"] for r in runs]),
+            "max_s": max(r["seconds"] for r in runs),
+            "cpu_s": median([r["cpu_seconds"] for r in runs]),
+        }
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_errors(self, what: str, measured: Measured) -> None:
+        if measured.load.errors:
+            self.say(f"  WARNING: {measured.load.errors} errors in {what}")

@@ -1,0 +1,212 @@
+"""Real server processes on 127.0.0.1, and what /proc says about them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def server_env(*, database_url: str, keys_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    """The caller's environment minus its AUTHSERVER_* variables, plus the server's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSERVER_")}
+    env.update(
+        AUTHSERVER_DATABASE_URL=database_url,
+        AUTHSERVER_KEYS_DIR=str(keys_dir),
+        AUTHSERVER_ISSUER=f"http://127.0.0.1:{port}",
+        AUTHSERVER_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    )
+    env.update(extra)
+    return env
+
+
+def authserver_command() -> list[str]:
+    """The installed `authserver` script beside this interpreter, else `python -m authserver`."""
+    script = Path(sys.executable).parent / "authserver"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "authserver"]
+
+
+def bench_app_command(port: int, workers: int) -> list[str]:
+    # What `authserver serve` passes to uvicorn, for the bench factory.
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "bench.app:bench_app",
+        "--app-dir",
+        str(REPO_ROOT),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-access-log",
+        "--no-server-header",
+        "--no-proxy-headers",
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc/PID/stat (0 if it is gone)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return 0.0
+    # The command name may hold spaces; fields resume after its closing parenthesis.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_rss_bytes(pid: int) -> int:
+    try:
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return 0
+    return int(statm[1]) * _PAGE
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, by walking the ppid links in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            data = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@dataclass
+class Server:
+    """One server process (and its uvicorn workers), stopped by `stop()`."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    started_at: float
+    _log: IO[bytes] = field(repr=False)
+    _pids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls, name: str, command: Sequence[str], env: Mapping[str, str], *, cwd: Path, port: int
+    ) -> Server:
+        cwd.mkdir(parents=True, exist_ok=True)
+        log_path = cwd / f"{name}.log"
+        log = open(log_path, "ab")  # closed by stop()
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return cls(name, proc, port, log_path, started, log)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float = 60.0, interval: float = 0.05) -> float:
+        """Seconds from start until /health answered 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+            with contextlib.suppress(OSError):
+                status, _ = http_get(self.url + "/health", timeout=1.0)
+                if status == 200:
+                    return time.monotonic() - self.started_at
+            time.sleep(interval)
+        raise RuntimeError(f"{self.name} did not become healthy in {timeout:.0f}s:\n{self.tail()}")
+
+    def pids(self) -> list[int]:
+        # Worker processes are stable for a run; look them up once.
+        if not self._pids or len(self._pids) == 1:
+            self._pids = descendants(self.proc.pid)
+        return self._pids
+
+    def cpu_seconds(self) -> float:
+        return sum(proc_cpu_seconds(pid) for pid in self.pids())
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the serving process(es): the workers, not a supervisor."""
+        pids = self.pids()
+        workers = pids[1:] if len(pids) > 1 else pids
+        return sum(proc_rss_bytes(pid) for pid in workers)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_lines(self) -> int:
+        try:
+            with open(self.log_path, "rb") as f:
+                return sum(1 for _ in f)
+        except OSError:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        self._log.close()
