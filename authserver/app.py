@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -107,6 +108,16 @@ async def _watch_keys(keyring: KeyRing, interval: float) -> None:
             log.exception("reloading the keys directory failed")
 
 
+async def _checkpoints(store: SqlStore, interval: float = 1.0) -> None:
+    # SQLite's WAL checkpoint fsyncs: done here, in a thread, it never stalls a request.
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(store.checkpoint)
+        except Exception:
+            log.exception("WAL checkpoint failed")
+
+
 async def _housekeeping(services: Services, settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.purge_interval)
@@ -158,6 +169,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             "error_description": str(exc.detail),
         }
         return JSON(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _exc: ClientDisconnect) -> JSON:
+        # The client hung up mid-body: nobody will read this answer, and it is no server error.
+        return _error_response(request, InvalidRequestError("The request body was cut short."))
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, _exc: Exception) -> JSON:
@@ -215,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(services.auth.hasher.warm_up()),
             asyncio.create_task(_watch_keys(keyring, settings.keys_reload_interval)),
             asyncio.create_task(_housekeeping(services, settings)),
+            asyncio.create_task(_checkpoints(store)),
         ]
         try:
             yield

@@ -33,12 +33,20 @@ class Services:
     scopes: tuple[str, ...]
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` although they never await: FastAPI runs a plain
+# `def` dependency in a worker thread, a hop that costs more than the work.
+
+
+async def get_services(request: Request) -> Services:
+    return services_of(request)
+
+
+def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_context(request: Request) -> RequestContext:
+async def get_context(request: Request) -> RequestContext:
     supplied = request.headers.get("x-request-id", "")
     request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
     client = request.client
@@ -51,7 +59,7 @@ def get_context(request: Request) -> RequestContext:
 INVALID_GRANT_STATUS = "authserver.invalid_grant_status"
 
 
-def invalid_grant_is_401(request: Request) -> None:
+async def invalid_grant_is_401(request: Request) -> None:
     """The seed-compatible /login and /refresh answer a bad grant with 401, not 400."""
     # In the request's own scope, not `request.state`: that dict is the lifespan
     # state, which some ASGI servers (and asgi-lifespan) share across requests.
@@ -68,7 +76,7 @@ oauth2_scheme = OAuth2PasswordBearer(
 
 
 def get_validator(request: Request) -> Validator:
-    return get_services(request).validator
+    return services_of(request).validator
 
 
 # The very dependency a resource server builds with `authserver.resource`, over

@@ -1,9 +1,21 @@
-"""The one store implementation: SQLAlchemy Core over aiosqlite or asyncpg.
+"""The one store implementation: SQLAlchemy Core over SQLite or asyncpg.
 
-One set of queries serves both backends. What differs is connection set-up:
-SQLite runs in WAL mode with a busy timeout and takes its write lock at BEGIN
-(`BEGIN IMMEDIATE`), so a read-then-write transaction never dies on a lock
-upgrade; PostgreSQL locks the token row with `SELECT ... FOR UPDATE`.
+One set of queries serves both backends. What differs is how they run:
+
+- PostgreSQL: asyncpg, a pooled async engine; the token row is locked with
+  `SELECT ... FOR UPDATE`.
+- SQLite: WAL mode, and every write transaction takes the write lock at BEGIN
+  (`BEGIN IMMEDIATE`), so a read-then-write never dies on a lock upgrade. Its
+  statements run inline on the event loop through the standard `sqlite3`
+  driver: a local SQLite call takes microseconds, while aiosqlite's hop to its
+  thread and back costs more than the query, four times per statement. Nothing
+  may block the loop for long, so the busy timeout is short and a locked
+  database (another process writing) is retried with an async back-off, and
+  WAL checkpoints (the one slow, fsyncing step) run in a thread
+  (`checkpoint()`). The aiosqlite engine remains for the migrations.
+
+Hot statements are built once, with bind parameters, so SQLAlchemy compiles
+and caches each of them a single time.
 """
 
 from __future__ import annotations
@@ -13,15 +25,17 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection, CursorResult, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from authserver.config import Settings
 from authserver.store.protocol import (
@@ -47,7 +61,12 @@ log = logging.getLogger("authserver.store")
 _RETRIES = 8
 # SQLSTATEs a PostgreSQL transaction may simply be retried after.
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
+# The migrations' (threaded) connections may wait long; the inline ones must not
+# hold the event loop, so they give up at once and retry asynchronously, for up to
+# `_SQLITE_LOCK_PATIENCE` seconds in all.
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
+_SQLITE_INLINE_BUSY_TIMEOUT_MS = 20
+_SQLITE_LOCK_PATIENCE = 10.0
 
 
 def async_url(url: str) -> str:
@@ -63,15 +82,16 @@ def async_url(url: str) -> str:
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
+    """The async engine: the store's engine on PostgreSQL, the migrations' on SQLite."""
     url = async_url(settings.database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url,
             connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
-            pool_size=max(2, min(settings.database_pool_size, 8)),
+            pool_size=2,
             max_overflow=0,
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine, busy_timeout_ms=_SQLITE_BUSY_TIMEOUT_MS)
         return engine
     return create_async_engine(
         url,
@@ -88,26 +108,66 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _create_inline_engine(url: AsyncEngine) -> Engine:
+    """A `sqlite3` engine on the same file, for statements run on the event loop."""
+    engine = sa.create_engine(
+        url.url.set(drivername="sqlite+pysqlite"),
+        # Only the event-loop thread uses these connections; the pool may be
+        # created and disposed of from elsewhere.
+        connect_args={"timeout": _SQLITE_INLINE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_size=4,
+        max_overflow=4,
+    )
+    _configure_sqlite(engine, busy_timeout_ms=_SQLITE_INLINE_BUSY_TIMEOUT_MS, checkpoint=False)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, checkpoint: bool = True) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take over transaction control from the driver so BEGIN can be IMMEDIATE.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # WAL + NORMAL keeps every commit atomic; only the last commits before a
         # power loss may be lost, never half of one.
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if not checkpoint:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         if conn.get_execution_options().get("sqlite_write"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+class Executor(Protocol):
+    """What the queries need of a connection, async or inline alike."""
+
+    async def execute(
+        self, statement: sa.Executable, parameters: Any = None
+    ) -> CursorResult[Any]: ...
+
+
+class _AsyncExecutor:
+    def __init__(self, conn: Executor) -> None:
+        self._conn = conn
+
+    async def execute(self, statement: sa.Executable, parameters: Any = None) -> CursorResult[Any]:
+        return await self._conn.execute(statement, parameters)
+
+
+class _InlineExecutor:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, statement: sa.Executable, parameters: Any = None) -> CursorResult[Any]:
+        return self._conn.execute(statement, parameters)
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -167,7 +227,7 @@ def _user(row: Row[Any]) -> User:
     )
 
 
-_REFRESH_SELECT = (
+_GET_REFRESH = (
     sa.select(
         refresh_tokens,
         refresh_families.c.client_id,
@@ -183,40 +243,54 @@ _REFRESH_SELECT = (
             refresh_families, refresh_tokens.c.family_id == refresh_families.c.id
         ).join(users, refresh_families.c.user_id == users.c.id)
     )
+    .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
     .with_for_update(of=refresh_tokens)
+)
+_GET_USER = sa.select(users).where(users.c.username == sa.bindparam("b_username"))
+_INSERT_FAMILY = refresh_families.insert()
+_INSERT_TOKEN = refresh_tokens.insert()
+_INSERT_AUDIT = audit_events.insert()
+_SPEND_TOKEN = (
+    refresh_tokens.update()
+    .where(
+        refresh_tokens.c.token_hash == sa.bindparam("b_hash"),
+        refresh_tokens.c.status == sa.bindparam("b_expected"),
+    )
+    .values(
+        status="spent", successor_hash=sa.bindparam("b_successor"), spent_at=sa.bindparam("b_at")
+    )
+)
+_COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed_at)).where(
+    login_failures.c.key == sa.bindparam("b_key"),
+    login_failures.c.failed_at > sa.bindparam("b_since"),
 )
 
 
 class SqlTransaction:
     """`RefreshTransaction` on one open connection."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: Executor) -> None:
         self._conn = conn
 
     async def get_refresh(self, token_hash: str) -> RefreshRecord | None:
-        result = await self._conn.execute(
-            _REFRESH_SELECT.where(refresh_tokens.c.token_hash == token_hash)
-        )
-        row = result.first()
+        row = (await self._conn.execute(_GET_REFRESH, {"b_hash": token_hash})).first()
         return _record(row) if row is not None else None
 
     async def get_user(self, username: str) -> User | None:
-        row = (
-            await self._conn.execute(sa.select(users).where(users.c.username == username))
-        ).first()
-        return _user(row) if row is not None else None
+        return await _get_user(self._conn, username)
 
     async def create_family(
         self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
     ) -> None:
         await self._conn.execute(
-            refresh_families.insert().values(
-                id=family_id,
-                user_id=user_id,
-                client_id=client_id,
-                created_at=created_at,
-                expires_at=expires_at,
-            )
+            _INSERT_FAMILY,
+            {
+                "id": family_id,
+                "user_id": user_id,
+                "client_id": client_id,
+                "created_at": created_at,
+                "expires_at": expires_at,
+            },
         )
 
     async def add_refresh(
@@ -230,24 +304,29 @@ class SqlTransaction:
         expires_at: float,
     ) -> None:
         await self._conn.execute(
-            refresh_tokens.insert().values(
-                token_hash=token_hash,
-                family_id=family_id,
-                parent_hash=parent_hash,
-                status="active",
-                scope=scope,
-                created_at=created_at,
-                expires_at=expires_at,
-            )
+            _INSERT_TOKEN,
+            {
+                "token_hash": token_hash,
+                "family_id": family_id,
+                "parent_hash": parent_hash,
+                "status": "active",
+                "scope": scope,
+                "created_at": created_at,
+                "expires_at": expires_at,
+            },
         )
 
     async def spend_refresh(
         self, token_hash: str, *, expected: TokenStatus, successor_hash: str, at: float
     ) -> bool:
         result = await self._conn.execute(
-            refresh_tokens.update()
-            .where(refresh_tokens.c.token_hash == token_hash, refresh_tokens.c.status == expected)
-            .values(status="spent", successor_hash=successor_hash, spent_at=at)
+            _SPEND_TOKEN,
+            {
+                "b_hash": token_hash,
+                "b_expected": expected,
+                "b_successor": successor_hash,
+                "b_at": at,
+            },
         )
         return result.rowcount == 1
 
@@ -273,28 +352,37 @@ class SqlTransaction:
         return result.rowcount == 1
 
     async def add_audit_event(self, event: AuditEvent) -> None:
-        await self._conn.execute(_audit_insert(event))
+        await _add_audit_event(self._conn, event)
 
 
-def _audit_insert(event: AuditEvent) -> sa.Insert:
-    return audit_events.insert().values(
-        at=event.at,
-        event=event.event,
-        username=event.username,
-        client_addr=event.client_addr,
-        request_id=event.request_id,
-        details=json.dumps(event.details, separators=(",", ":"), default=str),
+async def _add_audit_event(conn: Executor, event: AuditEvent) -> None:
+    await conn.execute(
+        _INSERT_AUDIT,
+        {
+            "at": event.at,
+            "event": event.event,
+            "username": event.username,
+            "client_addr": event.client_addr,
+            "request_id": event.request_id,
+            "details": json.dumps(event.details, separators=(",", ":"), default=str),
+        },
     )
 
 
+async def _get_user(conn: Executor, username: str) -> User | None:
+    row = (await conn.execute(_GET_USER, {"b_username": username})).first()
+    return _user(row) if row is not None else None
+
+
 class SqlStore:
-    """The `Store` protocol over one SQLAlchemy async engine."""
+    """The `Store` protocol over SQLAlchemy: asyncpg, or SQLite run inline."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
-        # Within one process, queue SQLite writers on the event loop instead of
-        # letting them spin in SQLite's busy handler.
+        self._inline = _create_inline_engine(engine) if self._sqlite else None
+        # Within one process, queue SQLite writers on the event loop: only one
+        # may hold the write lock, and an inline writer must never wait for it.
         self._write_lock = asyncio.Lock() if self._sqlite else None
 
     @classmethod
@@ -302,50 +390,83 @@ class SqlStore:
         return cls(create_engine(settings))
 
     async def close(self) -> None:
+        if self._inline is not None:
+            self._inline.dispose()
         await self.engine.dispose()
 
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
+    def checkpoint(self) -> None:
+        """Fold SQLite's WAL into the database file (blocking: call it from a thread)."""
+        if self._inline is None or not self.engine.url.database:
+            return
+        conn = sqlite3.connect(self.engine.url.database, timeout=_SQLITE_BUSY_TIMEOUT_MS / 1000)
         try:
-            async with self.engine.connect() as conn:
-                yield conn
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _inline_connection(self, *, write: bool) -> Iterator[Executor]:
+        assert self._inline is not None
+        with self._inline.connect() as conn:
+            if write:
+                conn = conn.execution_options(sqlite_write=True)
+                with conn.begin():
+                    yield _InlineExecutor(conn)
+            else:
+                yield _InlineExecutor(conn)
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[Executor]:
+        try:
+            if self._inline is not None:
+                with self._inline_connection(write=False) as inline:
+                    yield inline
+            else:
+                async with self.engine.connect() as conn:
+                    yield _AsyncExecutor(conn)
         except (TimeoutError, DBAPIError, PoolTimeout, OSError) as exc:
             if isinstance(exc, IntegrityError) or not _unavailable(exc):
                 raise
             raise StoreUnavailable(str(type(exc).__name__)) from exc
 
     @contextlib.asynccontextmanager
-    async def _write_once(self) -> AsyncIterator[AsyncConnection]:
-        lock = self._write_lock or contextlib.nullcontext()
-        async with lock, self.engine.connect() as conn:
-            if self._sqlite:
-                conn = await conn.execution_options(sqlite_write=True)
-            async with conn.begin():
-                yield conn
+    async def _write_once(self) -> AsyncIterator[Executor]:
+        if self._write_lock is not None:
+            async with self._write_lock:
+                with self._inline_connection(write=True) as inline:
+                    yield inline
+            return
+        async with self.engine.connect() as conn, conn.begin():
+            yield _AsyncExecutor(conn)
 
     async def atomic(self, work: Callable[[SqlTransaction], Awaitable[T]]) -> T:
         return await self._run_write(lambda conn: work(SqlTransaction(conn)))
 
-    async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        delay = 0.005
-        for attempt in range(_RETRIES):
+    async def _run_write(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        delay = 0.002 if self._sqlite else 0.005
+        deadline = time.monotonic() + _SQLITE_LOCK_PATIENCE
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with self._write_once() as conn:
                     return await work(conn)
             except IntegrityError:
                 raise
             except DBAPIError as exc:
-                if _retryable(exc) and attempt < _RETRIES - 1:
-                    log.info("store.retry", extra={"attempt": attempt + 1})
+                # SQLite: another process holds the write lock; PostgreSQL: a
+                # deadlock or serialization failure. Either way, try again.
+                more = time.monotonic() < deadline if self._sqlite else attempt < _RETRIES
+                if _retryable(exc) and more:
+                    log.debug("store.retry", extra={"attempt": attempt})
                     await asyncio.sleep(delay * (1 + random.random()))
-                    delay = min(delay * 2, 0.5)
+                    delay = min(delay * 2, 0.1 if self._sqlite else 0.5)
                     continue
                 if _retryable(exc) or _unavailable(exc):
                     raise StoreUnavailable(type(exc).__name__) from exc
                 raise
             except (TimeoutError, PoolTimeout, OSError) as exc:
                 raise StoreUnavailable(type(exc).__name__) from exc
-        raise AssertionError("unreachable")
 
     async def ping(self) -> None:
         async with self._read() as conn:
@@ -355,11 +476,10 @@ class SqlStore:
 
     async def get_user(self, username: str) -> User | None:
         async with self._read() as conn:
-            row = (await conn.execute(sa.select(users).where(users.c.username == username))).first()
-        return _user(row) if row is not None else None
+            return await _get_user(conn, username)
 
     async def add_user(self, username: str, password_hash: str, *, at: float) -> User:
-        async def work(conn: AsyncConnection) -> User:
+        async def work(conn: Executor) -> User:
             result = await conn.execute(
                 users.insert().values(
                     username=username,
@@ -378,7 +498,7 @@ class SqlStore:
             raise Conflict(f"user {username!r} already exists") from exc
 
     async def set_password_hash(self, username: str, password_hash: str, *, at: float) -> None:
-        async def work(conn: AsyncConnection) -> int:
+        async def work(conn: Executor) -> int:
             result = await conn.execute(
                 users.update()
                 .where(users.c.username == username)
@@ -391,7 +511,7 @@ class SqlStore:
 
     async def upgrade_password_hash(self, user_id: int, old_hash: str, new_hash: str) -> None:
         # Conditional, so a password changed meanwhile is never overwritten.
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Executor) -> None:
             await conn.execute(
                 users.update()
                 .where(users.c.id == user_id, users.c.password_hash == old_hash)
@@ -401,7 +521,7 @@ class SqlStore:
         await self._run_write(work)
 
     async def set_disabled(self, username: str, disabled: bool, *, at: float) -> User:
-        async def work(conn: AsyncConnection) -> User | None:
+        async def work(conn: Executor) -> User | None:
             await conn.execute(
                 users.update()
                 .where(users.c.username == username)
@@ -426,7 +546,7 @@ class SqlStore:
         return [_user(row) for row in rows]
 
     async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int:
-        async def work(conn: AsyncConnection) -> int:
+        async def work(conn: Executor) -> int:
             return await _revoke_user_families(conn, user_id, at=at, reason=reason)
 
         return await self._run_write(work)
@@ -436,7 +556,7 @@ class SqlStore:
     async def purge_expired(self, *, now: float) -> int:
         """Delete families that can no longer yield a token, and stale failure rows."""
 
-        async def work(conn: AsyncConnection) -> int:
+        async def work(conn: Executor) -> int:
             live = sa.select(refresh_tokens.c.family_id).where(
                 refresh_tokens.c.status == "active", refresh_tokens.c.expires_at > now
             )
@@ -455,30 +575,26 @@ class SqlStore:
     # -- login failures --------------------------------------------------------
 
     async def add_login_failure(self, keys: Sequence[str], *, at: float) -> None:
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Executor) -> None:
             await conn.execute(login_failures.insert(), [{"key": k, "failed_at": at} for k in keys])
 
         await self._run_write(work)
 
     async def login_failures(self, key: str, *, since: float) -> tuple[int, float | None]:
         async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(sa.func.count(), sa.func.min(login_failures.c.failed_at)).where(
-                        login_failures.c.key == key, login_failures.c.failed_at > since
-                    )
-                )
-            ).one()
-        return int(row[0]), row[1]
+            result = await conn.execute(_COUNT_FAILURES, {"b_key": key, "b_since": since})
+            row: Any = result.one()
+            count, oldest = row
+        return int(count), oldest
 
     async def clear_login_failures(self, key: str) -> None:
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Executor) -> None:
             await conn.execute(login_failures.delete().where(login_failures.c.key == key))
 
         await self._run_write(work)
 
     async def purge_login_failures(self, *, before: float) -> None:
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Executor) -> None:
             await conn.execute(login_failures.delete().where(login_failures.c.failed_at <= before))
 
         await self._run_write(work)
@@ -486,10 +602,7 @@ class SqlStore:
     # -- audit -----------------------------------------------------------------
 
     async def add_audit_event(self, event: AuditEvent) -> None:
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(_audit_insert(event))
-
-        await self._run_write(work)
+        await self._run_write(lambda conn: _add_audit_event(conn, event))
 
     async def list_audit_events(
         self,
@@ -525,9 +638,7 @@ class SqlStore:
         ]
 
 
-async def _revoke_user_families(
-    conn: AsyncConnection, user_id: int, *, at: float, reason: str
-) -> int:
+async def _revoke_user_families(conn: Executor, user_id: int, *, at: float, reason: str) -> int:
     ids = sa.select(refresh_families.c.id).where(
         refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None)
     )
