@@ -381,6 +381,8 @@ class SqlStore:
         self.engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._inline = _create_inline_engine(engine) if self._sqlite else None
+        self._writer: Connection | None = None
+        self._reader: Connection | None = None
         # Within one process, queue SQLite writers on the event loop: only one
         # may hold the write lock, and an inline writer must never wait for it.
         self._write_lock = asyncio.Lock() if self._sqlite else None
@@ -390,6 +392,10 @@ class SqlStore:
         return cls(create_engine(settings))
 
     async def close(self) -> None:
+        for kept in (self._writer, self._reader):
+            if kept is not None:
+                kept.close()
+        self._writer = self._reader = None
         if self._inline is not None:
             self._inline.dispose()
         await self.engine.dispose()
@@ -406,14 +412,27 @@ class SqlStore:
 
     @contextlib.contextmanager
     def _inline_connection(self, *, write: bool) -> Iterator[Executor]:
+        """One transaction on a kept-open connection: the writer's, or the reader's.
+
+        Writers queue on `_write_lock`, and inline reads never yield to the loop,
+        so each kept connection serves one transaction at a time; should a read
+        find the reader busy all the same, it takes a pooled connection.
+        """
         assert self._inline is not None
-        with self._inline.connect() as conn:
-            if write:
-                conn = conn.execution_options(sqlite_write=True)
-                with conn.begin():
+        kept = self._writer if write else self._reader
+        if kept is None or kept.closed or kept.in_transaction():
+            if kept is not None and not kept.closed and not write:
+                with self._inline.connect() as conn, conn.begin():
                     yield _InlineExecutor(conn)
+                return
+            kept = self._inline.connect()
+            if write:
+                kept = kept.execution_options(sqlite_write=True)
+                self._writer = kept
             else:
-                yield _InlineExecutor(conn)
+                self._reader = kept
+        with kept.begin():
+            yield _InlineExecutor(kept)
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[Executor]:
