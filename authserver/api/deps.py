@@ -59,11 +59,13 @@ async def get_context(request: Request) -> RequestContext:
 INVALID_GRANT_STATUS = "authserver.invalid_grant_status"
 
 
-async def invalid_grant_is_401(request: Request) -> None:
-    """The seed-compatible /login and /refresh answer a bad grant with 401, not 400."""
+async def get_seed_context(request: Request) -> RequestContext:
+    """`get_context` for the seed-compatible /login and /refresh, which answer a bad
+    grant with 401 rather than /token's 400."""
     # In the request's own scope, not `request.state`: that dict is the lifespan
     # state, which some ASGI servers (and asgi-lifespan) share across requests.
     request.scope[INVALID_GRANT_STATUS] = 401
+    return await get_context(request)
 
 
 # Declares the OAuth2 password flow in the OpenAPI document, so the Swagger UI's
@@ -86,4 +88,5 @@ get_claims = require_token(get_validator, scheme=oauth2_scheme)
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 ContextDep = Annotated[RequestContext, Depends(get_context)]
+SeedContextDep = Annotated[RequestContext, Depends(get_seed_context)]
 ClaimsDep = Annotated[AccessClaims, Depends(get_claims)]

@@ -7,10 +7,10 @@ import binascii
 import re
 from urllib.parse import unquote
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from authserver.api.deps import ContextDep, ServicesDep, invalid_grant_is_401
+from authserver.api.deps import ContextDep, SeedContextDep, ServicesDep
 from authserver.api.parsing import read_form, read_json_or_form
 from authserver.api.responses import JSON, NO_STORE, token_response
 from authserver.api.schemas import (
@@ -79,10 +79,9 @@ def client_id_of(request: Request, form: dict[str, str]) -> str:
     response_model=TokenResponse,
     responses=errors(400, 401, 429, 503),
     openapi_extra=body_schema(LoginRequest, json=True, form=True),
-    dependencies=[Depends(invalid_grant_is_401)],
     summary="Log in with a username and password (JSON or form)",
 )
-async def login(request: Request, services: ServicesDep, ctx: ContextDep) -> JSON:
+async def login(request: Request, services: ServicesDep, ctx: SeedContextDep) -> JSON:
     body = await read_json_or_form(request, LoginRequest)
     client_id = body.client_id or DEFAULT_CLIENT_ID
     if not _CLIENT_ID.fullmatch(client_id):
@@ -103,10 +102,9 @@ async def login(request: Request, services: ServicesDep, ctx: ContextDep) -> JSO
     response_model=TokenResponse,
     responses=errors(400, 401, 503),
     openapi_extra=body_schema(RefreshRequest, json=True, form=False),
-    dependencies=[Depends(invalid_grant_is_401)],
     summary="Exchange a refresh token for a new token pair (rotation)",
 )
-async def refresh(request: Request, services: ServicesDep, ctx: ContextDep) -> JSON:
+async def refresh(request: Request, services: ServicesDep, ctx: SeedContextDep) -> JSON:
     body = await read_json_or_form(request, RefreshRequest)
     return token_response(
         await services.auth.refresh_grant(ctx, refresh_token=body.refresh_token, scope=body.scope)
