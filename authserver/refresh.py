@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
@@ -228,6 +228,20 @@ async def rotate(
         return Refused("malformed")
     token_hash = digest(token)
     new_token, new_hash = new_refresh_token()
+    if requested_scope is None:
+        event = auditor.build(audit.REFRESHED, ctx)
+        done = await store.rotate_active(
+            token_hash=token_hash,
+            successor_hash=new_hash,
+            now=now,
+            refresh_ttl=lifetimes.refresh_ttl,
+            event=event,
+        )
+        if done is not None:
+            auditor.emit(
+                replace(event, username=done.username, details={"family_id": done.family_id})
+            )
+            return Issued(new_token, done.family_id, done.username, done.scope, done.client_id)
     rotation = _Rotation(auditor, ctx, lifetimes, now, requested_scope, new_token, new_hash)
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
     for event in rotation.events:

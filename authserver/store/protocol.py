@@ -59,6 +59,16 @@ class RefreshRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Rotated:
+    """What a one-step rotation spent: enough to answer and to log it."""
+
+    family_id: str
+    username: str
+    scope: str
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: float
     event: str
@@ -108,6 +118,23 @@ class RefreshTransaction(Protocol):
 class Store(Protocol):
     async def atomic(self, work: Callable[[RefreshTransaction], Awaitable[T]]) -> T:
         """Run `work` in one transaction, retried on serialization failures."""
+
+    async def rotate_active(
+        self,
+        *,
+        token_hash: str,
+        successor_hash: str,
+        now: float,
+        refresh_ttl: int,
+        event: AuditEvent,
+    ) -> Rotated | None:
+        """The common exchange as one atomic step, where the backend has one.
+
+        Spends `token_hash` if it is active, unexpired, of a live family and an
+        enabled user, issues `successor_hash` in its family and stores `event`
+        (its username and family id filled in). None means nothing was done and
+        the caller takes the general path (`atomic`), which decides the rest.
+        """
 
     async def ping(self) -> None: ...
 
