@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -99,23 +99,14 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
     )
 
 
-async def _watch_keys(keyring: KeyRing, interval: float) -> None:
+async def _every(interval: float, work: Callable[[], object], failure: str) -> None:
+    """Run blocking `work` in a thread every `interval` seconds; a failure is logged, not fatal."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(keyring.reload_if_changed)
+            await asyncio.to_thread(work)
         except Exception:
-            log.exception("reloading the keys directory failed")
-
-
-async def _checkpoints(store: SqlStore, interval: float = 1.0) -> None:
-    # SQLite's WAL checkpoint fsyncs: done here, in a thread, it never stalls a request.
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(store.checkpoint)
-        except Exception:
-            log.exception("WAL checkpoint failed")
+            log.exception(failure)
 
 
 async def _housekeeping(services: Services, settings: Settings) -> None:
@@ -229,9 +220,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # The timing guard's dummy hash costs one bcrypt (~0.3 s at cost 12): make it
             # in the background rather than before listening; a login needing it waits.
             asyncio.create_task(services.auth.hasher.warm_up()),
-            asyncio.create_task(_watch_keys(keyring, settings.keys_reload_interval)),
+            asyncio.create_task(
+                _every(
+                    settings.keys_reload_interval,
+                    keyring.reload_if_changed,
+                    "reloading the keys directory failed",
+                )
+            ),
             asyncio.create_task(_housekeeping(services, settings)),
-            asyncio.create_task(_checkpoints(store)),
+            # SQLite's WAL checkpoint fsyncs: in a thread, it never stalls a request.
+            asyncio.create_task(_every(1.0, store.checkpoint, "WAL checkpoint failed")),
         ]
         try:
             yield
