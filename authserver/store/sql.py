@@ -87,8 +87,13 @@ def async_url(url: str) -> str:
     raise ValueError(f"unsupported database URL scheme {scheme!r}")
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    """The async engine: the store's engine on PostgreSQL, the migrations' on SQLite."""
+def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
+    """The async engine: the store's engine on PostgreSQL, the migrations' on SQLite.
+
+    `autocommit` (PostgreSQL) makes a pool for single-statement writes: its
+    connections never switch isolation level, and its pre-ping is one round trip
+    where a transactional connection's is three (BEGIN, ping, ROLLBACK).
+    """
     url = async_url(settings.database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(
@@ -106,6 +111,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_timeout=settings.database_pool_timeout,
         pool_pre_ping=True,
         pool_recycle=1800,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         connect_args={
             "timeout": settings.database_connect_timeout,
             "command_timeout": settings.database_statement_timeout,
@@ -419,8 +425,9 @@ async def _get_user(conn: Executor, username: str) -> User | None:
 class SqlStore:
     """The `Store` protocol over SQLAlchemy: asyncpg, or SQLite run inline."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, autocommit: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self._autocommit = autocommit
         self._sqlite = engine.dialect.name == "sqlite"
         self._inline = _create_inline_engine(engine) if self._sqlite else None
         self._writer: Connection | None = None
@@ -431,7 +438,9 @@ class SqlStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SqlStore:
-        return cls(create_engine(settings))
+        if settings.is_sqlite:
+            return cls(create_engine(settings))
+        return cls(create_engine(settings), create_engine(settings, autocommit=True))
 
     async def close(self) -> None:
         for kept in (self._writer, self._reader):
@@ -440,6 +449,8 @@ class SqlStore:
         self._writer = self._reader = None
         if self._inline is not None:
             self._inline.dispose()
+        if self._autocommit is not None:
+            await self._autocommit.dispose()
         await self.engine.dispose()
 
     def checkpoint(self) -> None:
@@ -497,9 +508,13 @@ class SqlStore:
                 with self._inline_connection(write=True) as inline:
                     yield inline
             return
+        if autocommit and self._autocommit is not None:
+            # One statement is its own transaction: no BEGIN and COMMIT round trips.
+            async with self._autocommit.connect() as conn:
+                yield _AsyncExecutor(conn)
+            return
         async with self.engine.connect() as conn:
             if autocommit:
-                # One statement is its own transaction: no BEGIN and COMMIT round trips.
                 auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 yield _AsyncExecutor(auto)
                 return
