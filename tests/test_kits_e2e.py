@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from authserver.client import TokenAuth, TokenPair
+from tests import procs
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +87,7 @@ def wait_answering(proc: Proc, url: str) -> None:
 
 
 def run_cli(env: Mapping[str, str], cwd: Path, *args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "authserver", *args],
-        env=dict(env),
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = procs.run_cli(args, env, cwd=cwd, stdin=stdin)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
