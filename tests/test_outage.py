@@ -29,7 +29,7 @@ from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
 from tests.conftest import POSTGRES_URL, create_pg_database, drop_pg_database
 from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.procs import ServerPool, base_env, free_port
+from tests.procs import ServerPool, ServerProcess, base_env, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -177,9 +177,10 @@ def _assert_unavailable(response: httpx.Response) -> None:
     assert int(response.headers["Retry-After"]) >= 1
 
 
-async def test_outage_answers_503_and_recovers_without_restart(
-    pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path
-) -> None:
+async def _start_behind_proxy(
+    pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path, *, name: str
+) -> ServerProcess:
+    """Seed alice, then start a server whose database connections all go through `proxy`."""
     await _seed_user(pg_url)
     via_proxy = make_url(pg_url).set(host="127.0.0.1", port=proxy.port)
     env = base_env(
@@ -187,7 +188,13 @@ async def test_outage_answers_503_and_recovers_without_restart(
         AUTHSERVER_KEYS_DIR=str(keys_dir),
     )
     # The proxy runs on this event loop, so start the server without blocking it.
-    server = await asyncio.to_thread(pool.start, env, name="outage")
+    return await asyncio.to_thread(pool.start, env, name=name)
+
+
+async def test_outage_answers_503_and_recovers_without_restart(
+    pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path
+) -> None:
+    server = await _start_behind_proxy(pg_url, proxy, pool, keys_dir, name="outage")
     credentials = {"username": "alice", "password": DEFAULT_PASSWORD}
 
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -233,13 +240,7 @@ async def test_unresponsive_database_answers_503_and_recovers(
     pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path
 ) -> None:
     """A partition, not a refusal: nothing answers, so only timeouts can end a request."""
-    await _seed_user(pg_url)
-    via_proxy = make_url(pg_url).set(host="127.0.0.1", port=proxy.port)
-    env = base_env(
-        AUTHSERVER_DATABASE_URL=via_proxy.render_as_string(hide_password=False),
-        AUTHSERVER_KEYS_DIR=str(keys_dir),
-    )
-    server = await asyncio.to_thread(pool.start, env, name="partition")
+    server = await _start_behind_proxy(pg_url, proxy, pool, keys_dir, name="partition")
     credentials = {"username": "alice", "password": DEFAULT_PASSWORD}
 
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
