@@ -309,3 +309,79 @@ async def test_concurrent_refreshes_with_one_token_have_one_winner(server: Runni
     # Exactly one successor was ever minted: no double spend.
     family = await family_of(server, token)
     assert sum(family["statuses"].values()) == 2
+
+
+async def _rotation_rows(running: Running, old: str, new: str) -> dict[str, Any]:
+    """What one exchange stored, with the values that differ per exchange normalised."""
+    store = running.store
+    assert isinstance(store, SqlStore)
+    async with store.engine.connect() as conn:
+        spent = (
+            await conn.execute(
+                sa.select(refresh_tokens).where(refresh_tokens.c.token_hash == digest(old))
+            )
+        ).one()
+        issued = (
+            await conn.execute(
+                sa.select(refresh_tokens).where(refresh_tokens.c.token_hash == digest(new))
+            )
+        ).one()
+        family = (
+            await conn.execute(
+                sa.select(refresh_families).where(refresh_families.c.id == spent.family_id)
+            )
+        ).one()
+    events = [
+        e
+        for e in await store.list_audit_events(event=audit.REFRESHED)
+        if e.details.get("family_id") == family.id
+    ]
+    assert len(events) == 1, events
+    (event,) = events
+    return {
+        "spent": (spent.status, spent.successor_hash == issued.token_hash),
+        "issued": (
+            issued.status,
+            issued.family_id == family.id,
+            issued.parent_hash == spent.token_hash,
+            issued.successor_hash,
+            issued.spent_at,
+            issued.scope,
+            issued.created_at == spent.spent_at,
+            round(issued.expires_at - issued.created_at, 3),
+        ),
+        "event": (
+            event.username,
+            event.client_addr,
+            event.request_id,
+            event.details == {"family_id": family.id},
+        ),
+    }
+
+
+@pytest.mark.parametrize("max_age", [1_000_000, 100])
+async def test_one_step_and_general_rotation_store_the_same_rows(
+    start_app: StartApp, max_age: int
+) -> None:
+    """The plain exchange runs as one step on the driver; asking for a scope takes the
+    general path. Both must leave exactly the same rows behind (the successor's life
+    capped by the session's end when that comes first)."""
+    running = await start_app(refresh_token_ttl=600, session_max_age=max_age)
+    await make_user(running.store, "alice")
+    clock = set_clock(running)
+    rows = []
+    for extra in ({}, {"scope": "read write"}):
+        clock.now += 1
+        old = (await running.login())["refresh_token"]
+        clock.now += 10
+        r = await running.client.post(
+            "/refresh",
+            json={"refresh_token": old, **extra},
+            headers={"X-Request-ID": "same-request-id"},
+        )
+        assert r.status_code == 200, r.text
+        rows.append(await _rotation_rows(running, old, r.json()["refresh_token"]))
+    assert rows[0] == rows[1]
+    expected_life = 600 if max_age > 600 else max_age - 10
+    assert rows[0]["issued"][-1] == expected_life
+    assert rows[0]["issued"][:6] == ("active", True, True, None, None, "read write")

@@ -15,7 +15,9 @@ One set of queries serves both backends. What differs is how they run:
   (`checkpoint()`). The aiosqlite engine remains for the migrations.
 
 Hot statements are built once, with bind parameters, so SQLAlchemy compiles
-and caches each of them a single time.
+and caches each of them a single time. The hottest write of all, the plain
+refresh, bypasses SQLAlchemy for the drivers themselves (`fastpath.py`); its
+errors are retried and mapped here like everyone else's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, CursorResult, Engine, Row
@@ -43,6 +46,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from authserver.config import Settings
+from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
 from authserver.store.protocol import (
     AuditEvent,
     Conflict,
@@ -87,13 +91,8 @@ def async_url(url: str) -> str:
     raise ValueError(f"unsupported database URL scheme {scheme!r}")
 
 
-def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
-    """The async engine: the store's engine on PostgreSQL, the migrations' on SQLite.
-
-    `autocommit` (PostgreSQL) makes a pool for single-statement writes: its
-    connections never switch isolation level, and its pre-ping is one round trip
-    where a transactional connection's is three (BEGIN, ping, ROLLBACK).
-    """
+def create_engine(settings: Settings) -> AsyncEngine:
+    """The async engine: the store's engine on PostgreSQL, the migrations' on SQLite."""
     url = async_url(settings.database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(
@@ -104,22 +103,45 @@ def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngin
         )
         _configure_sqlite(engine.sync_engine, busy_timeout_ms=_SQLITE_BUSY_TIMEOUT_MS)
         return engine
-    engine = create_async_engine(
+    return create_async_engine(
         url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
         pool_timeout=settings.database_pool_timeout,
         pool_pre_ping=True,
         pool_recycle=1800,
-        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
-        connect_args={
-            "timeout": settings.database_connect_timeout,
-            "command_timeout": settings.database_statement_timeout,
-            "server_settings": {"application_name": "authserver"},
-        },
+        connect_args=_pg_session_args(settings),
     )
 
-    return engine
+
+def _pg_session_args(settings: Settings) -> dict[str, Any]:
+    """What every asyncpg connection of ours is opened with, besides the URL's own."""
+    return {
+        "timeout": settings.database_connect_timeout,
+        "command_timeout": settings.database_statement_timeout,
+        "server_settings": {"application_name": "authserver"},
+    }
+
+
+# Options SQLAlchemy's asyncpg dialect takes from the URL for itself, not for asyncpg.
+_SQLALCHEMY_ONLY_ARGS = frozenset(
+    {
+        "async_fallback",
+        "async_creator_fn",
+        "prepared_statement_cache_size",
+        "prepared_statement_name_func",
+    }
+)
+
+
+def _create_rotator(engine: AsyncEngine, settings: Settings) -> PgRotator:
+    """The raw asyncpg pool for the plain refresh, connecting exactly as `engine` does."""
+    _, from_url = engine.dialect.create_connect_args(engine.url)
+    args = {k: v for k, v in from_url.items() if k not in _SQLALCHEMY_ONLY_ARGS}
+    args.update(_pg_session_args(settings))
+    return PgRotator(
+        args, max_size=settings.database_pool_size, wait=settings.database_pool_timeout
+    )
 
 
 def _create_inline_engine(url: AsyncEngine) -> Engine:
@@ -184,28 +206,38 @@ class _InlineExecutor:
         return self._conn.execute(statement, parameters)
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    if sqlstate in _RETRYABLE_SQLSTATES:
+# What the drivers raise beneath SQLAlchemy, and directly on the fast path.
+_DRIVER_ERRORS = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
+def _retryable(exc: BaseException) -> bool:
+    orig = _driver_error(exc)
+    if getattr(orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return True
-    message = str(exc.orig).lower()
+    message = str(orig).lower()
     return "database is locked" in message or "database is busy" in message
 
 
 def _unavailable(exc: BaseException) -> bool:
     if isinstance(exc, (PoolTimeout, OSError, asyncio.TimeoutError, ConnectionError)):
         return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated or isinstance(exc, (InterfaceError, OperationalError)):
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-        # Class 08: connection exception; 57P: operator intervention (shutdown);
-        # 53: insufficient resources; 3D000 / 28: the database or role is gone
-        # (dropped, renamed), which a server sees only when it reconnects;
-        # 57014: a query the server cancelled (its own statement_timeout);
-        # 25006: a read-only server, as an old primary is after a failover.
-        return sqlstate.startswith(("08", "57P", "53", "3D", "28", "57014", "25006"))
-    return False
+    if isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, (InterfaceError, OperationalError))
+    ):
+        return True
+    if isinstance(exc, (sqlite3.OperationalError, sqlite3.InterfaceError, asyncpg.InterfaceError)):
+        return True  # the fast path's drivers, unwrapped
+    sqlstate = getattr(_driver_error(exc), "sqlstate", None) or ""
+    # Class 08: connection exception; 57P: operator intervention (shutdown);
+    # 53: insufficient resources; 3D000 / 28: the database or role is gone
+    # (dropped, renamed), which a server sees only when it reconnects;
+    # 57014: a query the server cancelled (its own statement_timeout);
+    # 25006: a read-only server, as an old primary is after a failover.
+    return sqlstate.startswith(("08", "57P", "53", "3D", "28", "57014", "25006"))
 
 
 def _record(row: Row[Any]) -> RefreshRecord:
@@ -273,40 +305,6 @@ _SPEND_TOKEN = (
     .values(
         status="spent", successor_hash=sa.bindparam("b_successor"), spent_at=sa.bindparam("b_at")
     )
-)
-# PostgreSQL only: the common exchange (spend, issue, audit) as one statement, so
-# one round trip in autocommit instead of seven; anything unusual finds no row
-# and takes the general path. Same tables, same rules as `refresh.py`'s `decide`.
-_ROTATE_ACTIVE_PG = sa.text(
-    """
-    WITH spent AS (
-        UPDATE refresh_tokens AS t
-        SET status = 'spent', successor_hash = :successor, spent_at = :now
-        FROM refresh_families AS f, users AS u
-        WHERE t.token_hash = :token_hash
-          AND t.status = 'active' AND t.expires_at > :now
-          AND f.id = t.family_id AND f.revoked_at IS NULL AND f.expires_at > :now
-          AND u.id = f.user_id AND NOT u.disabled
-        RETURNING t.token_hash, t.family_id, t.scope, f.client_id,
-                  f.expires_at AS family_expires_at, u.username
-    ), issued AS (
-        INSERT INTO refresh_tokens
-            (token_hash, family_id, parent_hash, status, scope, created_at, expires_at)
-        SELECT :successor, family_id, token_hash, 'active', scope, :now,
-               LEAST(:now + :refresh_ttl, family_expires_at)
-        FROM spent
-    ), audited AS (
-        INSERT INTO audit_events (at, event, username, client_addr, request_id, details)
-        SELECT :event_at, :event, username, :client_addr, :request_id,
-               json_build_object('family_id', family_id)::text
-        FROM spent
-    )
-    SELECT family_id, username, scope, client_id FROM spent
-    """
-).bindparams(
-    sa.bindparam("now", type_=sa.Float(precision=53)),
-    sa.bindparam("event_at", type_=sa.Float(precision=53)),
-    sa.bindparam("refresh_ttl", type_=sa.Integer),
 )
 _COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed_at)).where(
     login_failures.c.key == sa.bindparam("b_key"),
@@ -425,9 +423,9 @@ async def _get_user(conn: Executor, username: str) -> User | None:
 class SqlStore:
     """The `Store` protocol over SQLAlchemy: asyncpg, or SQLite run inline."""
 
-    def __init__(self, engine: AsyncEngine, autocommit: AsyncEngine | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, rotator: PgRotator | None = None) -> None:
         self.engine = engine
-        self._autocommit = autocommit
+        self._rotator = rotator
         self._sqlite = engine.dialect.name == "sqlite"
         self._inline = _create_inline_engine(engine) if self._sqlite else None
         self._writer: Connection | None = None
@@ -440,7 +438,8 @@ class SqlStore:
     def from_settings(cls, settings: Settings) -> SqlStore:
         if settings.is_sqlite:
             return cls(create_engine(settings))
-        return cls(create_engine(settings), create_engine(settings, autocommit=True))
+        engine = create_engine(settings)
+        return cls(engine, _create_rotator(engine, settings))
 
     async def close(self) -> None:
         for kept in (self._writer, self._reader):
@@ -449,8 +448,8 @@ class SqlStore:
         self._writer = self._reader = None
         if self._inline is not None:
             self._inline.dispose()
-        if self._autocommit is not None:
-            await self._autocommit.dispose()
+        if self._rotator is not None:
+            await self._rotator.close()
         await self.engine.dispose()
 
     def checkpoint(self) -> None:
@@ -472,20 +471,39 @@ class SqlStore:
         find the reader busy all the same, it takes a pooled connection.
         """
         assert self._inline is not None
-        kept = self._writer if write else self._reader
-        if kept is None or kept.closed or kept.in_transaction():
-            if kept is not None and not kept.closed and not write:
-                with self._inline.connect() as conn, conn.begin():
-                    yield _InlineExecutor(conn)
-                return
-            kept = self._inline.connect()
-            if write:
-                kept = kept.execution_options(sqlite_write=True)
-                self._writer = kept
-            else:
-                self._reader = kept
+        reader = self._reader
+        if not write and reader is not None and not reader.closed and reader.in_transaction():
+            with self._inline.connect() as conn, conn.begin():
+                yield _InlineExecutor(conn)
+            return
+        if write:
+            kept = self._kept_writer()
+        elif reader is None or reader.closed:
+            kept = self._reader = self._inline.connect()
+        else:
+            kept = reader
         with kept.begin():
             yield _InlineExecutor(kept)
+
+    def _kept_writer(self) -> Connection:
+        """The process's one SQLite writer connection; call with `_write_lock` held."""
+        assert self._inline is not None
+        kept = self._writer
+        if kept is None or kept.closed or kept.in_transaction():
+            kept = self._inline.connect().execution_options(sqlite_write=True)
+            self._writer = kept
+        return kept
+
+    def _sqlite_rotate(self, exchange: Exchange) -> Rotated | None:
+        writer = self._kept_writer()
+        raw = writer.connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        try:
+            return sqlite_rotate(raw, exchange)
+        finally:
+            if raw.in_transaction:  # its rollback failed: start the next one afresh
+                writer.invalidate()
+                self._writer = None
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[Executor]:
@@ -502,24 +520,14 @@ class SqlStore:
             raise StoreUnavailable(str(type(exc).__name__)) from exc
 
     @contextlib.asynccontextmanager
-    async def _write_once(self, *, autocommit: bool = False) -> AsyncIterator[Executor]:
+    async def _write_once(self) -> AsyncIterator[Executor]:
         if self._write_lock is not None:
             async with self._write_lock:
                 with self._inline_connection(write=True) as inline:
                     yield inline
             return
-        if autocommit and self._autocommit is not None:
-            # One statement is its own transaction: no BEGIN and COMMIT round trips.
-            async with self._autocommit.connect() as conn:
-                yield _AsyncExecutor(conn)
-            return
-        async with self.engine.connect() as conn:
-            if autocommit:
-                auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                yield _AsyncExecutor(auto)
-                return
-            async with conn.begin():
-                yield _AsyncExecutor(conn)
+        async with self.engine.connect() as conn, conn.begin():
+            yield _AsyncExecutor(conn)
 
     async def atomic(self, work: Callable[[SqlTransaction], Awaitable[T]]) -> T:
         return await self._run_write(lambda conn: work(SqlTransaction(conn)))
@@ -533,42 +541,41 @@ class SqlStore:
         refresh_ttl: int,
         event: AuditEvent,
     ) -> Rotated | None:
-        if self._sqlite:
-            return None  # inline SQLite statements are cheap: the general path it is
-        params = {
-            "token_hash": token_hash,
-            "successor": successor_hash,
-            "now": now,
-            "refresh_ttl": refresh_ttl,
-            "event_at": event.at,
-            "event": event.event,
-            "client_addr": event.client_addr,
-            "request_id": event.request_id,
-        }
+        exchange = Exchange(token_hash, successor_hash, now, refresh_ttl, event)
+        rotator, write_lock = self._rotator, self._write_lock
+        if rotator is not None:
+            return await self._retrying(lambda: rotator.rotate(exchange))
+        assert write_lock is not None
 
-        async def work(conn: Executor) -> Rotated | None:
-            row = (await conn.execute(_ROTATE_ACTIVE_PG, params)).first()
-            if row is None:
-                return None
-            m = row._mapping
-            return Rotated(m["family_id"], m["username"], m["scope"], m["client_id"])
+        async def once() -> Rotated | None:
+            async with write_lock:
+                return self._sqlite_rotate(exchange)
 
-        return await self._run_write(work, autocommit=True)
+        return await self._retrying(once)
 
-    async def _run_write(
-        self, work: Callable[[Executor], Awaitable[T]], *, autocommit: bool = False
-    ) -> T:
+    async def _run_write(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        async def once() -> T:
+            async with self._write_once() as conn:
+                return await work(conn)
+
+        return await self._retrying(once)
+
+    async def _retrying(self, once: Callable[[], Awaitable[T]]) -> T:
+        """Run one write attempt until it is not merely contended, or give up with a 503."""
         delay = 0.002 if self._sqlite else 0.005
         deadline = time.monotonic() + _SQLITE_LOCK_PATIENCE
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with self._write_once(autocommit=autocommit) as conn:
-                    return await work(conn)
-            except IntegrityError:
+                return await once()
+            except (
+                IntegrityError,
+                sqlite3.IntegrityError,
+                asyncpg.IntegrityConstraintViolationError,
+            ):
                 raise
-            except DBAPIError as exc:
+            except (DBAPIError, *_DRIVER_ERRORS) as exc:
                 # SQLite: another process holds the write lock; PostgreSQL: a
                 # deadlock or serialization failure. Either way, try again.
                 more = time.monotonic() < deadline if self._sqlite else attempt < _RETRIES
