@@ -123,10 +123,9 @@ async def _housekeeping(services: Services, settings: Settings) -> None:
 
 
 def _error_response(request: Request, exc: OAuthError) -> JSON:
-    status = exc.status_code
-    if isinstance(exc, InvalidGrantError):
-        status = request.scope.get(INVALID_GRANT_STATUS, status)
-    return error_response(exc, status_code=status)
+    if isinstance(exc, InvalidGrantError) and INVALID_GRANT_STATUS in request.scope:
+        exc = InvalidGrantError(exc.description, status_code=request.scope[INVALID_GRANT_STATUS])
+    return error_response(exc)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -253,7 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     for router in (token.router, protected.router, wellknown.router, health.router):
         app.include_router(router)
-    docs.install_docs(app)
+    docs.install_docs(app, scopes=settings.scopes)
     app.add_middleware(SecurityHeaders)
     if settings.trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import sys
 import time
@@ -54,7 +55,8 @@ app.add_typer(db_app, name="db")
 @app.callback()
 def _log_to_stderr() -> None:
     """Security events a command causes (user disabled, key added) are logged like the server's."""
-    with contextlib.suppress(ValidationError):
+    # A bad configuration is reported by the command itself, in one line.
+    with contextlib.suppress(ValidationError, UnicodeDecodeError):
         cfg = Settings()
         configure_logging(cfg.log_format, cfg.log_level)
 
@@ -79,6 +81,8 @@ def settings() -> Settings:
         err = exc.errors(include_url=False, include_input=False)[0]
         name = "AUTHSERVER_" + "_".join(str(p) for p in err["loc"]).upper()
         raise OperatorError(f"invalid configuration: {name}: {err['msg']}") from exc
+    except UnicodeDecodeError as exc:
+        raise OperatorError("cannot read the .env file: it is not UTF-8 text") from exc
 
 
 @contextlib.contextmanager
@@ -111,8 +115,8 @@ def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T
 
 def read_password(password_stdin: bool) -> str:
     if password_stdin:
-        line = sys.stdin.readline()
-        return line[:-1] if line.endswith("\n") else line
+        # One line, without its line ending (LF or CRLF): the rest is the password.
+        return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     return password
 
@@ -130,7 +134,7 @@ def check_username(name: str) -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
     demo: Annotated[bool, typer.Option(help="Create the demo user testuser/testpassword.")] = False,
 ) -> None:
@@ -397,7 +401,9 @@ def parse_when(value: str) -> float:
     if match:
         return time.time() - int(match[1]) * _UNITS[match[2]]
     with contextlib.suppress(ValueError):
-        return float(value)
+        unix = float(value)
+        if math.isfinite(unix):  # not nan or inf, which match nothing
+            return unix
     try:
         when = datetime.fromisoformat(value)
     except ValueError as exc:

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 _DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
 
@@ -92,15 +94,16 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0]
-        if scheme not in {
-            "sqlite",
-            "sqlite+aiosqlite",
-            "postgresql",
-            "postgres",
-            "postgresql+asyncpg",
-        }:
+        if value.split(":", 1)[0] not in _DATABASE_SCHEMES:
             raise ValueError("must start with sqlite:/// or postgresql://")
+        try:
+            url = make_url(value)
+            url.port  # noqa: B018  (parsed lazily: a port that is not a number raises here)
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(f"not a valid database URL ({exc})") from None
+        if value.startswith("sqlite") and (not url.database or url.database == ":memory:"):
+            # Every process and connection must see the same data: a file it is.
+            raise ValueError("SQLite needs a file: sqlite:///PATH")
         return value
 
     @field_validator("issuer")

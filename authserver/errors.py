@@ -45,6 +45,11 @@ class InvalidGrantError(OAuthError):
     error = "invalid_grant"
     description = "The grant is invalid, expired or revoked."
 
+    def headers(self) -> dict[str, str]:
+        # /login and /refresh answer 401, and a 401 must carry a challenge (RFC 9110
+        # §15.5.2). Bearer, not Basic: Basic would make a browser prompt for a password.
+        return {"WWW-Authenticate": 'Bearer realm="authserver"'} if self.status_code == 401 else {}
+
 
 class UnauthorizedClientError(OAuthError):
     error = "unauthorized_client"

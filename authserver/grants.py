@@ -42,6 +42,12 @@ class TokenPolicy:
     lifetimes: Lifetimes
 
 
+def could_exist(username: str) -> bool:
+    """False for a name no user can have: too long, or with a NUL (which PostgreSQL
+    cannot even compare). Such a login fails like any unknown user's."""
+    return len(username) <= MAX_USERNAME_LENGTH and "\x00" not in username
+
+
 def parse_scope(scope: str | None) -> tuple[str, ...] | None:
     """Split a scope parameter (RFC 6749 §3.3); None when absent or empty."""
     if scope is None or not scope.strip(" "):
@@ -113,7 +119,7 @@ class AuthService:
                 raise InvalidScopeError(f"Unknown scope: {' '.join(unknown)[:200]}.")
         granted = " ".join(requested or self.policy.scopes)
         now = self.clock()
-        user = await self.store.get_user(username) if len(username) <= MAX_USERNAME_LENGTH else None
+        user = await self.store.get_user(username) if could_exist(username) else None
         try:
             await self.throttle.validate(username, ctx.client_addr, now=now)
             # Unknown users get a dummy check too, so timing does not reveal who exists.
@@ -217,6 +223,14 @@ def _required(params: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _present(params: Mapping[str, str], name: str) -> str:
+    # Unlike a username, an empty password is a (wrong) password, not a missing one.
+    value = params.get(name)
+    if value is None:
+        raise InvalidRequestError(f"The '{name}' parameter is missing.")
+    return value
+
+
 async def token_request(
     service: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client_id: str
 ) -> dict[str, Any]:
@@ -228,7 +242,7 @@ async def token_request(
         return await service.password_grant(
             ctx,
             username=_required(params, "username"),
-            password=params.get("password", ""),
+            password=_present(params, "password"),
             scope=params.get("scope"),
             client_id=client_id,
         )

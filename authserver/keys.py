@@ -29,6 +29,10 @@ _NAME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 _MAX_KEY_FILE = 64 * 1024
 
 
+# Per key file: name, mtime, ctime, size, mode.
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+
+
 class KeyFileError(Exception):
     """A key file that cannot be used; the message is one line naming the file."""
 
@@ -182,7 +186,7 @@ class KeyRing:
         self.generation = 0
         self._keys: tuple[SigningKey, ...] = ()
         self._by_kid: dict[str, SigningKey] = {}
-        self._fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self._fingerprint: Fingerprint = ()
         self._jwks: dict[str, Any] = {"keys": []}
 
     @property
@@ -201,14 +205,16 @@ class KeyRing:
     def jwks(self) -> dict[str, Any]:
         return self._jwks
 
-    def _scan(self) -> tuple[tuple[str, int, int], ...]:
+    def _scan(self) -> Fingerprint:
         result = []
         for path in key_files(self.keys_dir):
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            result.append((path.name, st.st_mtime_ns, st.st_size))
+            # ctime and mode too: a `chmod 600` that makes a skipped file loadable
+            # changes neither its mtime nor its size.
+            result.append((path.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode))
         return tuple(result)
 
     def load(self) -> None:
@@ -223,7 +229,7 @@ class KeyRing:
         self._apply(fingerprint, strict=False)
         return True
 
-    def _apply(self, fingerprint: tuple[tuple[str, int, int], ...], *, strict: bool) -> None:
+    def _apply(self, fingerprint: Fingerprint, *, strict: bool) -> None:
         known = {(k.path.name): k for k in self._keys}
         previous = dict(zip((f[0] for f in self._fingerprint), self._fingerprint, strict=True))
         loaded: list[SigningKey] = []

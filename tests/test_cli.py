@@ -189,6 +189,15 @@ def test_users_add_password_stdin(env: dict[str, str]) -> None:
     assert usernames(env) == {"dave": "active"}
 
 
+async def test_password_stdin_takes_the_line_without_its_crlf(
+    env: dict[str, str], start_app: StartApp
+) -> None:
+    assert_ok(await ainvoke(env, "users", "add", "erin", "--password-stdin", input="pw pw pw\r\n"))
+    running = await start_app()
+    r = await running.client.post("/login", json={"username": "erin", "password": "pw pw pw"})
+    assert r.status_code == 200, r.text
+
+
 def test_users_add_duplicate_is_one_line_error(env: dict[str, str]) -> None:
     assert_ok(invoke(env, "users", "add", "erin", "--password-stdin", input="pw one\n"))
     result = invoke(env, "users", "add", "erin", "--password-stdin", input="pw two\n")
@@ -467,8 +476,9 @@ def test_audit_filters_and_lists_newest_last(env: dict[str, str]) -> None:
         assert "pw pw pw" not in json.dumps(row)
 
 
-def test_audit_refuses_unreadable_since(sqlite_env: dict[str, str]) -> None:
-    assert_operator_error(invoke(sqlite_env, "audit", "--since", "last tuesday"), "--since")
+@pytest.mark.parametrize("since", ["last tuesday", "nan", "inf"])
+def test_audit_refuses_unreadable_since(sqlite_env: dict[str, str], since: str) -> None:
+    assert_operator_error(invoke(sqlite_env, "audit", "--since", since), "--since")
 
 
 # -- operator errors ----------------------------------------------------------------------
@@ -530,6 +540,10 @@ def test_unreachable_database_is_one_line_error(keys_dir: Path, args: tuple[str,
         ("AUTHSERVER_SCOPES", ""),
         ("AUTHSERVER_TRUSTED_PROXIES", "not-an-address"),
         ("AUTHSERVER_ACCESS_TOKEN_TTL", "0"),
+        ("AUTHSERVER_DATABASE_URL", "sqlite://"),
+        ("AUTHSERVER_DATABASE_URL", "sqlite:"),
+        ("AUTHSERVER_DATABASE_URL", "postgresql://postgres@127.0.0.1:notaport/x"),
+        ("AUTHSERVER_DATABASE_URL", "postgresql://[::1"),
     ],
 )
 @pytest.mark.parametrize("args", [("users", "list"), ("keys", "list"), ("serve", "--port", "1")])
@@ -539,6 +553,15 @@ def test_invalid_configuration_is_one_line_error(
     env = cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", keys_dir)
     env[variable] = value
     assert_operator_error(invoke(env, *args), "invalid configuration", variable)
+
+
+def test_env_file_that_is_not_utf8_is_one_line_error(
+    sqlite_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_bytes(b"\xff\xfe=bad\n")
+    monkeypatch.chdir(tmp_path)
+    for args in (("users", "list"), ("keys", "list")):
+        assert_operator_error(invoke(sqlite_env, *args), ".env")
 
 
 def test_keys_dir_that_is_a_file_is_one_line_error(tmp_path: Path) -> None:

@@ -173,6 +173,10 @@ async def test_configured_scopes_are_published_granted_and_enforced(
     await make_user(running.store, "alice")
     metadata = (await running.client.get("/.well-known/oauth-authorization-server")).json()
     assert metadata["scopes_supported"] == ["read", "write", "admin"]
+    # The Swagger UI's Authorize dialog offers the same scopes.
+    schemes = (await running.client.get("/openapi.json")).json()["components"]["securitySchemes"]
+    (password_flow,) = (s["flows"]["password"] for s in schemes.values() if "flows" in s)
+    assert list(password_flow["scopes"]) == ["read", "write", "admin"]
     assert (await running.login())["scope"] == "read write admin"
     assert (await running.login(scope="admin"))["scope"] == "admin"
     r = await running.client.post(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from jwcrypto import jwk
 
 from authserver.config import Settings
@@ -90,12 +91,12 @@ async def test_every_url_in_the_metadata_answers(server: Running) -> None:
     urls = {
         name: value
         for name, value in meta.items()
-        if name != "issuer" and isinstance(value, str) and value.startswith("http")
+        if isinstance(value, str) and value.startswith("http")
     }
-    assert {"token_endpoint", "jwks_uri", "revocation_endpoint"} <= set(urls)
+    assert {"issuer", "token_endpoint", "jwks_uri", "revocation_endpoint"} <= set(urls)
     for name, url in urls.items():
-        assert url.startswith(meta["issuer"] + "/"), name
-        path = url.removeprefix(meta["issuer"])
+        assert url == meta["issuer"] or url.startswith(meta["issuer"] + "/"), name
+        path = url.removeprefix(meta["issuer"]) or "/"
         r = await server.client.get(path)
         assert r.status_code != 404 and r.status_code < 500, (name, r.status_code)
     # The endpoints that take POST answer it with a protocol error, not a 404.
@@ -105,6 +106,14 @@ async def test_every_url_in_the_metadata_answers(server: Running) -> None:
         assert r.json()["error"] == "invalid_request"
     jwks = (await server.client.get(meta["jwks_uri"].removeprefix(meta["issuer"]))).json()
     assert jwks["keys"]
+
+
+async def test_the_issuer_url_leads_to_the_metadata(server: Running) -> None:
+    index = (await server.client.get("/")).json()
+    issuer = server.settings.issuer
+    assert index["issuer"] == issuer
+    meta = await server.client.get(index["authorization_server_metadata"].removeprefix(issuer))
+    assert meta.json()["issuer"] == issuer
 
 
 async def test_health_ok(server: Running) -> None:
@@ -134,6 +143,24 @@ async def test_health_503_without_a_signing_key(server: Running) -> None:
     assert keyring.reload_if_changed()
     assert (await server.client.get("/health")).status_code == 200
     assert (await server.login())["access_token"]
+
+
+async def test_health_503_when_the_schema_is_missing(server: Running) -> None:
+    store = server.store
+    assert isinstance(store, SqlStore)
+
+    async def rename(old: str, new: str) -> None:
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    await rename("users", "users_elsewhere")
+    try:
+        r = await server.client.get("/health")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "temporarily_unavailable"
+    finally:
+        await rename("users_elsewhere", "users")
+    assert (await server.client.get("/health")).status_code == 200
 
 
 async def test_health_503_when_the_database_does_not_answer(

@@ -313,6 +313,20 @@ def test_reload_skips_a_bad_new_file_and_keeps_serving(
     assert any(str(bad) in r.getMessage() for r in caplog.records)
 
 
+def test_a_skipped_key_file_is_loaded_once_its_mode_is_fixed(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    old = generate_key(keys_dir, "ES256")
+    ring = KeyRing(keys_dir)
+    ring.load()
+    new = generate_key(keys_dir, "ES256")
+    new.path.chmod(0o644)  # copied in with the wrong mode: skipped
+    ring.reload_if_changed()
+    assert ring.signing_key.kid == old.kid
+    new.path.chmod(0o600)  # the operator's fix changes neither mtime nor size
+    assert ring.reload_if_changed() is True
+    assert ring.signing_key.kid == new.kid
+
+
 # -- a running server ------------------------------------------------------------------------
 
 

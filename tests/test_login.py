@@ -115,6 +115,8 @@ async def test_bad_credentials_are_indistinguishable(server: Running) -> None:
         assert r.status_code == 401, name
         assert r.json()["error"] == "invalid_grant", name
         assert_no_store(r)
+        # A 401 carries a challenge (RFC 9110 §15.5.2); not Basic, which makes browsers prompt.
+        assert r.headers["WWW-Authenticate"].startswith("Bearer "), name
         assert fields["password"] not in r.text
         bodies[name] = r.content
     assert len(set(bodies.values())) == 1, bodies

@@ -52,6 +52,7 @@ def assert_invalid_grant(r: httpx.Response, token: str) -> None:
     assert r.status_code == 401, r.text
     assert r.json()["error"] == "invalid_grant"
     assert set(r.json()) == {"error", "error_description"}
+    assert r.headers["WWW-Authenticate"].startswith("Bearer ")
     assert token not in r.text
 
 

@@ -80,6 +80,27 @@ async def test_revoke_without_a_token_is_invalid_request(server: Running) -> Non
     assert (await refresh(server, token)).status_code == 200
 
 
+async def test_revoke_checks_client_credentials_as_the_token_endpoint_does(
+    server: Running,
+) -> None:
+    token = (await server.login())["refresh_token"]
+    cases = {
+        "malformed Basic": ({"Authorization": "Basic !!"}, {}, 401),
+        "a client secret": ({"Authorization": "Basic YXBwOnNlY3JldA=="}, {}, 401),  # app:secret
+        "a form secret": ({}, {"client_id": "app", "client_secret": "secret"}, 400),
+    }
+    for name, (headers, extra, status) in cases.items():
+        r = await server.client.post("/revoke", data={"token": token, **extra}, headers=headers)
+        assert r.status_code == status, name
+        assert r.json()["error"] == "invalid_client", name
+    assert (await refresh(server, token)).status_code == 200, "a refused request revoked"
+    # A public client's id, as the Swagger UI sends it, is fine.
+    r = await server.client.post(
+        "/revoke", data={"token": token}, headers={"Authorization": "Basic Og=="}
+    )
+    assert r.status_code == 200
+
+
 async def test_logout_ends_the_family(server: Running) -> None:
     other = (await server.login())["refresh_token"]
     first = (await server.login())["refresh_token"]

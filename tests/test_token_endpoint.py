@@ -157,6 +157,10 @@ async def test_invalid_request(server: Running) -> None:
             "refresh grant without token",
             await client.post("/token", data={"grant_type": "refresh_token"}),
         ),
+        (
+            "password grant without password",
+            await client.post("/token", data={"grant_type": "password", "username": "alice"}),
+        ),
     ]
     for name, r in cases:
         assert r.status_code == 400, name

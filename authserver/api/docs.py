@@ -8,6 +8,7 @@ swagger-ui-bundle package stops at 4.15, which refuses 3.1).
 from __future__ import annotations
 
 from importlib.resources import files
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -18,7 +19,9 @@ ASSETS = "/docs/assets"
 ASSETS_DIR = files("fastapi_offline") / "static"
 
 
-def install_docs(app: FastAPI) -> None:
+def install_docs(app: FastAPI, *, scopes: tuple[str, ...]) -> None:
+    """Serve /docs, offering the configured scopes in its Authorize dialog."""
+    _offer_scopes(app, scopes)
     app.mount(ASSETS, StaticFiles(directory=str(ASSETS_DIR)), name="swagger-assets")
     redirect_url = "/docs/oauth2-redirect"
 
@@ -39,3 +42,20 @@ def install_docs(app: FastAPI) -> None:
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
+
+
+def _offer_scopes(app: FastAPI, scopes: tuple[str, ...]) -> None:
+    """Put `AUTHSERVER_SCOPES` in the OpenAPI password flow (the route declares none)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for scheme in schema.get("components", {}).get("securitySchemes", {}).values():
+                flow = scheme.get("flows", {}).get("password")
+                if flow is not None:
+                    flow["scopes"] = {scope: f"the {scope} scope" for scope in scopes}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

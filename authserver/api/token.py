@@ -134,6 +134,7 @@ async def token(request: Request, services: ServicesDep, ctx: ContextDep) -> JSO
 )
 async def revoke(request: Request, services: ServicesDep, ctx: ContextDep) -> Response:
     form = await read_form(request)
+    client_id_of(request, form)  # client credentials are checked as at /token (RFC 7009 §2.1)
     token = form.get("token")
     if not token:
         raise InvalidRequestError("The 'token' parameter is missing.")

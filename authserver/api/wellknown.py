@@ -35,6 +35,22 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+@router.get("/", summary="This server: its issuer and where to find out more")
+async def index(services: ServicesDep) -> JSON:
+    # The issuer identifier is a URL too, and should answer: with the way onwards.
+    issuer = services.issuer
+    return JSON(
+        {
+            "issuer": issuer,
+            "authorization_server_metadata": f"{issuer}/.well-known/oauth-authorization-server",
+            "jwks_uri": f"{issuer}/.well-known/jwks.json",
+            "token_endpoint": f"{issuer}/token",
+            "service_documentation": f"{issuer}/docs",
+        },
+        headers=_CACHE,
+    )
+
+
 @router.get(
     "/.well-known/oauth-authorization-server", summary="RFC 8414 authorization server metadata"
 )

@@ -292,6 +292,7 @@ _GET_REFRESH = (
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
     .with_for_update(of=refresh_tokens)
 )
+_PING = sa.select(users.c.id).limit(1)
 _GET_USER = sa.select(users).where(users.c.username == sa.bindparam("b_username"))
 _INSERT_FAMILY = refresh_families.insert()
 _INSERT_TOKEN = refresh_tokens.insert()
@@ -591,8 +592,12 @@ class SqlStore:
                 raise StoreUnavailable(type(exc).__name__) from exc
 
     async def ping(self) -> None:
-        async with self._read() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        # A table of ours, not `SELECT 1`: a database without the schema is no use either.
+        try:
+            async with self._read() as conn:
+                await conn.execute(_PING)
+        except DBAPIError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
 
     # -- users ---------------------------------------------------------------
 
