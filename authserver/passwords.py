@@ -47,8 +47,13 @@ def hash_rounds(password_hash: str) -> int | None:
 
 
 def _lower_priority() -> None:
+    thread = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _HASH_THREAD_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, thread, _HASH_THREAD_NICENESS)
+    # Linux's SCHED_IDLE goes further than nice 19: a waking event loop preempts a
+    # hashing thread at once, instead of after the scheduler's wake-up granularity.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _check(password: bytes, password_hash: bytes) -> bool:
