@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -108,7 +109,14 @@ class Settings(BaseSettings):
 
     @field_validator("issuer")
     @classmethod
-    def _strip_issuer(cls, value: str) -> str:
+    def _check_issuer(cls, value: str) -> str:
+        # RFC 8414 §2: a URL with no query or fragment; it is the base of every
+        # metadata URL, so it must be absolute. (http is allowed, for development.)
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL, such as https://auth.example.com")
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            raise ValueError("must have no query or fragment")
         return value.rstrip("/")
 
     @field_validator("log_level", mode="before")

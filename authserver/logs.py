@@ -9,6 +9,21 @@ from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 _CONFIGURED = "_authserver_handler"
+# What every LogRecord has; anything else on a record was passed in `extra`.
+_STANDARD = frozenset({*RESERVED_ATTRS, "taskName", "color_message"})
+
+
+class _TextFormatter(logging.Formatter):
+    """For people: the JSON format's fields, as `key=value` after the message."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = " ".join(
+            f"{key}={value}"
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD and value is not None
+        )
+        line = super().formatMessage(record)
+        return f"{line} {fields}" if fields else line
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
@@ -25,7 +40,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     for existing in [h for h in root.handlers if getattr(h, _CONFIGURED, False)]:
         root.removeHandler(existing)

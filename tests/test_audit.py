@@ -263,3 +263,26 @@ def test_a_real_server_logs_json_lines_and_no_secret(tmp_path: Path) -> None:
     assert_no_secret(repr(rows), secrets)
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
     assert_no_secret(raw.decode("latin-1"), secrets)
+
+
+def test_the_text_log_format_keeps_the_fields(tmp_path: Path) -> None:
+    """AUTHSERVER_LOG_FORMAT=text is for people, but says as much as the JSON lines."""
+    keys = tmp_path / "keys"
+    generate_key(keys)
+    env = base_env(
+        AUTHSERVER_DATABASE_URL=f"sqlite:///{tmp_path / 'text.db'}",
+        AUTHSERVER_KEYS_DIR=str(keys),
+        AUTHSERVER_LOG_FORMAT="text",
+    )
+    with ServerPool(tmp_path) as pool:
+        server = pool.start(env)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            r = client.post("/login", json={"username": "nobody", "password": WRONG_PASSWORD})
+            assert r.status_code == 401
+        server.stop()
+        log = server.log()
+    (line,) = [line for line in log.splitlines() if "login_failed" in line]
+    assert not line.startswith("{"), line
+    for field in ("event=login_failed", "reason=unknown_user", "client_addr=127.0.0.1"):
+        assert field in line, line
+    assert_no_secret(log, [WRONG_PASSWORD])

@@ -117,6 +117,14 @@ def test_bad_trusted_proxies_are_refused(monkeypatch: pytest.MonkeyPatch, value:
         ("AUTHSERVER_KEYS_RELOAD_INTERVAL", "0"),
         ("AUTHSERVER_KEYS_RELOAD_INTERVAL", "61"),
         ("AUTHSERVER_ALLOW_INSECURE_KEY_FILES", "maybe"),
+        ("AUTHSERVER_ISSUER", ""),
+        ("AUTHSERVER_ISSUER", "not a url"),
+        ("AUTHSERVER_ISSUER", "auth.example.com"),
+        ("AUTHSERVER_ISSUER", "ftp://auth.example.com"),
+        ("AUTHSERVER_ISSUER", "https://auth.example.com/?tenant=1"),
+        ("AUTHSERVER_ISSUER", "https://auth.example.com#x"),
+        ("AUTHSERVER_DATABASE_URL", "sqlite://"),
+        ("AUTHSERVER_DATABASE_URL", "postgresql://postgres@127.0.0.1:notaport/x"),
     ],
 )
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
