@@ -10,7 +10,7 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from authserver.api.deps import ContextDep, SeedContextDep, ServicesDep
+from authserver.api.deps import request_context, seed_context, services_of
 from authserver.api.parsing import read_form, read_json_or_form
 from authserver.api.responses import JSON, NO_STORE, token_response
 from authserver.api.schemas import (
@@ -81,7 +81,8 @@ def client_id_of(request: Request, form: dict[str, str]) -> str:
     openapi_extra=body_schema(LoginRequest, json=True, form=True),
     summary="Log in with a username and password (JSON or form)",
 )
-async def login(request: Request, services: ServicesDep, ctx: SeedContextDep) -> JSON:
+async def login(request: Request) -> JSON:
+    services, ctx = services_of(request), seed_context(request)
     body = await read_json_or_form(request, LoginRequest)
     client_id = body.client_id or DEFAULT_CLIENT_ID
     if not _CLIENT_ID.fullmatch(client_id):
@@ -104,7 +105,8 @@ async def login(request: Request, services: ServicesDep, ctx: SeedContextDep) ->
     openapi_extra=body_schema(RefreshRequest, json=True, form=False),
     summary="Exchange a refresh token for a new token pair (rotation)",
 )
-async def refresh(request: Request, services: ServicesDep, ctx: SeedContextDep) -> JSON:
+async def refresh(request: Request) -> JSON:
+    services, ctx = services_of(request), seed_context(request)
     body = await read_json_or_form(request, RefreshRequest)
     return token_response(
         await services.auth.refresh_grant(ctx, refresh_token=body.refresh_token, scope=body.scope)
@@ -118,7 +120,8 @@ async def refresh(request: Request, services: ServicesDep, ctx: SeedContextDep) 
     openapi_extra=body_schema(TokenForm, json=False, form=True),
     summary="RFC 6749 token endpoint (password and refresh_token grants)",
 )
-async def token(request: Request, services: ServicesDep, ctx: ContextDep) -> JSON:
+async def token(request: Request) -> JSON:
+    services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
     client_id = client_id_of(request, form)
     return token_response(await token_request(services.auth, ctx, form, client_id=client_id))
@@ -132,7 +135,8 @@ async def token(request: Request, services: ServicesDep, ctx: ContextDep) -> JSO
     openapi_extra=body_schema(RevokeForm, json=False, form=True),
     summary="RFC 7009 token revocation",
 )
-async def revoke(request: Request, services: ServicesDep, ctx: ContextDep) -> Response:
+async def revoke(request: Request) -> Response:
+    services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
     client_id_of(request, form)  # client credentials are checked as at /token (RFC 7009 §2.1)
     token = form.get("token")
@@ -151,7 +155,8 @@ async def revoke(request: Request, services: ServicesDep, ctx: ContextDep) -> Re
     openapi_extra=body_schema(LogoutRequest, json=True, form=False),
     summary="Revoke the session (refresh family) of a refresh token",
 )
-async def logout(request: Request, services: ServicesDep, ctx: ContextDep) -> Response:
+async def logout(request: Request) -> Response:
+    services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, LogoutRequest)
     await services.auth.logout(ctx, refresh_token=body.refresh_token)
     return Response(status_code=204, headers=NO_STORE)
