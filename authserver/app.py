@@ -153,11 +153,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSON:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        body = {
-            "error": codes.get(exc.status_code, "invalid_request"),
-            "error_description": str(exc.detail),
-        }
+        # Every error body carries an RFC 6749 §5.2 code, as the contract says; the
+        # status (404, 405, ...) and the description tell the rest.
+        body = {"error": "invalid_request", "error_description": str(exc.detail)}
         return JSON(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
 
     @app.exception_handler(ClientDisconnect)

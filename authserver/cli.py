@@ -355,9 +355,12 @@ def keys_retire(kid: str) -> None:
         key = ring.get(kid)
         if key is None:
             raise OperatorError(f"no key with kid {kid!r} in {cfg.keys_dir}")
-        if len(key_files(cfg.keys_dir)) == 1:
+        # The same key copied into two files is one key: retiring it removes both.
+        copies = [k for k in ring.keys if k.kid == kid]
+        if len(key_files(cfg.keys_dir)) == len(copies):
             raise OperatorError("refusing to retire the only key: generate a new one first")
-        key.path.unlink()
+        for copy in copies:
+            copy.path.unlink()
         _audit_key(cfg, audit.KEY_RETIRED, key)
     typer.echo(f"retired key {kid}")
 

@@ -253,6 +253,8 @@ class KeyRing:
                 log.info("key removed", extra={"kid": key.kid, "file": name})
         self._keys = tuple(loaded)
         self._by_kid = {k.kid: k for k in loaded}
-        self._jwks = {"keys": [dict(k.public_jwk) for k in reversed(loaded)]}
+        # Newest first, and each key once: a key copied into two files has one kid.
+        unique = {k.kid: k for k in reversed(loaded)}
+        self._jwks = {"keys": [dict(k.public_jwk) for k in unique.values()]}
         self._fingerprint = fingerprint
         self.generation += 1

@@ -149,7 +149,17 @@ async def test_login(session: Session) -> None:
         check(await client.post("/login", headers=FORM_CT, content=body), expected, name)
 
     for method in ("GET", "PUT", "DELETE"):
-        check(await client.request(method, "/login"), 405, method)
+        r = await client.request(method, "/login")
+        check(r, 405, method)
+        assert r.json()["error"] == "invalid_request", method  # an RFC 6749 §5.2 code
+        assert "POST" in r.headers["Allow"], method
+
+
+async def test_unknown_paths_answer_with_the_contract_error_body(session: Session) -> None:
+    for path in ("/nowhere", "/tokens", "/.well-known/openid-configuration"):
+        r = await session.running.client.get(path)
+        check(r, 404, path)
+        assert r.json()["error"] == "invalid_request", path
 
 
 async def test_refresh_and_logout(session: Session) -> None:

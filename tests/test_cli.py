@@ -29,7 +29,7 @@ from typer.testing import CliRunner, Result
 
 from authserver.cli import app
 from authserver.config import Settings
-from authserver.keys import generate_key, key_files, load_key
+from authserver.keys import KeyRing, generate_key, key_files, load_key
 from authserver.store.sql import create_engine
 from tests.conftest import StartApp
 from tests.factories import hash_password
@@ -408,6 +408,21 @@ def test_keys_retire_refuses_unknown_kid_and_the_only_key(
     kid = listing[1].split()[0]
     assert_operator_error(invoke(sqlite_env, "keys", "retire", kid), "only key")
     assert key_files(keys_dir) == [only]
+
+
+def test_a_key_copied_into_two_files_is_one_key(sqlite_env: dict[str, str], keys_dir: Path) -> None:
+    (original,) = key_files(keys_dir)
+    copy = keys_dir / "zz-copy.pem"
+    copy.write_bytes(original.read_bytes())
+    copy.chmod(0o600)
+    ring = KeyRing(keys_dir)
+    ring.load()
+    (published,) = ring.jwks()["keys"]  # one kid, published once
+    # Retiring it would leave nothing to sign with, however many copies there are.
+    assert_operator_error(invoke(sqlite_env, "keys", "retire", published["kid"]), "only key")
+    new = generate_key(keys_dir)
+    assert_ok(invoke(sqlite_env, "keys", "retire", published["kid"]))
+    assert key_files(keys_dir) == [new.path]
 
 
 # -- db ---------------------------------------------------------------------------------
