@@ -115,6 +115,14 @@ class MissingTokenError(OAuthError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class MalformedBearerRequestError(BearerError):
+    """RFC 6750 §3.1 invalid_request: e.g. more than one way of sending a token."""
+
+    error = "invalid_request"
+    status_code = 400
+    description = "The request is malformed."
+
+
 class InvalidTokenError(BearerError):
     error = "invalid_token"
     status_code = 401

@@ -160,6 +160,11 @@ class AuthService:
             lifetimes=self.policy.lifetimes,
             now=now,
         )
+        if issued is None:
+            await self.auditor.record(
+                audit.LOGIN_FAILED, ctx, username=user.username, reason="user_changed"
+            )
+            raise InvalidGrantError(_BAD_CREDENTIALS)
         await asyncio.sleep(0)
         return self._token_response(issued, granted, now)
 

@@ -56,11 +56,25 @@ def _lower_priority() -> None:
         os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
 
 
-def _check(password: bytes, password_hash: bytes) -> bool:
+def _check(password: bytes, password_hash: bytes, pad_to_rounds: int = 0) -> bool:
+    """`checkpw`, then as much more work as a hash of cost `pad_to_rounds` would take.
+
+    A hash made at a lower cost (before the cost was raised; it is upgraded at the
+    user's next login) checks faster than the dummy an unknown user gets, which
+    would tell an attacker the user exists. bcrypt's work doubles per round, so
+    2^(k - r) - 1 more hashes at cost r add up to one at cost k (as Django's
+    `harden_runtime` does).
+    """
     try:
-        return bcrypt.checkpw(password, password_hash)
+        ok = bcrypt.checkpw(password, password_hash)
+        rounds = hash_rounds(password_hash.decode("ascii", errors="replace"))
+        if rounds is not None and rounds < pad_to_rounds:
+            salt = password_hash[:29]  # "$2b$" + cost + "$" + 22 characters of salt
+            for _ in range(2 ** (pad_to_rounds - rounds) - 1):
+                bcrypt.hashpw(password, salt)
     except ValueError:
         return False
+    return ok
 
 
 class PasswordHasher:
@@ -108,7 +122,9 @@ class PasswordHasher:
         if password_hash is None or len(encoded) > MAX_PASSWORD_BYTES:
             await self._run(_check, encoded[:MAX_PASSWORD_BYTES], await self._dummy_hash())
             return False
-        ok = await self._run(_check, encoded, password_hash.encode("ascii", errors="replace"))
+        ok = await self._run(
+            _check, encoded, password_hash.encode("ascii", errors="replace"), self.rounds
+        )
         return ok is True
 
     def needs_rehash(self, password_hash: str) -> bool:

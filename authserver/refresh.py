@@ -75,8 +75,13 @@ async def start_family(
     client_id: str,
     lifetimes: Lifetimes,
     now: float,
-) -> Issued:
-    """Begin a new family at login and issue its first refresh token."""
+) -> Issued | None:
+    """Begin a new family at login and issue its first refresh token.
+
+    `user` is the row the password was checked against. None (and nothing stored)
+    if the user has been disabled or given a new password since: a session must
+    not outlive either, and one begun in the middle of it would.
+    """
     family_id = str(uuid.uuid4())
     token, token_hash = new_refresh_token()
     session_end = now + lifetimes.session_max_age
@@ -89,7 +94,10 @@ async def start_family(
         scope=scope,
     )
 
-    async def work(tx: RefreshTransaction) -> None:
+    async def work(tx: RefreshTransaction) -> bool:
+        current = await tx.lock_user(user.id)
+        if current is None or current.disabled or current.updated_at != user.updated_at:
+            return False
         await tx.create_family(
             family_id=family_id,
             user_id=user.id,
@@ -106,8 +114,10 @@ async def start_family(
             expires_at=min(now + lifetimes.refresh_ttl, session_end),
         )
         await tx.add_audit_event(event)
+        return True
 
-    await store.atomic(work)
+    if not await store.atomic(work):
+        return None
     auditor.emit(event)  # logged only once it is true
     return Issued(token, family_id, user.username, scope, client_id)
 

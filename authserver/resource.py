@@ -40,6 +40,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from authserver.api.responses import JSON, NO_STORE
 from authserver.errors import (
     InsufficientScopeError,
+    MalformedBearerRequestError,
     MissingTokenError,
     OAuthError,
     TemporarilyUnavailableError,
@@ -434,6 +435,9 @@ def require_token(
         )
         if not token or not isinstance(token, str):
             raise MissingTokenError()
+        if len(request.headers.getlist("authorization")) > 1:
+            # A proxy and this server might each read a different one of them.
+            raise MalformedBearerRequestError("Send exactly one Authorization header.")
         claims = await get_validator(request).validate(token)
         if required:
             missing = [s for s in required if s not in claims.scope]

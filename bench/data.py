@@ -123,6 +123,7 @@ async def _seed(settings: Settings, families: int, username: str) -> list[str]:
                 lifetimes=lifetimes,
                 now=time.time(),
             )
+            assert issued is not None
             tokens.append(issued.refresh_token)
         return tokens
     finally:

@@ -246,3 +246,30 @@ async def test_protected_and_health_answer_while_logins_are_in_flight(
         assert not all(task.done() for task in logins)
     responses = await asyncio.gather(*logins)
     assert [r.status_code for r in responses] == [200] * 8
+
+
+async def test_a_lower_cost_hash_takes_as_much_work_to_check_as_the_current_cost() -> None:
+    """A user whose hash predates a raised cost must not answer faster than an unknown
+    user (whose dummy hash has the current cost): that would tell an attacker who exists.
+    Measured in CPU time, which the machine's other load hardly disturbs; unpadded, the
+    cost-4 check would take about 1/16 of the cost-8 one."""
+    hasher = PasswordHasher(rounds=8, threads=1)
+    try:
+        old = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+        current = bcrypt.hashpw(b"secret", bcrypt.gensalt(8)).decode()
+
+        async def cpu(password: str, password_hash: str | None) -> float:
+            began = time.process_time()
+            for _ in range(3):
+                await hasher.verify(password, password_hash)
+            return time.process_time() - began
+
+        await hasher.warm_up()
+        assert await hasher.verify("secret", old) is True
+        assert await hasher.verify("wrong", old) is False
+        baseline = await cpu("wrong", current)
+        for password, password_hash in (("wrong", old), ("secret", old), ("wrong", None)):
+            ratio = await cpu(password, password_hash) / baseline
+            assert 0.5 < ratio < 2, (password, password_hash is None, ratio)
+    finally:
+        hasher.close()

@@ -86,6 +86,19 @@ async def test_a_valid_token_is_accepted(server: Running) -> None:
     assert r.status_code == 200
 
 
+async def test_two_authorization_headers_are_refused(server: Running) -> None:
+    # Whichever one a proxy in front reads, this server must not read the other.
+    token = (await server.login())["access_token"]
+    for pair in ((f"Bearer {token}", "Bearer junk"), ("Bearer junk", f"Bearer {token}")):
+        r = await server.client.get(
+            "/protected", headers=[("Authorization", pair[0]), ("Authorization", pair[1])]
+        )
+        assert r.status_code == 400, pair
+        assert r.json()["error"] == "invalid_request"
+        assert r.headers["www-authenticate"].startswith('Bearer error="invalid_request"')
+        assert token not in r.text
+
+
 async def test_no_credentials_get_the_bare_challenge(server: Running) -> None:
     for headers in ({}, {"Authorization": "Basic Og=="}, {"Authorization": "Bearer"}):
         r = await server.client.get("/protected", headers=headers)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
+
+import httpx
 
 from authserver import audit
-from tests.conftest import Running
+from authserver.audit import RequestContext
+from authserver.refresh import Issued, start_family
+from authserver.store.protocol import User
+from tests.conftest import Running, StartApp
+from tests.factories import DEFAULT_PASSWORD, hash_password, make_user
 from tests.test_refresh import assert_invalid_grant, family_of, refresh, rotate
 
 
@@ -145,3 +153,59 @@ async def test_logout_bad_requests(server: Running) -> None:
         assert r.json()["error"] == "invalid_request"
         assert token not in r.text
     assert (await refresh(server, token)).status_code == 200
+
+
+async def test_a_login_cannot_outlive_a_password_change_or_disable_it_overlapped(
+    server: Running,
+) -> None:
+    """The password is checked against the user row as read before the (slow) hash;
+    a family begun after that row changed would survive the revocation that came with
+    the change. Deterministically: the row changes between the check and the family."""
+    store, auth = server.store, server.app.state.services.auth
+    ctx = RequestContext(client_addr="test")
+
+    async def begin(user: User) -> Issued | None:
+        return await start_family(
+            store,
+            auth.auditor,
+            ctx,
+            user=user,
+            scope="read",
+            client_id="authserver",
+            lifetimes=auth.policy.lifetimes,
+            now=time.time(),
+        )
+
+    checked = await store.get_user("alice")
+    assert checked is not None
+    assert await begin(checked) is not None  # unchanged: the family begins
+    await store.set_password_hash("alice", hash_password("new password"), at=time.time())
+    assert await begin(checked) is None
+    checked = await store.get_user("alice")
+    assert checked is not None
+    await store.set_disabled("alice", True, at=time.time())
+    assert await begin(checked) is None
+    await store.set_disabled("alice", False, at=time.time())
+    assert await begin(checked) is None  # enabled again, but still not the row it checked
+
+
+async def test_every_session_from_logins_racing_a_disable_is_dead(start_app: StartApp) -> None:
+    running = await start_app(bcrypt_rounds=8, login_max_failures=1000)
+    await make_user(running.store, "alice", rounds=8)
+
+    async def login() -> httpx.Response:
+        return await running.client.post(
+            "/login", json={"username": "alice", "password": DEFAULT_PASSWORD}
+        )
+
+    logins = [asyncio.create_task(login()) for _ in range(8)]
+    await asyncio.sleep(0.01)  # some have read the user and are hashing
+    await running.store.set_disabled("alice", True, at=time.time())
+    await running.store.set_disabled("alice", False, at=time.time())
+    for response in await asyncio.gather(*logins):
+        if response.status_code == 200:
+            token = response.json()["refresh_token"]
+            r = await running.client.post("/refresh", json={"refresh_token": token})
+            assert r.status_code == 401, "a session begun before the disable survived it"
+        else:
+            assert response.status_code == 401, response.text

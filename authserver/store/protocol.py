@@ -34,6 +34,7 @@ class User:
     password_hash: str
     disabled: bool
     created_at: float
+    updated_at: float  # the last password change, disable or enable
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,9 @@ class RefreshTransaction(Protocol):
         """Read a token and lock it against concurrent writers until commit."""
 
     async def get_user(self, username: str) -> User | None: ...
+
+    async def lock_user(self, user_id: int) -> User | None:
+        """Read a user and hold it against a concurrent password change or disable."""
 
     async def create_family(
         self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float

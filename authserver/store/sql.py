@@ -270,6 +270,7 @@ def _user(row: Row[Any]) -> User:
         password_hash=m["password_hash"],
         disabled=bool(m["disabled"]),
         created_at=m["created_at"],
+        updated_at=m["updated_at"],
     )
 
 
@@ -294,6 +295,9 @@ _GET_REFRESH = (
 )
 _PING = sa.select(users.c.id).limit(1)
 _GET_USER = sa.select(users).where(users.c.username == sa.bindparam("b_username"))
+# FOR SHARE: a password change or disable (which update the row) waits for the login's
+# transaction, and then revokes the family it created; or the login waits, and sees it.
+_LOCK_USER = sa.select(users).where(users.c.id == sa.bindparam("b_id")).with_for_update(read=True)
 _INSERT_FAMILY = refresh_families.insert()
 _INSERT_TOKEN = refresh_tokens.insert()
 _INSERT_AUDIT = audit_events.insert()
@@ -325,6 +329,10 @@ class SqlTransaction:
 
     async def get_user(self, username: str) -> User | None:
         return await _get_user(self._conn, username)
+
+    async def lock_user(self, user_id: int) -> User | None:
+        row = (await self._conn.execute(_LOCK_USER, {"b_id": user_id})).first()
+        return _user(row) if row is not None else None
 
     async def create_family(
         self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
@@ -617,7 +625,7 @@ class SqlStore:
                 )
             )
             (user_id,) = result.inserted_primary_key or (0,)
-            return User(user_id, username, password_hash, False, at)
+            return User(user_id, username, password_hash, False, at, at)
 
         try:
             return await self._run_write(work)
