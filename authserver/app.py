@@ -173,6 +173,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+class HeadAsGet:
+    """Answer HEAD as GET (RFC 9110 §9.3.2: every GET resource takes HEAD too).
+
+    FastAPI routes declare GET alone. The app sees a copy of the scope saying GET,
+    while the server's own scope still says HEAD, so it sends the headers only.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 class SecurityHeaders:
     """Adds `X-Content-Type-Options: nosniff` to every response (pure ASGI: cheap)."""
 
@@ -252,6 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     docs.install_docs(app, scopes=settings.scopes)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(HeadAsGet)
     if settings.trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))
     return app

@@ -116,6 +116,20 @@ async def test_the_issuer_url_leads_to_the_metadata(server: Running) -> None:
     assert meta.json()["issuer"] == issuer
 
 
+async def test_every_get_resource_answers_head(server: Running) -> None:
+    # RFC 9110 §9.3.2; load balancers often check health with HEAD.
+    for path in (
+        "/",
+        "/health",
+        "/.well-known/jwks.json",
+        "/.well-known/oauth-authorization-server",
+    ):
+        get, head = await server.client.get(path), await server.client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert (await server.client.head("/token")).status_code == 405
+
+
 async def test_health_ok(server: Running) -> None:
     r = await server.client.get("/health")
     assert r.status_code == 200
