@@ -228,17 +228,9 @@ REFRESH_TOKEN_GRANT = "refresh_token"
 GRANT_TYPES = (PASSWORD_GRANT, REFRESH_TOKEN_GRANT)
 
 
-def _required(params: Mapping[str, str], name: str) -> str:
+def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -> str:
     value = params.get(name)
-    if not value:
-        raise InvalidRequestError(f"The '{name}' parameter is missing.")
-    return value
-
-
-def _present(params: Mapping[str, str], name: str) -> str:
-    # Unlike a username, an empty password is a (wrong) password, not a missing one.
-    value = params.get(name)
-    if value is None:
+    if value is None or (not value and not empty_ok):
         raise InvalidRequestError(f"The '{name}' parameter is missing.")
     return value
 
@@ -254,7 +246,8 @@ async def token_request(
         return await service.password_grant(
             ctx,
             username=_required(params, "username"),
-            password=_present(params, "password"),
+            # Unlike a username, an empty password is a (wrong) password, not a missing one.
+            password=_required(params, "password", empty_ok=True),
             scope=params.get("scope"),
             client_id=client_id,
         )

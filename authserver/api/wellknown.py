@@ -13,6 +13,7 @@ from authserver.grants import GRANT_TYPES
 router = APIRouter(tags=["discovery"])
 # Short enough that resource servers see a new or retired key within a minute.
 _CACHE = {"Cache-Control": "public, max-age=60"}
+_METADATA_PATH = "/.well-known/oauth-authorization-server"
 
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens")
@@ -38,21 +39,12 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
 @router.get("/", summary="This server: its issuer and where to find out more")
 async def index(services: ServicesDep) -> JSON:
     # The issuer identifier is a URL too, and should answer: with the way onwards.
-    issuer = services.issuer
-    return JSON(
-        {
-            "issuer": issuer,
-            "authorization_server_metadata": f"{issuer}/.well-known/oauth-authorization-server",
-            "jwks_uri": f"{issuer}/.well-known/jwks.json",
-            "token_endpoint": f"{issuer}/token",
-            "service_documentation": f"{issuer}/docs",
-        },
-        headers=_CACHE,
-    )
+    meta = metadata(services.issuer, services.scopes)
+    links = {k: meta[k] for k in ("issuer", "jwks_uri", "token_endpoint", "service_documentation")}
+    links["authorization_server_metadata"] = f"{meta['issuer']}{_METADATA_PATH}"
+    return JSON(links, headers=_CACHE)
 
 
-@router.get(
-    "/.well-known/oauth-authorization-server", summary="RFC 8414 authorization server metadata"
-)
+@router.get(_METADATA_PATH, summary="RFC 8414 authorization server metadata")
 async def authorization_server_metadata(services: ServicesDep) -> JSON:
     return JSON(metadata(services.issuer, services.scopes), headers=_CACHE)
