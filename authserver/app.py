@@ -40,6 +40,7 @@ from authserver.store.protocol import StoreUnavailable
 from authserver.store.sql import SqlStore
 from authserver.throttle import LoginThrottle
 from authserver.tokens import AccessTokenVerifier, KeyRingSource
+from authserver.users import UserService
 
 log = logging.getLogger("authserver")
 
@@ -77,9 +78,10 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
             reuse_grace=settings.refresh_reuse_grace,
         ),
     )
+    hasher = PasswordHasher(rounds=settings.bcrypt_rounds, threads=settings.bcrypt_threads)
     auth = AuthService(
         store=store,
-        hasher=PasswordHasher(rounds=settings.bcrypt_rounds, threads=settings.bcrypt_threads),
+        hasher=hasher,
         keys=source,
         auditor=auditor,
         throttle=LoginThrottle(
@@ -90,6 +92,7 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
     verifier = AccessTokenVerifier(source, issuer=settings.issuer, audience=settings.audience)
     return Services(
         auth=auth,
+        users=UserService(store=store, hasher=hasher, auditor=auditor),
         store=store,
         keyring=keyring,
         verifier=verifier,

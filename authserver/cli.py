@@ -34,8 +34,9 @@ from authserver.keys import (
 )
 from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher, PasswordPolicyError
-from authserver.store.protocol import Conflict, NotFound, StoreError
+from authserver.store.protocol import StoreError
 from authserver.store.sql import SqlStore
+from authserver.users import UserError, UserExistsError, UserService, validate_username
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -61,7 +62,6 @@ def _log_to_stderr() -> None:
         configure_logging(cfg.log_format, cfg.log_level)
 
 
-USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,149}")
 DEMO_USER, DEMO_PASSWORD = "testuser", "testpassword"
 
 
@@ -113,19 +113,29 @@ def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T
     return asyncio.run(run())
 
 
+def run_with_users(cfg: Settings, work: Callable[[UserService], Awaitable[T]]) -> T:
+    """Run `work` with the users service over the configured store; its errors in one line."""
+
+    async def with_users(store: SqlStore) -> T:
+        hasher = PasswordHasher(rounds=cfg.bcrypt_rounds, threads=1)
+        try:
+            return await work(UserService(store=store, hasher=hasher, auditor=Auditor(store)))
+        except PasswordPolicyError as exc:
+            raise OperatorError(f"password refused: {exc}") from exc
+        except UserError as exc:
+            raise OperatorError(str(exc)) from exc
+        finally:
+            hasher.close()
+
+    return run_with_store(cfg, with_users)
+
+
 def read_password(password_stdin: bool) -> str:
     if password_stdin:
         # One line, without its line ending (LF or CRLF): the rest is the password.
         return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     return password
-
-
-def check_username(name: str) -> None:
-    if not USERNAME.fullmatch(name):
-        raise OperatorError(
-            f"invalid username {name[:40]!r}: use 1-150 letters, digits and . _ @ + -"
-        )
 
 
 # -- serve ---------------------------------------------------------------------
@@ -149,7 +159,7 @@ def serve(
         ensure_signing_key(cfg)
         KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
         if demo:
-            run_with_store(cfg, lambda store: _create_demo_user(store, cfg))
+            run_with_users(cfg, _create_demo_user)
         else:
             run_with_store(cfg, lambda store: store.ping())
     uvicorn.run(
@@ -166,20 +176,17 @@ def serve(
     )
 
 
-async def _create_demo_user(store: SqlStore, cfg: Settings) -> None:
+async def _create_demo_user(users: UserService) -> None:
     import logging
 
     log = logging.getLogger("authserver")
     created = False
-    if await store.get_user(DEMO_USER) is None:
-        hasher = PasswordHasher(rounds=cfg.bcrypt_rounds)
+    if await users.get(DEMO_USER) is None:
         try:
-            await store.add_user(DEMO_USER, await hasher.hash(DEMO_PASSWORD), at=time.time())
+            await users.create(CLI, DEMO_USER, DEMO_PASSWORD, demo=True)
             created = True
-        except Conflict:
+        except UserExistsError:
             pass  # another instance starting at the same moment created it
-        finally:
-            hasher.close()
     # Every start in demo mode says so: the password is in the README.
     log.warning(
         "DEMO MODE: %s the demo user %r, whose password is printed in the README. "
@@ -187,8 +194,6 @@ async def _create_demo_user(store: SqlStore, cfg: Settings) -> None:
         "created" if created else "kept",
         DEMO_USER,
     )
-    if created:
-        await Auditor(store).record(audit.USER_CREATED, CLI, username=DEMO_USER, demo=True)
 
 
 # -- users -----------------------------------------------------------------------
@@ -201,22 +206,13 @@ def users_add(
 ) -> None:
     """Create a user."""
     with operator_errors():
-        check_username(name)
+        try:
+            validate_username(name)
+        except UserError as exc:
+            raise OperatorError(str(exc)) from exc
         cfg = settings()
         password = read_password(password_stdin)
-        try:
-            password_hash = PasswordHasher(rounds=cfg.bcrypt_rounds).hash_sync(password)
-        except PasswordPolicyError as exc:
-            raise OperatorError(f"password refused: {exc}") from exc
-
-        async def work(store: SqlStore) -> None:
-            try:
-                await store.add_user(name, password_hash, at=time.time())
-            except Conflict as exc:
-                raise OperatorError(f"user {name!r} already exists") from exc
-            await Auditor(store).record(audit.USER_CREATED, CLI, username=name)
-
-        run_with_store(cfg, work)
+        run_with_users(cfg, lambda users: users.create(CLI, name, password))
     typer.echo(f"created user {name}")
 
 
@@ -229,59 +225,29 @@ def users_passwd(
     with operator_errors():
         cfg = settings()
 
-        async def exists(store: SqlStore) -> None:
-            if await store.get_user(name) is None:
+        async def exists(users: UserService) -> None:
+            if await users.get(name) is None:
                 raise OperatorError(f"unknown user {name!r}")
 
-        run_with_store(cfg, exists)
+        run_with_users(cfg, exists)  # before asking for a password it could not use
         password = read_password(password_stdin)
-        try:
-            password_hash = PasswordHasher(rounds=cfg.bcrypt_rounds).hash_sync(password)
-        except PasswordPolicyError as exc:
-            raise OperatorError(f"password refused: {exc}") from exc
-
-        async def work(store: SqlStore) -> None:
-            now = time.time()
-            try:
-                await store.set_password_hash(name, password_hash, at=now)
-            except NotFound as exc:
-                raise OperatorError(f"unknown user {name!r}") from exc
-            user = await store.get_user(name)
-            if user is not None:
-                # A new password ends every session made with the old one.
-                await store.revoke_user_families(user.id, at=now, reason="password_changed")
-            await Auditor(store).record(audit.PASSWORD_CHANGED, CLI, username=name)
-
-        run_with_store(cfg, work)
+        run_with_users(cfg, lambda users: users.set_password(CLI, name, password))
     typer.echo(f"password changed for {name}")
-
-
-def _set_disabled(name: str, disabled: bool) -> None:
-    with operator_errors():
-        cfg = settings()
-
-        async def work(store: SqlStore) -> None:
-            try:
-                await store.set_disabled(name, disabled, at=time.time())
-            except NotFound as exc:
-                raise OperatorError(f"unknown user {name!r}") from exc
-            event = audit.USER_DISABLED if disabled else audit.USER_ENABLED
-            await Auditor(store).record(event, CLI, username=name)
-
-        run_with_store(cfg, work)
 
 
 @users_app.command("disable")
 def users_disable(name: str) -> None:
     """Disable a user and revoke every refresh token of theirs."""
-    _set_disabled(name, True)
+    with operator_errors():
+        run_with_users(settings(), lambda users: users.set_disabled(CLI, name, True))
     typer.echo(f"disabled {name}; their refresh tokens are revoked")
 
 
 @users_app.command("enable")
 def users_enable(name: str) -> None:
     """Enable a disabled user."""
-    _set_disabled(name, False)
+    with operator_errors():
+        run_with_users(settings(), lambda users: users.set_disabled(CLI, name, False))
     typer.echo(f"enabled {name}")
 
 
@@ -289,7 +255,7 @@ def users_enable(name: str) -> None:
 def users_list() -> None:
     """List users."""
     with operator_errors():
-        users = run_with_store(settings(), lambda store: store.list_users())
+        users = run_with_users(settings(), lambda users: users.list())
     typer.echo(f"{'USERNAME':<32} {'STATUS':<9} CREATED")
     for user in users:
         created = datetime.fromtimestamp(user.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

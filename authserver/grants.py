@@ -27,8 +27,8 @@ from authserver.refresh import Issued, Lifetimes, Refused, revoke_family, rotate
 from authserver.store.protocol import Store
 from authserver.throttle import LoginThrottle
 from authserver.tokens import KeyRingSource, mint_access_token
+from authserver.users import could_exist
 
-MAX_USERNAME_LENGTH = 150
 # RFC 6749 §3.3 scope-token characters.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _BAD_CREDENTIALS = "Invalid username or password."
@@ -41,12 +41,6 @@ class TokenPolicy:
     access_token_ttl: int
     scopes: tuple[str, ...]
     lifetimes: Lifetimes
-
-
-def could_exist(username: str) -> bool:
-    """False for a name no user can have: too long, or with a NUL (which PostgreSQL
-    cannot even compare). Such a login fails like any unknown user's."""
-    return len(username) <= MAX_USERNAME_LENGTH and "\x00" not in username
 
 
 def parse_scope(scope: str | None) -> tuple[str, ...] | None:

@@ -100,11 +100,6 @@ class PasswordHasher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
 
-    def hash_sync(self, password: str) -> str:
-        """Hash a new password (validated first); for the CLI, which has no loop to spare."""
-        encoded = validate_new_password(password)
-        return bcrypt.hashpw(encoded, bcrypt.gensalt(self.rounds)).decode("ascii")
-
     async def hash(self, password: str) -> str:
         encoded = validate_new_password(password)
         salt = bcrypt.gensalt(self.rounds)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
 from authserver.store.protocol import AuditEvent, RefreshRecord, RefreshTransaction, Store, User
+from authserver.users import may_begin_session
 
 REFRESH_TOKEN_BYTES = 32
 MAX_REFRESH_TOKEN_LENGTH = 512
@@ -79,8 +80,7 @@ async def start_family(
     """Begin a new family at login and issue its first refresh token.
 
     `user` is the row the password was checked against. None (and nothing stored)
-    if the user has been disabled or given a new password since: a session must
-    not outlive either, and one begun in the middle of it would.
+    if `users.may_begin_session` refuses: the user changed since.
     """
     family_id = str(uuid.uuid4())
     token, token_hash = new_refresh_token()
@@ -95,8 +95,7 @@ async def start_family(
     )
 
     async def work(tx: RefreshTransaction) -> bool:
-        current = await tx.lock_user(user.id)
-        if current is None or current.disabled or current.updated_at != user.updated_at:
+        if not may_begin_session(user, await tx.lock_user(user.id)):
             return False
         await tx.create_family(
             family_id=family_id,

@@ -57,7 +57,7 @@ async def test_hasher_refuses_to_hash_what_bcrypt_would_truncate() -> None:
         with pytest.raises(PasswordPolicyError):
             await hasher.hash(LONG_ASCII)
         with pytest.raises(PasswordPolicyError):
-            hasher.hash_sync(LONG_UTF8)
+            await hasher.hash(LONG_UTF8)
         hashed = await hasher.hash("x" * MAX_PASSWORD_BYTES)
         assert hash_rounds(hashed) == 4
         assert await hasher.verify("x" * MAX_PASSWORD_BYTES, hashed)

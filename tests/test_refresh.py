@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from authserver import audit
+from authserver.audit import RequestContext
 from authserver.refresh import digest
 from authserver.store.schema import refresh_families, refresh_tokens
 from authserver.store.sql import SqlStore
@@ -160,9 +161,10 @@ async def test_invalid_tokens_are_401_invalid_grant(server: Running) -> None:
 
 async def test_disabled_user_cannot_refresh(server: Running) -> None:
     token = (await server.login())["refresh_token"]
-    await server.store.set_disabled("alice", True, at=time.time())
+    users = server.app.state.services.users
+    await users.set_disabled(RequestContext(), "alice", True)
     assert_invalid_grant(await refresh(server, token), token)
-    await server.store.set_disabled("alice", False, at=time.time())
+    await users.set_disabled(RequestContext(), "alice", False)
 
 
 async def test_refresh_may_narrow_the_scope(server: Running) -> None:

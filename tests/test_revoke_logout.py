@@ -13,7 +13,7 @@ from authserver.audit import RequestContext
 from authserver.refresh import Issued, start_family
 from authserver.store.protocol import User
 from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, hash_password, make_user
+from tests.factories import DEFAULT_PASSWORD, make_user
 from tests.test_refresh import assert_invalid_grant, family_of, refresh, rotate
 
 
@@ -176,16 +176,17 @@ async def test_a_login_cannot_outlive_a_password_change_or_disable_it_overlapped
             now=time.time(),
         )
 
+    users = server.app.state.services.users
     checked = await store.get_user("alice")
     assert checked is not None
     assert await begin(checked) is not None  # unchanged: the family begins
-    await store.set_password_hash("alice", hash_password("new password"), at=time.time())
+    await users.set_password(ctx, "alice", "new password")
     assert await begin(checked) is None
     checked = await store.get_user("alice")
     assert checked is not None
-    await store.set_disabled("alice", True, at=time.time())
+    await users.set_disabled(ctx, "alice", True)
     assert await begin(checked) is None
-    await store.set_disabled("alice", False, at=time.time())
+    await users.set_disabled(ctx, "alice", False)
     assert await begin(checked) is None  # enabled again, but still not the row it checked
 
 
@@ -200,8 +201,9 @@ async def test_every_session_from_logins_racing_a_disable_is_dead(start_app: Sta
 
     logins = [asyncio.create_task(login()) for _ in range(8)]
     await asyncio.sleep(0.01)  # some have read the user and are hashing
-    await running.store.set_disabled("alice", True, at=time.time())
-    await running.store.set_disabled("alice", False, at=time.time())
+    users, ctx = running.app.state.services.users, RequestContext(client_addr="test")
+    await users.set_disabled(ctx, "alice", True)
+    await users.set_disabled(ctx, "alice", False)
     for response in await asyncio.gather(*logins):
         if response.status_code == 200:
             token = response.json()["refresh_token"]

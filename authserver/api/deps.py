@@ -16,6 +16,7 @@ from authserver.keys import KeyRing
 from authserver.resource import TokenValidator, Validator, require_token
 from authserver.store.protocol import Store
 from authserver.tokens import AccessClaims, AccessTokenVerifier
+from authserver.users import UserService
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -25,6 +26,7 @@ class Services:
     """Everything the routes call, built once by `create_app`."""
 
     auth: AuthService
+    users: UserService
     store: Store
     keyring: KeyRing
     verifier: AccessTokenVerifier

@@ -118,10 +118,28 @@ class RefreshTransaction(Protocol):
     async def add_audit_event(self, event: AuditEvent) -> None:
         """Record an event in the same transaction as the change it describes."""
 
+    async def add_user(self, username: str, password_hash: str, *, at: float) -> User:
+        """Insert a user; `Conflict` (from `Store.atomic`) if the name is taken."""
+
+    async def update_user(
+        self,
+        user_id: int,
+        *,
+        at: float,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+    ) -> None:
+        """Set what is given, and `updated_at`: the mark a login in flight checks."""
+
+    async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int:
+        """Revoke every live family of the user (and their tokens); how many there were."""
+
 
 class Store(Protocol):
     async def atomic(self, work: Callable[[RefreshTransaction], Awaitable[T]]) -> T:
-        """Run `work` in one transaction, retried on serialization failures."""
+        """Run `work` in one transaction, retried on serialization failures.
+
+        A unique constraint violated inside `work` leaves as `Conflict`."""
 
     async def rotate_active(
         self,
@@ -148,15 +166,12 @@ class Store(Protocol):
 
     async def add_user(self, username: str, password_hash: str, *, at: float) -> User: ...
 
-    async def set_password_hash(self, username: str, password_hash: str, *, at: float) -> None: ...
-
     async def upgrade_password_hash(self, user_id: int, old_hash: str, new_hash: str) -> None: ...
 
-    async def set_disabled(self, username: str, disabled: bool, *, at: float) -> User: ...
+    async def set_disabled(self, username: str, disabled: bool, *, at: float) -> User:
+        """Only the flag: ending the user's sessions is `users.UserService`'s rule."""
 
     async def list_users(self) -> Sequence[User]: ...
-
-    async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int: ...
 
     async def purge_expired(self, *, now: float) -> int: ...
 

@@ -30,6 +30,7 @@ import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -393,7 +394,7 @@ class SqlTransaction:
         )
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
-        # Tokens before families, the order `_revoke_user_families` locks in too.
+        # Tokens before families, the order `revoke_user_families` locks in too.
         await self._conn.execute(
             refresh_tokens.update()
             .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.status == "active")
@@ -408,6 +409,51 @@ class SqlTransaction:
 
     async def add_audit_event(self, event: AuditEvent) -> None:
         await _add_audit_event(self._conn, event)
+
+    async def add_user(self, username: str, password_hash: str, *, at: float) -> User:
+        result = await self._conn.execute(
+            users.insert().values(
+                username=username,
+                password_hash=password_hash,
+                disabled=False,
+                created_at=at,
+                updated_at=at,
+            )
+        )
+        (user_id,) = result.inserted_primary_key or (0,)
+        return User(user_id, username, password_hash, False, at, at)
+
+    async def update_user(
+        self,
+        user_id: int,
+        *,
+        at: float,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+    ) -> None:
+        values: dict[str, Any] = {"updated_at": at}
+        if password_hash is not None:
+            values["password_hash"] = password_hash
+        if disabled is not None:
+            values["disabled"] = disabled
+        await self._conn.execute(users.update().where(users.c.id == user_id).values(**values))
+
+    async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int:
+        ids = sa.select(refresh_families.c.id).where(
+            refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None)
+        )
+        # Tokens before families, the order `revoke_family` locks in too.
+        await self._conn.execute(
+            refresh_tokens.update()
+            .where(refresh_tokens.c.family_id.in_(ids), refresh_tokens.c.status == "active")
+            .values(status="revoked")
+        )
+        result = await self._conn.execute(
+            refresh_families.update()
+            .where(refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None))
+            .values(revoked_at=at, revoked_reason=reason)
+        )
+        return result.rowcount
 
 
 async def _add_audit_event(conn: Executor, event: AuditEvent) -> None:
@@ -539,7 +585,10 @@ class SqlStore:
             yield _AsyncExecutor(conn)
 
     async def atomic(self, work: Callable[[SqlTransaction], Awaitable[T]]) -> T:
-        return await self._run_write(lambda conn: work(SqlTransaction(conn)))
+        try:
+            return await self._run_write(lambda conn: work(SqlTransaction(conn)))
+        except IntegrityError as exc:
+            raise Conflict(type(exc.orig).__name__ if exc.orig else "IntegrityError") from exc
 
     async def rotate_active(
         self,
@@ -614,35 +663,7 @@ class SqlStore:
             return await _get_user(conn, username)
 
     async def add_user(self, username: str, password_hash: str, *, at: float) -> User:
-        async def work(conn: Executor) -> User:
-            result = await conn.execute(
-                users.insert().values(
-                    username=username,
-                    password_hash=password_hash,
-                    disabled=False,
-                    created_at=at,
-                    updated_at=at,
-                )
-            )
-            (user_id,) = result.inserted_primary_key or (0,)
-            return User(user_id, username, password_hash, False, at, at)
-
-        try:
-            return await self._run_write(work)
-        except IntegrityError as exc:
-            raise Conflict(f"user {username!r} already exists") from exc
-
-    async def set_password_hash(self, username: str, password_hash: str, *, at: float) -> None:
-        async def work(conn: Executor) -> int:
-            result = await conn.execute(
-                users.update()
-                .where(users.c.username == username)
-                .values(password_hash=password_hash, updated_at=at)
-            )
-            return result.rowcount
-
-        if await self._run_write(work) != 1:
-            raise NotFound(username)
+        return await self.atomic(lambda tx: tx.add_user(username, password_hash, at=at))
 
     async def upgrade_password_hash(self, user_id: int, old_hash: str, new_hash: str) -> None:
         # Conditional, so a password changed meanwhile is never overwritten.
@@ -656,21 +677,14 @@ class SqlStore:
         await self._run_write(work)
 
     async def set_disabled(self, username: str, disabled: bool, *, at: float) -> User:
-        async def work(conn: Executor) -> User | None:
-            await conn.execute(
-                users.update()
-                .where(users.c.username == username)
-                .values(disabled=disabled, updated_at=at)
-            )
-            row = (await conn.execute(sa.select(users).where(users.c.username == username))).first()
-            if row is None:
+        async def work(tx: SqlTransaction) -> User | None:
+            user = await tx.get_user(username)
+            if user is None:
                 return None
-            user = _user(row)
-            if disabled:
-                await _revoke_user_families(conn, user.id, at=at, reason="user_disabled")
-            return user
+            await tx.update_user(user.id, at=at, disabled=disabled)
+            return replace(user, disabled=disabled, updated_at=at)
 
-        user = await self._run_write(work)
+        user = await self.atomic(work)
         if user is None:
             raise NotFound(username)
         return user
@@ -679,12 +693,6 @@ class SqlStore:
         async with self._read() as conn:
             rows = (await conn.execute(sa.select(users).order_by(users.c.username))).all()
         return [_user(row) for row in rows]
-
-    async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int:
-        async def work(conn: Executor) -> int:
-            return await _revoke_user_families(conn, user_id, at=at, reason=reason)
-
-        return await self._run_write(work)
 
     # -- housekeeping ----------------------------------------------------------
 
@@ -771,20 +779,3 @@ class SqlStore:
             )
             for r in rows
         ]
-
-
-async def _revoke_user_families(conn: Executor, user_id: int, *, at: float, reason: str) -> int:
-    ids = sa.select(refresh_families.c.id).where(
-        refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None)
-    )
-    await conn.execute(
-        refresh_tokens.update()
-        .where(refresh_tokens.c.family_id.in_(ids), refresh_tokens.c.status == "active")
-        .values(status="revoked")
-    )
-    result = await conn.execute(
-        refresh_families.update()
-        .where(refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None))
-        .values(revoked_at=at, revoked_reason=reason)
-    )
-    return result.rowcount

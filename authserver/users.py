@@ -1,0 +1,161 @@
+"""Users: who may have an account, and every change to one.
+
+The CLI (and any later HTTP route) calls `UserService`; the store only stores.
+Each change is one transaction with its audit event, and one rule holds for all
+of them: **a password change or a disable ends every session of the user**, the
+ones already open (their refresh families are revoked in the same transaction)
+and one whose login is in flight (`may_begin_session` refuses a family begun
+from a user row that has changed since the password was checked against it).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+
+from authserver import audit
+from authserver.audit import Auditor, RequestContext
+from authserver.passwords import PasswordHasher
+from authserver.store.protocol import Conflict, RefreshTransaction, Store, User
+
+MAX_USERNAME_LENGTH = 150
+USERNAME_RULE = "1-150 letters, digits and . _ @ + -, starting with a letter or digit"
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,149}")
+
+# The changes that end a user's sessions, and the reason their families record.
+_ENDS_SESSIONS: dict[str, str] = {
+    audit.PASSWORD_CHANGED: "password_changed",
+    audit.USER_DISABLED: "user_disabled",
+}
+
+
+class UserError(Exception):
+    """A user change that cannot be made; the message is one line for an operator."""
+
+
+class InvalidUsernameError(UserError):
+    pass
+
+
+class UnknownUserError(UserError):
+    pass
+
+
+class UserExistsError(UserError):
+    pass
+
+
+def validate_username(username: str) -> str:
+    """Return `username` if a new account may have it, else raise `InvalidUsernameError`."""
+    if not _USERNAME.fullmatch(username):
+        raise InvalidUsernameError(f"invalid username {username[:40]!r}: use {USERNAME_RULE}")
+    return username
+
+
+def could_exist(username: str) -> bool:
+    """False for a name no account can have: too long, or with a NUL (which PostgreSQL
+    cannot even compare). A login with one fails like any unknown user's, without a query.
+
+    Looser than `validate_username`: accounts made by older rules still log in.
+    """
+    return len(username) <= MAX_USERNAME_LENGTH and "\x00" not in username
+
+
+def may_begin_session(checked: User, current: User | None) -> bool:
+    """Whether a login whose password was checked against `checked` may begin a session,
+    `current` being the same user's row as read (and held) in the session's transaction.
+
+    Not if the user is gone or disabled, nor if the row changed at all in between:
+    a password change or disable that ran meanwhile has already revoked every family
+    there was, and one begun now from the old row would survive it.
+    """
+    return current is not None and not current.disabled and current.updated_at == checked.updated_at
+
+
+class UserService:
+    """Creates users, sets passwords, disables and enables; one instance per process."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        hasher: PasswordHasher,
+        auditor: Auditor,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.auditor = auditor
+        self.clock = clock
+
+    async def get(self, username: str) -> User | None:
+        return await self.store.get_user(username) if could_exist(username) else None
+
+    async def list(self) -> Sequence[User]:
+        return await self.store.list_users()
+
+    async def create(
+        self, ctx: RequestContext, username: str, password: str, **details: object
+    ) -> User:
+        """Add a user; `UserExistsError` if the name is taken, `PasswordPolicyError`
+        (from the hasher) if the password cannot be set."""
+        validate_username(username)
+        password_hash = await self.hasher.hash(password)
+        now = self.clock()
+        event = self.auditor.build(audit.USER_CREATED, ctx, username=username, **details)
+
+        async def work(tx: RefreshTransaction) -> User:
+            user = await tx.add_user(username, password_hash, at=now)
+            await tx.add_audit_event(event)
+            return user
+
+        try:
+            user = await self.store.atomic(work)
+        except Conflict as exc:
+            raise UserExistsError(f"user {username!r} already exists") from exc
+        self.auditor.emit(event)
+        return user
+
+    async def set_password(self, ctx: RequestContext, username: str, password: str) -> None:
+        """Give a user a new password, ending every session begun with the old one."""
+        password_hash = await self.hasher.hash(password)
+        await self._change(ctx, username, audit.PASSWORD_CHANGED, password_hash=password_hash)
+
+    async def set_disabled(self, ctx: RequestContext, username: str, disabled: bool) -> None:
+        """Disable a user (ending every session) or enable one."""
+        await self._change(
+            ctx,
+            username,
+            audit.USER_DISABLED if disabled else audit.USER_ENABLED,
+            disabled=disabled,
+        )
+
+    async def _change(
+        self,
+        ctx: RequestContext,
+        username: str,
+        event_name: str,
+        *,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+    ) -> None:
+        now = self.clock()
+        event = self.auditor.build(event_name, ctx, username=username)
+        ends_sessions = _ENDS_SESSIONS.get(event_name)
+
+        async def work(tx: RefreshTransaction) -> bool:
+            user = await tx.get_user(username) if could_exist(username) else None
+            if user is None:
+                return False
+            # The row is updated first: a login holding it (see `may_begin_session`)
+            # finishes before this goes on, and its family is revoked below with the rest.
+            await tx.update_user(user.id, at=now, password_hash=password_hash, disabled=disabled)
+            if ends_sessions is not None:
+                await tx.revoke_user_families(user.id, at=now, reason=ends_sessions)
+            await tx.add_audit_event(event)
+            return True
+
+        if not await self.store.atomic(work):
+            raise UnknownUserError(f"unknown user {username!r}")
+        self.auditor.emit(event)
