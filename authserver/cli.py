@@ -286,7 +286,7 @@ def keys_generate(
     """Write a new private key (mode 0600); it becomes the signing key."""
     with operator_errors():
         if alg not in ALGORITHMS:
-            raise OperatorError(f"unsupported algorithm {alg!r}; use RS256 or ES256")
+            raise OperatorError(f"unsupported algorithm {alg!r}; use {' or '.join(ALGORITHMS)}")
         cfg = settings()
         key = generate_key(cfg.keys_dir, alg)
         _audit_key(cfg, audit.KEY_ADDED, key)

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from authserver.scopes import is_scope_token
+
 _DATABASE_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
 
 
@@ -70,10 +72,7 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one scope is required")
         for scope in value:
-            # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-            if not all(
-                c == "\x21" or "\x23" <= c <= "\x5b" or "\x5d" <= c <= "\x7e" for c in scope
-            ):
+            if not is_scope_token(scope):
                 raise ValueError(f"invalid scope token {scope!r}")
         return tuple(dict.fromkeys(value))
 

@@ -1,15 +1,15 @@
 """The grants: password (login) and refresh_token, plus revocation and logout.
 
-The HTTP layer parses a request and calls one method of `AuthService`; every
+The HTTP layer parses a request (`api/token.py`: the /token form, the seed's JSON
+bodies) and calls one method of `AuthService` with typed arguments; every
 client-caused failure leaves here as an `OAuthError`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +20,15 @@ from authserver.errors import (
     InvalidRequestError,
     InvalidScopeError,
     SlowDownError,
-    UnsupportedGrantTypeError,
 )
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Issued, Lifetimes, Refused, revoke_family, rotate, start_family
+from authserver.scopes import parse_scope
 from authserver.store.protocol import Store
 from authserver.throttle import LoginThrottle
 from authserver.tokens import KeyRingSource, mint_access_token
 from authserver.users import could_exist
 
-# RFC 6749 §3.3 scope-token characters.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _BAD_CREDENTIALS = "Invalid username or password."
 
 
@@ -41,16 +39,6 @@ class TokenPolicy:
     access_token_ttl: int
     scopes: tuple[str, ...]
     lifetimes: Lifetimes
-
-
-def parse_scope(scope: str | None) -> tuple[str, ...] | None:
-    """Split a scope parameter (RFC 6749 §3.3); None when absent or empty."""
-    if scope is None or not scope.strip(" "):
-        return None
-    tokens = tuple(dict.fromkeys(t for t in scope.split(" ") if t))
-    if not all(_SCOPE_TOKEN.fullmatch(t) for t in tokens):
-        raise InvalidScopeError("The scope parameter is malformed.")
-    return tokens
 
 
 class AuthService:
@@ -220,33 +208,3 @@ _REFUSALS = {
 PASSWORD_GRANT = "password"
 REFRESH_TOKEN_GRANT = "refresh_token"
 GRANT_TYPES = (PASSWORD_GRANT, REFRESH_TOKEN_GRANT)
-
-
-def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -> str:
-    value = params.get(name)
-    if value is None or (not value and not empty_ok):
-        raise InvalidRequestError(f"The '{name}' parameter is missing.")
-    return value
-
-
-async def token_request(
-    service: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client_id: str
-) -> dict[str, Any]:
-    """The RFC 6749 token endpoint: dispatch on `grant_type` (§4.3, §6)."""
-    grant_type = params.get("grant_type")
-    if not grant_type:
-        raise InvalidRequestError("The 'grant_type' parameter is missing.")
-    if grant_type == PASSWORD_GRANT:
-        return await service.password_grant(
-            ctx,
-            username=_required(params, "username"),
-            # Unlike a username, an empty password is a (wrong) password, not a missing one.
-            password=_required(params, "password", empty_ok=True),
-            scope=params.get("scope"),
-            client_id=client_id,
-        )
-    if grant_type == REFRESH_TOKEN_GRANT:
-        return await service.refresh_grant(
-            ctx, refresh_token=_required(params, "refresh_token"), scope=params.get("scope")
-        )
-    raise UnsupportedGrantTypeError(f"Unsupported grant_type; use one of {', '.join(GRANT_TYPES)}.")

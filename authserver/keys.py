@@ -22,9 +22,13 @@ from jwcrypto.jwk import JWK
 
 log = logging.getLogger("authserver.keys")
 
+# The signature algorithms of the server and of its resource kit: asymmetric only,
+# so that an HS* token "signed" with a public key can never verify (RFC 8725 §3.1).
 Algorithm = Literal["RS256", "ES256"]
 ALGORITHMS: tuple[Algorithm, ...] = ("RS256", "ES256")
-MIN_RSA_BITS = 2048
+KEY_TYPES: Mapping[str, str] = {"RS256": "RSA", "ES256": "EC"}  # each one's JWK `kty`
+EC_CURVE = "P-256"  # the one curve of ES256 (RFC 7518 §3.4)
+MIN_RSA_BITS = 2048  # RFC 7518 §3.3
 _NAME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 _MAX_KEY_FILE = 64 * 1024
 
@@ -99,7 +103,8 @@ def load_key(path: Path, *, allow_insecure: bool = False) -> SigningKey:
     elif isinstance(private, ec.EllipticCurvePrivateKey):
         if not isinstance(private.curve, ec.SECP256R1):
             raise KeyFileError(
-                f"key file {path}: EC curve {private.curve.name}; only P-256 (ES256) is supported"
+                f"key file {path}: EC curve {private.curve.name}; "
+                f"only {EC_CURVE} (ES256) is supported"
             )
         alg = "ES256"
     else:

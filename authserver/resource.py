@@ -45,8 +45,8 @@ from authserver.errors import (
     OAuthError,
     TemporarilyUnavailableError,
 )
+from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, MIN_RSA_BITS
 from authserver.tokens import (
-    ASYMMETRIC_ALGORITHMS,
     AccessClaims,
     AccessTokenVerifier,
     KeySource,
@@ -70,11 +70,9 @@ __all__ = [
 log = logging.getLogger("authserver.resource")
 
 METADATA_PATH = "/.well-known/oauth-authorization-server"
-_KTY = {"RS256": "RSA", "ES256": "EC"}
 # Only the public members: a private member in a published JWKS is the
 # publisher's mistake, and must not turn a verification key into a private one.
 _PUBLIC_MEMBERS = {"RSA": ("kty", "n", "e"), "EC": ("kty", "crv", "x", "y")}
-_MIN_RSA_BITS = 2048
 _MAX_KEYS = 64
 
 
@@ -134,7 +132,7 @@ def _public_jwk(jwk: object) -> tuple[str, str, dict[str, str]] | None:
     kid, alg, kty = jwk.get("kid"), jwk.get("alg"), jwk.get("kty")
     # Only keys that say what they are for and with which algorithm (RFC 7517 §4.2,
     # §4.4): the token's header never gets to choose (RFC 8725 §3.1).
-    if jwk.get("use") != "sig" or alg not in ASYMMETRIC_ALGORITHMS or kty != _KTY[alg]:
+    if jwk.get("use") != "sig" or alg not in ALGORITHMS or kty != KEY_TYPES[alg]:
         return None
     if not isinstance(kid, str) or not kid or len(kid) > 256:
         return None
@@ -144,9 +142,9 @@ def _public_jwk(jwk: object) -> tuple[str, str, dict[str, str]] | None:
     members = {name: jwk.get(name) for name in _PUBLIC_MEMBERS[kty]}
     if not all(isinstance(v, str) and v for v in members.values()):
         return None
-    if kty == "EC" and members["crv"] != "P-256":
+    if kty == "EC" and members["crv"] != EC_CURVE:
         return None
-    if kty == "RSA" and _b64_bits(str(members["n"])) < _MIN_RSA_BITS:
+    if kty == "RSA" and _b64_bits(str(members["n"])) < MIN_RSA_BITS:
         return None
     return kid, alg, {k: str(v) for k, v in members.items()}
 

@@ -24,12 +24,10 @@ from jose.backends.base import Key as JoseKey
 from jose.jwk import construct
 
 from authserver.errors import InvalidTokenError
-from authserver.keys import KeyRing
+from authserver.keys import ALGORITHMS, KeyRing
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
-# Only asymmetric algorithms: an HS* token "signed" with a public key must never verify.
-ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "ES256"})
 MAX_TOKEN_LENGTH = 8192
 _B64URL = re.compile(rb"[A-Za-z0-9_-]+")
 
@@ -76,7 +74,7 @@ class KeySource(Protocol):
 
 def prepare_key(key: object, alg: str) -> JoseKey:
     """Wrap a `cryptography` key object (or a JWK dict) as a jose key, once."""
-    if alg not in ASYMMETRIC_ALGORITHMS:
+    if alg not in ALGORITHMS:
         raise ValueError(f"algorithm {alg!r} is not allowed")
     prepared: JoseKey = construct(key, alg)
     return prepared

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from authserver.api.parsing import parse_form, parse_json, validate
 from authserver.api.schemas import LoginRequest, LogoutRequest, RefreshRequest
 from authserver.errors import InvalidRequestError, InvalidScopeError, InvalidTokenError
-from authserver.grants import parse_scope
+from authserver.scopes import parse_scope
 from authserver.keys import KeyRing, generate_key
 from authserver.tokens import AccessTokenVerifier, KeyRingSource, mint_access_token
 

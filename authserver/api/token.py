@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Request, Response
@@ -21,8 +23,9 @@ from authserver.api.schemas import (
     body_schema,
     errors,
 )
-from authserver.errors import InvalidClientError, InvalidRequestError
-from authserver.grants import token_request
+from authserver.audit import RequestContext
+from authserver.errors import InvalidClientError, InvalidRequestError, UnsupportedGrantTypeError
+from authserver.grants import GRANT_TYPES, PASSWORD_GRANT, REFRESH_TOKEN_GRANT, AuthService
 
 router = APIRouter(tags=["tokens"])
 DEFAULT_CLIENT_ID = "authserver"
@@ -68,10 +71,43 @@ def client_id_of(request: Request, form: dict[str, str]) -> str:
         raise InvalidRequestError("Two different client_id values were sent.")
     if form.get("client_secret"):
         raise InvalidClientError("Clients are public: send no client secret.", status_code=400)
-    client_id = from_basic or from_form or DEFAULT_CLIENT_ID
+    return _valid_client_id(from_basic or from_form or DEFAULT_CLIENT_ID)
+
+
+def _valid_client_id(client_id: str) -> str:
     if not _CLIENT_ID.fullmatch(client_id):
         raise InvalidRequestError("The client_id is malformed.")
     return client_id
+
+
+def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -> str:
+    value = params.get(name)
+    if value is None or (not value and not empty_ok):
+        raise InvalidRequestError(f"The '{name}' parameter is missing.")
+    return value
+
+
+async def token_request(
+    auth: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client_id: str
+) -> dict[str, Any]:
+    """The RFC 6749 token endpoint's form: dispatch on `grant_type` (§4.3, §6)."""
+    grant_type = params.get("grant_type")
+    if not grant_type:
+        raise InvalidRequestError("The 'grant_type' parameter is missing.")
+    if grant_type == PASSWORD_GRANT:
+        return await auth.password_grant(
+            ctx,
+            username=_required(params, "username"),
+            # Unlike a username, an empty password is a (wrong) password, not a missing one.
+            password=_required(params, "password", empty_ok=True),
+            scope=params.get("scope"),
+            client_id=client_id,
+        )
+    if grant_type == REFRESH_TOKEN_GRANT:
+        return await auth.refresh_grant(
+            ctx, refresh_token=_required(params, "refresh_token"), scope=params.get("scope")
+        )
+    raise UnsupportedGrantTypeError(f"Unsupported grant_type; use one of {', '.join(GRANT_TYPES)}.")
 
 
 @router.post(
@@ -84,9 +120,7 @@ def client_id_of(request: Request, form: dict[str, str]) -> str:
 async def login(request: Request) -> JSON:
     services, ctx = services_of(request), seed_context(request)
     body = await read_json_or_form(request, LoginRequest)
-    client_id = body.client_id or DEFAULT_CLIENT_ID
-    if not _CLIENT_ID.fullmatch(client_id):
-        raise InvalidRequestError("The client_id is malformed.")
+    client_id = _valid_client_id(body.client_id or DEFAULT_CLIENT_ID)
     return token_response(
         await services.auth.password_grant(
             ctx,
