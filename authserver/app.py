@@ -38,7 +38,7 @@ from authserver.resource import TokenValidator, error_response
 from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import StoreUnavailable
 from authserver.store.sql import SqlStore
-from authserver.throttle import LoginThrottle
+from authserver.throttle import LoginThrottle, ThrottleLimits
 from authserver.tokens import AccessTokenVerifier, KeyRingSource
 from authserver.users import UserService
 
@@ -85,7 +85,14 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
         keys=source,
         auditor=auditor,
         throttle=LoginThrottle(
-            store, max_failures=settings.login_max_failures, window=settings.login_window
+            store,
+            ThrottleLimits(
+                max_failures=settings.login_max_failures,
+                max_failures_per_user=settings.login_max_failures_per_user,
+                max_failures_per_address=settings.login_max_failures_per_address,
+                window=settings.login_window,
+                known_address_ttl=settings.login_known_address_ttl,
+            ),
         ),
         policy=policy,
     )
@@ -118,7 +125,7 @@ async def _housekeeping(services: Services, settings: Settings) -> None:
         now = time.time()
         try:
             purged = await services.store.purge_expired(now=now)
-            await services.store.purge_login_failures(before=now - settings.login_window)
+            await services.auth.throttle.purge(now=now)
             if purged:
                 log.info("purged expired refresh families", extra={"families": purged})
         except Exception:

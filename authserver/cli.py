@@ -34,7 +34,7 @@ from authserver.keys import (
 )
 from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher, PasswordPolicyError
-from authserver.store.protocol import StoreError
+from authserver.store.protocol import StoreError, UpgradeRefused
 from authserver.store.sql import SqlStore
 from authserver.users import UserError, UserExistsError, UserService, validate_username
 
@@ -92,7 +92,7 @@ def operator_errors() -> Iterator[None]:
         yield
     except OperatorError as exc:
         fail(str(exc))
-    except KeyFileError as exc:
+    except (KeyFileError, UpgradeRefused) as exc:
         fail(str(exc))
     except (StoreError, SQLAlchemyError, OSError) as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
@@ -212,8 +212,8 @@ def users_add(
             raise OperatorError(str(exc)) from exc
         cfg = settings()
         password = read_password(password_stdin)
-        run_with_users(cfg, lambda users: users.create(CLI, name, password))
-    typer.echo(f"created user {name}")
+        user = run_with_users(cfg, lambda users: users.create(CLI, name, password))
+    typer.echo(f"created user {user.username}")
 
 
 @users_app.command("passwd")
@@ -351,6 +351,7 @@ def db_purge() -> None:
         async def work(store: SqlStore) -> int:
             now = time.time()
             await store.purge_login_failures(before=now - cfg.login_window)
+            await store.purge_login_addresses(before=now - cfg.login_known_address_ttl)
             return await store.purge_expired(now=now)
 
         purged = run_with_store(cfg, work)

@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     bcrypt_threads: int = Field(default=0, ge=0, le=64)
     scopes: Annotated[tuple[str, ...], NoDecode] = ("read", "write")
     login_max_failures: int = Field(default=5, ge=1)
+    login_max_failures_per_user: int = Field(default=20, ge=1)
+    login_max_failures_per_address: int = Field(default=100, ge=1)
     login_window: int = Field(default=900, ge=1)
+    login_known_address_ttl: int = Field(default=30 * 86_400, ge=0)
     trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -27,7 +27,7 @@ from authserver.scopes import parse_scope
 from authserver.store.protocol import Store
 from authserver.throttle import LoginThrottle
 from authserver.tokens import KeyRingSource, mint_access_token
-from authserver.users import could_exist
+from authserver.users import normalize_username
 
 _BAD_CREDENTIALS = "Invalid username or password."
 
@@ -102,29 +102,34 @@ class AuthService:
                 raise InvalidScopeError(f"Unknown scope: {' '.join(unknown)[:200]}.")
         granted = " ".join(requested or self.policy.scopes)
         now = self.clock()
-        user = await self.store.get_user(username) if could_exist(username) else None
+        name = normalize_username(username)
+        user = await self.store.get_user(name) if name is not None else None
         try:
-            await self.throttle.validate(username, ctx.client_addr, now=now)
+            attempt = await self.throttle.begin(
+                name or username, ctx.client_addr, user_id=user.id if user else None, now=now
+            )
             # Unknown users get a dummy check too, so timing does not reveal who exists.
-            ok = await self.hasher.verify(password, user.password_hash if user else None)
-            if user is None or not ok or user.disabled:
-                reason = "unknown_user" if user is None else "disabled" if ok else "bad_password"
+            check = await self.hasher.check(password, user.password_hash if user else None)
+            if user is None or not check.ok or user.disabled:
+                reason = (
+                    "unknown_user" if user is None else "disabled" if check.ok else "bad_password"
+                )
                 await self.auditor.record(
                     audit.LOGIN_FAILED,
                     ctx,
                     username=user.username if user else None,
                     reason=reason,
                 )
-                await self.throttle.failed(username, ctx.client_addr, now=now)
+                await self.throttle.failed(attempt, now=now)
                 raise InvalidGrantError(_BAD_CREDENTIALS)
-            await self.throttle.succeeded(username, ctx.client_addr, now=now)
+            await self.throttle.succeeded(attempt, now=now)
         except SlowDownError:
             # Named only if the user exists: a password typed as a username stays out of the trail.
             await self.auditor.record(
                 audit.LOGIN_THROTTLED, ctx, username=user.username if user else None
             )
             raise
-        if self.hasher.needs_rehash(user.password_hash):
+        if check.rehash:
             new_hash = await self.hasher.hash(password)
             await self.store.upgrade_password_hash(user.id, user.password_hash, new_hash)
         # A login's steps after the hash (the throttle's reads, the new family's write,

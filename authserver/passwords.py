@@ -1,4 +1,9 @@
-"""bcrypt hashing off the event loop, the 72-byte policy, and the timing guard."""
+"""bcrypt hashing off the event loop, the 72-byte policy, and the timing guard.
+
+Passwords are normalised to NFC before they are hashed or checked (NIST SP
+800-63B §5.1.1.2), so the same password typed on two keyboards that compose
+accents differently is the same password.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import asyncio
 import contextlib
 import os
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import bcrypt
 
@@ -19,13 +26,25 @@ MAX_PASSWORD_BYTES = 72  # bcrypt ignores (bcrypt >= 5: refuses) anything longer
 _HASH_THREAD_NICENESS = 19
 
 
+def normalize_password(password: str) -> str:
+    """The one spelling of a password: Unicode NFC (NIST SP 800-63B §5.1.1.2)."""
+    return unicodedata.normalize("NFC", password)
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordCheck:
+    ok: bool
+    rehash: bool  # right, but stored at a lower cost or before NFC: store a new hash
+
+
 class PasswordPolicyError(ValueError):
     """A password that cannot be set; the message says why, never the password."""
 
 
 def validate_new_password(password: str) -> bytes:
-    """Return the UTF-8 bytes of an acceptable new password, or raise `PasswordPolicyError`."""
-    encoded = password.encode("utf-8", errors="surrogatepass")
+    """Return the UTF-8 bytes of an acceptable new password (in NFC), or raise
+    `PasswordPolicyError`."""
+    encoded = normalize_password(password).encode("utf-8", errors="surrogatepass")
     if not encoded:
         raise PasswordPolicyError("the password is empty")
     if len(encoded) > MAX_PASSWORD_BYTES:
@@ -108,19 +127,31 @@ class PasswordHasher:
         return hashed.decode("ascii")
 
     async def verify(self, password: str, password_hash: str | None) -> bool:
+        """Whether `password` is right; see `check`."""
+        return (await self.check(password, password_hash)).ok
+
+    async def check(self, password: str, password_hash: str | None) -> PasswordCheck:
         """Check a password; with no hash (unknown user) spend the same time on a dummy.
 
-        Answering faster for unknown users would tell an attacker which
-        usernames exist (the timing side of the anti-enumeration rule).
+        Answering faster for unknown users would tell an attacker which usernames
+        exist (the timing side of the anti-enumeration rule). A password that NFC
+        changes is checked a second time as typed, for a hash made before passwords
+        were normalised; the dummy then runs twice as well.
         """
-        encoded = password.encode("utf-8", errors="surrogatepass")
-        if password_hash is None or len(encoded) > MAX_PASSWORD_BYTES:
-            await self._run(_check, encoded[:MAX_PASSWORD_BYTES], await self._dummy_hash())
-            return False
-        ok = await self._run(
-            _check, encoded, password_hash.encode("ascii", errors="replace"), self.rounds
-        )
-        return ok is True
+        typed = password.encode("utf-8", errors="surrogatepass")
+        normal = normalize_password(password).encode("utf-8", errors="surrogatepass")
+        candidates = [normal] if normal == typed else [normal, typed]
+        if password_hash is None or len(normal) > MAX_PASSWORD_BYTES:
+            dummy = await self._dummy_hash()
+            for candidate in candidates:
+                await self._run(_check, candidate[:MAX_PASSWORD_BYTES], dummy)
+            return PasswordCheck(ok=False, rehash=False)
+        stored = password_hash.encode("ascii", errors="replace")
+        for candidate in candidates:
+            if await self._run(_check, candidate, stored, self.rounds) is True:
+                legacy = candidate is not normal
+                return PasswordCheck(ok=True, rehash=legacy or self.needs_rehash(password_hash))
+        return PasswordCheck(ok=False, rehash=False)
 
     def needs_rehash(self, password_hash: str) -> bool:
         rounds = hash_rounds(password_hash)

@@ -10,9 +10,10 @@ from a user row that has changed since the password was checked against it).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
+
+import precis_i18n
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
@@ -20,8 +21,11 @@ from authserver.passwords import PasswordHasher
 from authserver.store.protocol import Conflict, RefreshTransaction, Store, User
 
 MAX_USERNAME_LENGTH = 150
-USERNAME_RULE = "1-150 letters, digits and . _ @ + -, starting with a letter or digit"
-_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,149}")
+USERNAME_RULE = (
+    "1-150 characters, no spaces, letters of any script (RFC 8265 UsernameCaseMapped); "
+    "case does not matter"
+)
+_USERNAMES = precis_i18n.get_profile("UsernameCaseMapped")
 
 # The changes that end a user's sessions, and the reason their families record.
 _ENDS_SESSIONS: dict[str, str] = {
@@ -46,20 +50,29 @@ class UserExistsError(UserError):
     pass
 
 
-def validate_username(username: str) -> str:
-    """Return `username` if a new account may have it, else raise `InvalidUsernameError`."""
-    if not _USERNAME.fullmatch(username):
-        raise InvalidUsernameError(f"invalid username {username[:40]!r}: use {USERNAME_RULE}")
-    return username
+def normalize_username(username: str) -> str | None:
+    """The one spelling of a username (RFC 8265 §3.3 UsernameCaseMapped: NFC, then
+    case-mapped, so `Alice` and `alice` are one account); None for a name the profile
+    disallows or that is too long, which no account can have.
 
-
-def could_exist(username: str) -> bool:
-    """False for a name no account can have: too long, or with a NUL (which PostgreSQL
-    cannot even compare). A login with one fails like any unknown user's, without a query.
-
-    Looser than `validate_username`: accounts made by older rules still log in.
+    https://www.rfc-editor.org/rfc/rfc8265#section-3.3
     """
-    return len(username) <= MAX_USERNAME_LENGTH and "\x00" not in username
+    # A cheap bound first: the profile's work grows with the input.
+    if not username or len(username) > 4 * MAX_USERNAME_LENGTH:
+        return None
+    try:
+        name: str = _USERNAMES.enforce(username)
+    except UnicodeError:
+        return None
+    return name if len(name) <= MAX_USERNAME_LENGTH else None
+
+
+def validate_username(username: str) -> str:
+    """The normalised name a new account gets, or `InvalidUsernameError`."""
+    name = normalize_username(username)
+    if name is None:
+        raise InvalidUsernameError(f"invalid username {username[:40]!r}: use {USERNAME_RULE}")
+    return name
 
 
 def may_begin_session(checked: User, current: User | None) -> bool:
@@ -90,7 +103,8 @@ class UserService:
         self.clock = clock
 
     async def get(self, username: str) -> User | None:
-        return await self.store.get_user(username) if could_exist(username) else None
+        name = normalize_username(username)
+        return await self.store.get_user(name) if name is not None else None
 
     async def list(self) -> Sequence[User]:
         return await self.store.list_users()
@@ -100,7 +114,7 @@ class UserService:
     ) -> User:
         """Add a user; `UserExistsError` if the name is taken, `PasswordPolicyError`
         (from the hasher) if the password cannot be set."""
-        validate_username(username)
+        username = validate_username(username)
         password_hash = await self.hasher.hash(password)
         now = self.clock()
         event = self.auditor.build(audit.USER_CREATED, ctx, username=username, **details)
@@ -141,11 +155,12 @@ class UserService:
         disabled: bool | None = None,
     ) -> None:
         now = self.clock()
-        event = self.auditor.build(event_name, ctx, username=username)
+        name = normalize_username(username)
+        event = self.auditor.build(event_name, ctx, username=name)
         ends_sessions = _ENDS_SESSIONS.get(event_name)
 
         async def work(tx: RefreshTransaction) -> bool:
-            user = await tx.get_user(username) if could_exist(username) else None
+            user = await tx.get_user(name) if name is not None else None
             if user is None:
                 return False
             # The row is updated first: a login holding it (see `may_begin_session`)

@@ -20,8 +20,8 @@ def _config() -> Config:
     return config
 
 
-async def upgrade_async(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest revision, from inside a running event loop."""
+async def upgrade_async(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (the newest by default), from inside a running loop."""
     async with engine.connect() as connection:
         # On SQLite, take the write lock up front so concurrent starters migrate one at a time
         # (PostgreSQL serialises them with an advisory lock in env.py).
@@ -30,7 +30,7 @@ async def upgrade_async(engine: AsyncEngine) -> None:
         def run(sync_connection: object) -> None:
             config = _config()
             config.attributes["connection"] = sync_connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
 
         await connection.run_sync(run)
         await connection.commit()

@@ -23,6 +23,11 @@ class Conflict(StoreError):
     pass
 
 
+class UpgradeRefused(StoreError):
+    """A schema migration that would lose or merge data stopped, changing nothing;
+    the message is one line naming what to fix."""
+
+
 class StoreUnavailable(StoreError):
     """The database did not answer, or stayed too contended to finish the work."""
 
@@ -183,6 +188,14 @@ class Store(Protocol):
     async def clear_login_failures(self, key: str) -> None: ...
 
     async def purge_login_failures(self, *, before: float) -> None: ...
+
+    async def remember_login_address(self, user_id: int, network_key: str, *, at: float) -> None:
+        """Record (or refresh) a network the user has logged in from."""
+
+    async def is_login_address(self, user_id: int, network_key: str, *, since: float) -> bool:
+        """Whether the user has logged in from the network since `since`."""
+
+    async def purge_login_addresses(self, *, before: float) -> None: ...
 
     async def add_audit_event(self, event: AuditEvent) -> None: ...
 

@@ -75,6 +75,18 @@ login_failures = sa.Table(
     sa.Index("ix_login_failures_key_failed_at", "key", "failed_at"),
 )
 
+# Where each user has logged in successfully: the throttle never locks a user out of
+# these. An address is stored as a digest of its network, like the failure keys.
+login_addresses = sa.Table(
+    "login_addresses",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("network_key", sa.String(80), nullable=False),
+    sa.Column("last_success_at", Time, nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "network_key", name="pk_login_addresses"),
+    sa.Index("ix_login_addresses_last_success_at", "last_success_at"),
+)
+
 audit_events = sa.Table(
     "audit_events",
     metadata,

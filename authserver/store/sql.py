@@ -36,6 +36,8 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, CursorResult, Engine, Row
 from sqlalchemy.exc import (
     DBAPIError,
@@ -60,6 +62,7 @@ from authserver.store.protocol import (
 )
 from authserver.store.schema import (
     audit_events,
+    login_addresses,
     login_failures,
     refresh_families,
     refresh_tokens,
@@ -315,6 +318,13 @@ _SPEND_TOKEN = (
 _COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed_at)).where(
     login_failures.c.key == sa.bindparam("b_key"),
     login_failures.c.failed_at > sa.bindparam("b_since"),
+)
+
+
+_KNOWN_ADDRESS = sa.select(login_addresses.c.user_id).where(
+    login_addresses.c.user_id == sa.bindparam("b_user"),
+    login_addresses.c.network_key == sa.bindparam("b_key"),
+    login_addresses.c.last_success_at > sa.bindparam("b_since"),
 )
 
 
@@ -739,6 +749,35 @@ class SqlStore:
     async def purge_login_failures(self, *, before: float) -> None:
         async def work(conn: Executor) -> None:
             await conn.execute(login_failures.delete().where(login_failures.c.failed_at <= before))
+
+        await self._run_write(work)
+
+    async def remember_login_address(self, user_id: int, network_key: str, *, at: float) -> None:
+        insert = (sqlite_insert if self._sqlite else pg_insert)(login_addresses).values(
+            user_id=user_id, network_key=network_key, last_success_at=at
+        )
+        upsert = insert.on_conflict_do_update(
+            index_elements=[login_addresses.c.user_id, login_addresses.c.network_key],
+            set_={"last_success_at": insert.excluded.last_success_at},
+        )
+
+        async def work(conn: Executor) -> None:
+            await conn.execute(upsert)
+
+        await self._run_write(work)
+
+    async def is_login_address(self, user_id: int, network_key: str, *, since: float) -> bool:
+        async with self._read() as conn:
+            result = await conn.execute(
+                _KNOWN_ADDRESS, {"b_user": user_id, "b_key": network_key, "b_since": since}
+            )
+            return result.first() is not None
+
+    async def purge_login_addresses(self, *, before: float) -> None:
+        async def work(conn: Executor) -> None:
+            await conn.execute(
+                login_addresses.delete().where(login_addresses.c.last_success_at <= before)
+            )
 
         await self._run_write(work)
 
