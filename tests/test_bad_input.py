@@ -313,3 +313,23 @@ async def test_garbage_tokens_everywhere(session: Session) -> None:
                 "/protected", headers={b"Authorization": b"Bearer " + garbage.encode()}
             )
             check(r, 401, name)
+
+
+@pytest.mark.parametrize("path", ["/login", "/refresh", "/logout"])
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "multipart/form-data; boundary=x", "application/xml", "text/json"],
+)
+async def test_a_seed_body_of_another_media_type_is_415(
+    session: Session, path: str, content_type: str | None
+) -> None:
+    """A browser posts text/plain (or a form) cross-site without a CORS preflight: only the
+    two media types these endpoints document are read at all."""
+    body = json.dumps(
+        {"username": "alice", "password": DEFAULT_PASSWORD, "refresh_token": session.refresh_token}
+    )
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = await session.running.client.post(path, content=body.encode(), headers=headers)
+    assert r.status_code == 415, r.text
+    assert set(r.json()) == {"error", "error_description"}
+    assert r.json()["error"] == "invalid_request"

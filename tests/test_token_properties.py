@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from authserver.api.parsing import parse_form, parse_json, validate
 from authserver.api.schemas import LoginRequest, LogoutRequest, RefreshRequest
 from authserver.errors import InvalidRequestError, InvalidScopeError, InvalidTokenError
-from authserver.scopes import parse_scope
 from authserver.keys import KeyRing, generate_key
+from authserver.scopes import parse_scope
 from authserver.tokens import AccessTokenVerifier, KeyRingSource, mint_access_token
 
 settings.register_profile(

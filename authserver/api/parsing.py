@@ -18,12 +18,18 @@ from authserver.errors import InvalidRequestError
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 FORM = "application/x-www-form-urlencoded"
+JSON_TYPE = "application/json"
 M = TypeVar("M", bound=BaseModel)
 
 
 class PayloadTooLargeError(InvalidRequestError):
     status_code = 413
     description = "The request body is too large."
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    status_code = 415
+    description = f"The body must be {JSON_TYPE} or {FORM}."
 
 
 async def read_body(request: Request) -> bytes:
@@ -82,9 +88,16 @@ def validate(model: type[M], data: dict[str, object]) -> M:
 
 
 async def read_json_or_form(request: Request, model: type[M]) -> M:
-    """For the seed-compatible endpoints: a JSON object, or the same fields form-encoded."""
-    body = await read_body(request)
+    """For the seed-compatible endpoints: a JSON object, or the same fields form-encoded.
+
+    Any other media type (a missing one too) is 415, before the body is read: a
+    browser sends `text/plain` and form bodies cross-site without a CORS
+    preflight, and only the form is one that this server must take.
+    """
     kind = media_type(request)
+    if kind not in (JSON_TYPE, FORM):
+        raise UnsupportedMediaTypeError()
+    body = await read_body(request)
     data: dict[str, object] = dict(parse_form(body)) if kind == FORM else parse_json(body)
     return validate(model, data)
 

@@ -72,6 +72,7 @@ _DESCRIPTIONS = {
     400: "A malformed request or a refused grant (RFC 6749 §5.2)",
     401: "Missing or invalid credentials",
     413: "The request body is too large",
+    415: "The body is neither JSON nor form-encoded",
     429: "Too many failed logins: slow_down",
     503: "The database or the signing key is unavailable: temporarily_unavailable",
 }

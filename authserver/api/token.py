@@ -113,7 +113,7 @@ async def token_request(
 @router.post(
     "/login",
     response_model=TokenResponse,
-    responses=errors(400, 401, 429, 503),
+    responses=errors(400, 401, 415, 429, 503),
     openapi_extra=body_schema(LoginRequest, json=True, form=True),
     summary="Log in with a username and password (JSON or form)",
 )
@@ -135,7 +135,7 @@ async def login(request: Request) -> JSON:
 @router.post(
     "/refresh",
     response_model=TokenResponse,
-    responses=errors(400, 401, 503),
+    responses=errors(400, 401, 415, 503),
     openapi_extra=body_schema(RefreshRequest, json=True, form=False),
     summary="Exchange a refresh token for a new token pair (rotation)",
 )
@@ -185,7 +185,7 @@ async def revoke(request: Request) -> Response:
 @router.post(
     "/logout",
     status_code=204,
-    responses={204: {"description": "The session is over"}, **errors(400)},
+    responses={204: {"description": "The session is over"}, **errors(400, 415)},
     openapi_extra=body_schema(LogoutRequest, json=True, form=False),
     summary="Revoke the session (refresh family) of a refresh token",
 )
