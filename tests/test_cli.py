@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -723,3 +724,30 @@ def test_serve_demo_twice_keeps_key_and_user(tmp_path: Path) -> None:
         assert r.status_code == 200
     second = (tmp_path / "second.log").read_text()
     assert "generated" not in second
+
+
+def test_the_sqlite_database_and_its_wal_files_are_private(
+    sqlite_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = invoke(sqlite_env, "users", "add", "olga", "--password-stdin", input="pw pw pw\n")
+    assert result.exit_code == 0, result.output
+    database = Path(sqlite_env["AUTHSERVER_DATABASE_URL"].removeprefix("sqlite:///"))
+    # WAL mode keeps -wal and -shm beside the file while a connection is open.
+    with sqlite3.connect(database) as conn:
+        conn.execute("SELECT count(*) FROM users").fetchone()
+        files = [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
+        for path in files:
+            assert path.exists(), path
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    conn.close()
+
+
+def test_a_world_readable_database_is_warned_about(
+    sqlite_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    database = Path(sqlite_env["AUTHSERVER_DATABASE_URL"].removeprefix("sqlite:///"))
+    assert invoke(sqlite_env, "users", "list").exit_code == 0
+    database.chmod(0o644)
+    caplog.set_level(logging.WARNING, logger="authserver.store")
+    assert invoke(sqlite_env, "users", "list").exit_code == 0
+    assert any(f"chmod 600 {database}" in r.getMessage() for r in caplog.records)

@@ -26,11 +26,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -99,6 +102,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """The async engine: the store's engine on PostgreSQL, the migrations' on SQLite."""
     url = async_url(settings.database_url)
     if url.startswith("sqlite"):
+        _create_private_file(sa.make_url(url).database)
         engine = create_async_engine(
             url,
             connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
@@ -116,6 +120,30 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_recycle=1800,
         connect_args=_pg_session_args(settings),
     )
+
+
+def _create_private_file(database: str | None) -> None:
+    """Create the SQLite file readable by its owner alone, before SQLite does (SQLite
+    then gives its -wal and -shm files the same mode); warn about one that is not."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                "database file %s is accessible by group or others (mode %o): it holds "
+                "password hashes; fix it with: chmod 600 %s",
+                path,
+                mode,
+                path,
+            )
+        return
+    except OSError:
+        return  # a missing directory: SQLite's own error names the problem
+    os.close(fd)
 
 
 def _pg_session_args(settings: Settings) -> dict[str, Any]:
