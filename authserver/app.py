@@ -35,6 +35,7 @@ from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
 from authserver.resource import TokenValidator, error_response
+from authserver.serving import set_header_timeout
 from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import StoreUnavailable
 from authserver.store.sql import SqlStore
@@ -287,8 +288,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def app_factory() -> Any:
     """For `uvicorn --factory authserver.app:app_factory`: settings from the environment.
 
-    Each worker process calls this, so it also sets up that process's logging.
+    Each worker process calls this, so it also sets up that process's logging and
+    the header timeout of its connections.
     """
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
+    set_header_timeout(settings.header_timeout)
     return create_app(settings)

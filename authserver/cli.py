@@ -149,8 +149,7 @@ def serve(
     demo: Annotated[bool, typer.Option(help="Create the demo user testuser/testpassword.")] = False,
 ) -> None:
     """Run the server (uvicorn), after applying migrations and loading the keys."""
-    import uvicorn
-
+    from authserver import serving
     from authserver.app import ensure_signing_key
 
     with operator_errors():
@@ -162,18 +161,7 @@ def serve(
             run_with_users(cfg, _create_demo_user)
         else:
             run_with_store(cfg, lambda store: store.ping())
-    uvicorn.run(
-        "authserver.app:app_factory",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        proxy_headers=False,  # AUTHSERVER_TRUSTED_PROXIES decides, in the app
-        server_header=False,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    serving.run(host=host, port=port, workers=workers, max_connections=cfg.max_connections)
 
 
 async def _create_demo_user(users: UserService) -> None:

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     purge_interval: float = Field(default=3600.0, gt=0)
+    header_timeout: float = Field(default=5.0, gt=0, le=300)
+    max_connections: int = Field(default=2048, ge=1)
 
     @field_validator("scopes", mode="before")
     @classmethod

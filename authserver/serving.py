@@ -1,0 +1,97 @@
+"""uvicorn as `authserver serve` runs it: slow clients cannot hold connections open.
+
+uvicorn closes a connection that stays idle *between* requests
+(`timeout_keep_alive`), but sets no limit on how long a client may take to send
+a request's headers: a client that trickles one byte every few seconds
+(slowloris) holds its connection, and a socket, for ever. `HeaderTimeoutProtocol`
+is uvicorn's own httptools protocol with that one timer added: from the moment
+a connection opens, or a new request on it begins, the headers must be complete
+within `header_timeout` seconds, or the connection is closed. The number of
+connections a process serves at once is bounded by uvicorn's
+`limit_concurrency` (beyond it, a request is answered 503 at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """`HttpToolsProtocol` that closes a connection whose request headers come too slowly."""
+
+    header_timeout: float = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def set_header_timeout(seconds: float) -> None:
+    """Set the timeout for this process's connections. Each worker process calls it (from
+    `app_factory`): uvicorn hands its workers the protocol class, not an instance."""
+    HeaderTimeoutProtocol.header_timeout = seconds
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise this process's soft limit on open files towards `wanted` (never above the hard
+    limit): each connection is a file, and 1024, a common default, is less than the bound."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def run(*, host: str, port: int, workers: int, max_connections: int) -> None:
+    """Serve `authserver.app:app_factory` until stopped (blocking)."""
+    _allow_open_files(max_connections + 256)  # the connections, and the files of the process
+    uvicorn.run(
+        "authserver.app:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        http=HeaderTimeoutProtocol,
+        limit_concurrency=max_connections,
+        proxy_headers=False,  # AUTHSERVER_TRUSTED_PROXIES decides, in the app
+        server_header=False,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
