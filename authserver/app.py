@@ -1,4 +1,4 @@
-"""`create_app(settings)`: the FastAPI application, its services and its one error handler."""
+"""`create_app(settings)`: the FastAPI application and its services."""
 
 from __future__ import annotations
 
@@ -10,33 +10,24 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
 from authserver.api import docs, health, protected, token, wellknown
-from authserver.api.deps import INVALID_GRANT_STATUS, Services
-from authserver.api.responses import JSON, NO_STORE
+from authserver.api.deps import Services
+from authserver.api.errors import install_error_handlers
 from authserver.audit import Auditor
 from authserver.config import Settings
-from authserver.errors import (
-    InvalidGrantError,
-    InvalidRequestError,
-    OAuthError,
-    TemporarilyUnavailableError,
-)
 from authserver.grants import AuthService, TokenPolicy
-from authserver.keys import KeyFileError, KeyRing, NoSigningKeyError, generate_key, key_files
+from authserver.keys import KeyFileError, KeyRing, generate_key, key_files
 from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
-from authserver.resource import TokenValidator, error_response
+from authserver.resource import TokenValidator
+from authserver.responses import JSON
 from authserver.store.migrate import upgrade_async
-from authserver.store.protocol import StoreUnavailable
 from authserver.store.sql import SqlStore
 from authserver.throttle import LoginThrottle
 from authserver.tokens import AccessTokenVerifier, KeyRingSource
@@ -120,57 +111,6 @@ async def _housekeeping(services: Services, settings: Settings) -> None:
                 log.info("purged expired refresh families", extra={"families": purged})
         except Exception:
             log.exception("housekeeping failed")
-
-
-def _error_response(request: Request, exc: OAuthError) -> JSON:
-    if isinstance(exc, InvalidGrantError) and INVALID_GRANT_STATUS in request.scope:
-        exc = InvalidGrantError(exc.description, status_code=request.scope[INVALID_GRANT_STATUS])
-    return error_response(exc)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    # Starlette looks handlers up along the MRO: this one covers every OAuthError.
-    @app.exception_handler(OAuthError)
-    async def oauth_error(request: Request, exc: OAuthError) -> JSON:
-        return _error_response(request, exc)
-
-    @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSON:
-        log.warning("database unavailable: %s", exc)
-        return _error_response(request, TemporarilyUnavailableError(retry_after=2))
-
-    @app.exception_handler(NoSigningKeyError)
-    async def no_key(request: Request, exc: NoSigningKeyError) -> JSON:
-        log.error("cannot sign: %s", exc)
-        return _error_response(
-            request, TemporarilyUnavailableError("No signing key is loaded.", retry_after=5)
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, _exc: RequestValidationError) -> JSON:
-        # Never FastAPI's default 422, which repeats the submitted input.
-        return _error_response(request, InvalidRequestError("The request is malformed."))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSON:
-        # Every error body carries an RFC 6749 §5.2 code, as the contract says; the
-        # status (404, 405, ...) and the description tell the rest.
-        body = {"error": "invalid_request", "error_description": str(exc.detail)}
-        return JSON(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, _exc: ClientDisconnect) -> JSON:
-        # The client hung up mid-body: nobody will read this answer, and it is no server error.
-        return _error_response(request, InvalidRequestError("The request body was cut short."))
-
-    @app.exception_handler(Exception)
-    async def server_error(_request: Request, _exc: Exception) -> JSON:
-        log.exception("unhandled error")
-        return JSON(
-            {"error": "server_error", "error_description": "An unexpected error occurred."},
-            status_code=500,
-            headers=NO_STORE,
-        )
 
 
 class HeadAsGet:
@@ -263,7 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=JSON,
         swagger_ui_oauth2_redirect_url=None,
     )
-    _install_error_handlers(app)
+    install_error_handlers(app)
     for router in (token.router, protected.router, wellknown.router, health.router):
         app.include_router(router)
     docs.install_docs(app, scopes=settings.scopes)
