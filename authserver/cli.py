@@ -29,6 +29,7 @@ from authserver.keys import (
     KeyFileError,
     KeyRing,
     SigningKey,
+    ensure_signing_key,
     generate_key,
     key_files,
 )
@@ -141,12 +142,10 @@ def serve(
     """Run the server (uvicorn), after applying migrations and loading the keys."""
     import uvicorn
 
-    from authserver.app import ensure_signing_key
-
     with operator_errors():
         cfg = settings()
         configure_logging(cfg.log_format, cfg.log_level)
-        ensure_signing_key(cfg)
+        ensure_signing_key(cfg.keys_dir)
         KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
         if demo:
             run_with_store(cfg, lambda store: _create_demo_user(store, cfg))
