@@ -19,7 +19,7 @@ NO_STORE: Final[Mapping[str, str]] = {"Cache-Control": "no-store", "Pragma": "no
 
 
 class OAuthError(Exception):
-    """Base of every error a client can cause, with the response it becomes."""
+    """Base of every error answer (mostly ones a client causes), with the response it becomes."""
 
     error: str = "invalid_request"
     status_code: int = 400
@@ -124,8 +124,8 @@ class UnhealthyError(TemporarilyUnavailableError):
 
 
 class ServerError(OAuthError):
-    """A bug of ours (RFC 6749 §5.2 leaves this to §4.1.2.1's `server_error`): the
-    detail goes to the log, never to the client."""
+    """A bug of ours: RFC 6749 §4.1.2.1's `server_error`. The detail goes to the log,
+    never to the client."""
 
     error = "server_error"
     status_code = 500
