@@ -1,68 +1,40 @@
-"""`create_app(settings)`: the FastAPI application, its services and its one error handler."""
+"""Wiring: `create_app(settings)` builds the services and the FastAPI application.
+
+What the pieces do lives elsewhere: the routes, middleware and exception
+handlers in `api/`, key bootstrap in `keys.py`, the background jobs in `jobs.py`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
 from authserver.api import docs, health, protected, token, wellknown
-from authserver.api.deps import INVALID_GRANT_STATUS, Services
-from authserver.api.responses import JSON, NO_STORE
+from authserver.api.deps import Services
+from authserver.api.errors import install_error_handlers
+from authserver.api.middleware import HeadAsGet, SecurityHeaders
 from authserver.audit import Auditor
 from authserver.config import Settings
-from authserver.errors import (
-    InvalidGrantError,
-    InvalidRequestError,
-    OAuthError,
-    TemporarilyUnavailableError,
-)
 from authserver.grants import AuthService, TokenPolicy
-from authserver.keys import KeyFileError, KeyRing, NoSigningKeyError, generate_key, key_files
+from authserver.jobs import start_jobs, stop_jobs
+from authserver.keys import KeyRing, ensure_signing_key
 from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
-from authserver.resource import TokenValidator, error_response
+from authserver.resource import TokenValidator
+from authserver.responses import JSON
 from authserver.serving import set_header_timeout
 from authserver.store.migrate import upgrade_async
-from authserver.store.protocol import StoreUnavailable
 from authserver.store.sql import SqlStore
 from authserver.throttle import LoginThrottle, ThrottleLimits
 from authserver.tokens import AccessTokenVerifier, KeyRingSource
 from authserver.users import UserService
-
-log = logging.getLogger("authserver")
-
-
-def ensure_signing_key(settings: Settings) -> None:
-    """Generate a key if the directory has none; a lock stops concurrent starters doubling up."""
-    try:
-        settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = open(settings.keys_dir / ".lock", "a")  # closed by the with below
-    except OSError as exc:
-        raise KeyFileError(
-            f"cannot use keys directory {settings.keys_dir}: {exc.strerror or exc}"
-        ) from exc
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not key_files(settings.keys_dir):
-            key = generate_key(settings.keys_dir)
-            log.warning(
-                "keys directory was empty: generated a new signing key",
-                extra={"kid": key.kid, "alg": key.alg, "file": str(key.path)},
-            )
 
 
 def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Services:
@@ -110,118 +82,6 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
     )
 
 
-async def _every(interval: float, work: Callable[[], object], failure: str) -> None:
-    """Run blocking `work` in a thread every `interval` seconds; a failure is logged, not fatal."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(work)
-        except Exception:
-            log.exception(failure)
-
-
-async def _housekeeping(services: Services, settings: Settings) -> None:
-    while True:
-        await asyncio.sleep(settings.purge_interval)
-        now = time.time()
-        try:
-            purged = await services.store.purge_expired(now=now)
-            await services.auth.throttle.purge(now=now)
-            if purged:
-                log.info("purged expired refresh families", extra={"families": purged})
-        except Exception:
-            log.exception("housekeeping failed")
-
-
-def _error_response(request: Request, exc: OAuthError) -> JSON:
-    if isinstance(exc, InvalidGrantError) and INVALID_GRANT_STATUS in request.scope:
-        exc = InvalidGrantError(exc.description, status_code=request.scope[INVALID_GRANT_STATUS])
-    return error_response(exc)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    # Starlette looks handlers up along the MRO: this one covers every OAuthError.
-    @app.exception_handler(OAuthError)
-    async def oauth_error(request: Request, exc: OAuthError) -> JSON:
-        return _error_response(request, exc)
-
-    @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSON:
-        log.warning("database unavailable: %s", exc)
-        return _error_response(request, TemporarilyUnavailableError(retry_after=2))
-
-    @app.exception_handler(NoSigningKeyError)
-    async def no_key(request: Request, exc: NoSigningKeyError) -> JSON:
-        log.error("cannot sign: %s", exc)
-        return _error_response(
-            request, TemporarilyUnavailableError("No signing key is loaded.", retry_after=5)
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, _exc: RequestValidationError) -> JSON:
-        # Never FastAPI's default 422, which repeats the submitted input.
-        return _error_response(request, InvalidRequestError("The request is malformed."))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSON:
-        # Every error body carries an RFC 6749 §5.2 code, as the contract says; the
-        # status (404, 405, ...) and the description tell the rest.
-        body = {"error": "invalid_request", "error_description": str(exc.detail)}
-        return JSON(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, _exc: ClientDisconnect) -> JSON:
-        # The client hung up mid-body: nobody will read this answer, and it is no server error.
-        return _error_response(request, InvalidRequestError("The request body was cut short."))
-
-    @app.exception_handler(Exception)
-    async def server_error(_request: Request, _exc: Exception) -> JSON:
-        log.exception("unhandled error")
-        return JSON(
-            {"error": "server_error", "error_description": "An unexpected error occurred."},
-            status_code=500,
-            headers=NO_STORE,
-        )
-
-
-class HeadAsGet:
-    """Answer HEAD as GET (RFC 9110 §9.3.2: every GET resource takes HEAD too).
-
-    FastAPI routes declare GET alone. The app sees a copy of the scope saying GET,
-    while the server's own scope still says HEAD, so it sends the headers only.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            scope = {**scope, "method": "GET"}
-        await self.app(scope, receive, send)
-
-
-class SecurityHeaders:
-    """Adds `X-Content-Type-Options: nosniff` to every response (pure ASGI: cheap)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-content-type-options", b"nosniff"),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; the store and keys are opened by its lifespan."""
     settings = settings or Settings()
@@ -229,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Keys first: a refused key file stops startup before any connection is opened.
-        await asyncio.to_thread(ensure_signing_key, settings)
+        await asyncio.to_thread(ensure_signing_key, settings.keys_dir)
         keyring = KeyRing(settings.keys_dir, allow_insecure=settings.allow_insecure_key_files)
         await asyncio.to_thread(keyring.load)
         store = SqlStore.from_settings(settings)
@@ -240,27 +100,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         services = build_services(settings, store, keyring)
         app.state.services = services
-        tasks = [
-            # The timing guard's dummy hash costs one bcrypt (~0.3 s at cost 12): make it
-            # in the background rather than before listening; a login needing it waits.
-            asyncio.create_task(services.auth.hasher.warm_up()),
-            asyncio.create_task(
-                _every(
-                    settings.keys_reload_interval,
-                    keyring.reload_if_changed,
-                    "reloading the keys directory failed",
-                )
-            ),
-            asyncio.create_task(_housekeeping(services, settings)),
-            # SQLite's WAL checkpoint fsyncs: in a thread, it never stalls a request.
-            asyncio.create_task(_every(1.0, store.checkpoint, "WAL checkpoint failed")),
-        ]
+        jobs = start_jobs(
+            store=store,
+            keyring=keyring,
+            hasher=services.auth.hasher,
+            keys_reload_interval=settings.keys_reload_interval,
+            purge_interval=settings.purge_interval,
+            login_window=settings.login_window,
+            known_address_ttl=settings.login_known_address_ttl,
+        )
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_jobs(jobs)
             services.auth.hasher.close()
             await store.close()
 
@@ -274,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=JSON,
         swagger_ui_oauth2_redirect_url=None,
     )
-    _install_error_handlers(app)
+    install_error_handlers(app)
     for router in (token.router, protected.router, wellknown.router, health.router):
         app.include_router(router)
     docs.install_docs(app, scopes=settings.scopes)

@@ -24,11 +24,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from authserver import audit
 from authserver.audit import CLI, Auditor
 from authserver.config import Settings
+from authserver.jobs import purge
 from authserver.keys import (
     ALGORITHMS,
     KeyFileError,
     KeyRing,
     SigningKey,
+    ensure_signing_key,
     generate_key,
     key_files,
 )
@@ -150,12 +152,11 @@ def serve(
 ) -> None:
     """Run the server (uvicorn), after applying migrations and loading the keys."""
     from authserver import serving
-    from authserver.app import ensure_signing_key
 
     with operator_errors():
         cfg = settings()
         configure_logging(cfg.log_format, cfg.log_level)
-        ensure_signing_key(cfg)
+        ensure_signing_key(cfg.keys_dir)
         KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
         if demo:
             run_with_users(cfg, _create_demo_user)
@@ -336,11 +337,13 @@ def db_purge() -> None:
     with operator_errors():
         cfg = settings()
 
-        async def work(store: SqlStore) -> int:
-            now = time.time()
-            await store.purge_login_failures(before=now - cfg.login_window)
-            await store.purge_login_addresses(before=now - cfg.login_known_address_ttl)
-            return await store.purge_expired(now=now)
+        def work(store: SqlStore) -> Awaitable[int]:
+            return purge(
+                store,
+                now=time.time(),
+                login_window=cfg.login_window,
+                known_address_ttl=cfg.login_known_address_ttl,
+            )
 
         purged = run_with_store(cfg, work)
     typer.echo(f"purged {purged} refresh families")

@@ -1,4 +1,9 @@
-"""Protocol errors: one hierarchy, rendered in one place (`app.py`).
+"""Protocol errors: one hierarchy, each error knowing its whole answer.
+
+An `OAuthError` says its status, its JSON body and its headers (the no-store
+pair and, where one is due, the challenge); `authserver.responses` renders it,
+the one way, for the server and for the resource kit alike. Nothing here knows
+HTTP frameworks, so every domain module may raise these.
 
 Codes and statuses follow RFC 6749 §5.2 (token endpoint) and RFC 6750 §3.1
 (bearer-protected resources): https://www.rfc-editor.org/rfc/rfc6749#section-5.2
@@ -6,9 +11,15 @@ Codes and statuses follow RFC 6749 §5.2 (token endpoint) and RFC 6750 §3.1
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Final
+
+# RFC 6749 §5.1 and §5.2: neither a token response nor an error may be cached.
+NO_STORE: Final[Mapping[str, str]] = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
 
 class OAuthError(Exception):
-    """Base of every error a client can cause; `app.py` turns it into a response."""
+    """Base of every error answer (mostly ones a client causes), with the response it becomes."""
 
     error: str = "invalid_request"
     status_code: int = 400
@@ -21,7 +32,7 @@ class OAuthError(Exception):
         super().__init__(self.description)
 
     def headers(self) -> dict[str, str]:
-        return {}
+        return dict(NO_STORE)
 
     def body(self) -> dict[str, str]:
         return {"error": self.error, "error_description": self.description}
@@ -38,7 +49,10 @@ class InvalidClientError(OAuthError):
     description = "Client authentication failed."
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": 'Basic realm="authserver"'} if self.status_code == 401 else {}
+        headers = super().headers()
+        if self.status_code == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="authserver"'
+        return headers
 
 
 class InvalidGrantError(OAuthError):
@@ -46,9 +60,12 @@ class InvalidGrantError(OAuthError):
     description = "The grant is invalid, expired or revoked."
 
     def headers(self) -> dict[str, str]:
-        # /login and /refresh answer 401, and a 401 must carry a challenge (RFC 9110
-        # §15.5.2). Bearer, not Basic: Basic would make a browser prompt for a password.
-        return {"WWW-Authenticate": 'Bearer realm="authserver"'} if self.status_code == 401 else {}
+        headers = super().headers()
+        if self.status_code == 401:
+            # A 401 must carry a challenge (RFC 9110 §15.5.2). Bearer, not Basic:
+            # Basic would make a browser prompt for a password.
+            headers["WWW-Authenticate"] = 'Bearer realm="authserver"'
+        return headers
 
 
 class UnauthorizedClientError(OAuthError):
@@ -78,7 +95,7 @@ class SlowDownError(OAuthError):
         self.retry_after = max(1, retry_after)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
+        return {**super().headers(), "Retry-After": str(self.retry_after)}
 
 
 class TemporarilyUnavailableError(OAuthError):
@@ -93,7 +110,46 @@ class TemporarilyUnavailableError(OAuthError):
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
+        return {**super().headers(), "Retry-After": str(self.retry_after)}
+
+
+class UnhealthyError(TemporarilyUnavailableError):
+    """/health's 503: the error body, plus the `status` a health probe reads."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"Unavailable: {problem}.", retry_after=5)
+
+    def body(self) -> dict[str, str]:
+        return {"status": "unavailable", **super().body()}
+
+
+class ServerError(OAuthError):
+    """A bug of ours: RFC 6749 §4.1.2.1's `server_error`. The detail goes to the log,
+    never to the client."""
+
+    error = "server_error"
+    status_code = 500
+    description = "An unexpected error occurred."
+
+
+class NotServedError(OAuthError):
+    """No route for this path (404) or this method (405, with `Allow`).
+
+    Still an RFC 6749 §5.2 code in the body, as for every error; the status and the
+    description tell the rest. The only error without no-store: it says nothing about
+    a credential, and a cache may keep it like any 404 (RFC 9111 §4.2.2).
+    """
+
+    error = "invalid_request"
+
+    def __init__(
+        self, description: str, *, status_code: int, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(description, status_code=status_code)
+        self._headers = dict(headers or {})
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
 
 
 class BearerError(OAuthError):
@@ -101,7 +157,8 @@ class BearerError(OAuthError):
 
     def headers(self) -> dict[str, str]:
         desc = self.description.replace("\\", "").replace('"', "'")
-        return {"WWW-Authenticate": f'Bearer error="{self.error}", error_description="{desc}"'}
+        challenge = f'Bearer error="{self.error}", error_description="{desc}"'
+        return {**super().headers(), "WWW-Authenticate": challenge}
 
 
 class MissingTokenError(OAuthError):
@@ -112,7 +169,7 @@ class MissingTokenError(OAuthError):
     description = "Authentication required: send an access token as 'Authorization: Bearer'."
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
 
 
 class MalformedBearerRequestError(BearerError):

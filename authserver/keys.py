@@ -7,6 +7,7 @@ added or removed on disk, and parses only the new ones.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
@@ -160,6 +161,23 @@ def generate_key(keys_dir: Path, alg: Algorithm = "RS256") -> SigningKey:
             f"cannot write a key file into {keys_dir}: {exc.strerror or exc}"
         ) from exc
     return load_key(path)
+
+
+def ensure_signing_key(keys_dir: Path) -> None:
+    """Generate a key if the directory has none; a lock stops concurrent starters doubling up."""
+    try:
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = open(keys_dir / ".lock", "a")  # closed by the with below
+    except OSError as exc:
+        raise KeyFileError(f"cannot use keys directory {keys_dir}: {exc.strerror or exc}") from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not key_files(keys_dir):
+            key = generate_key(keys_dir)
+            log.warning(
+                "keys directory was empty: generated a new signing key",
+                extra={"kid": key.kid, "alg": key.alg, "file": str(key.path)},
+            )
 
 
 def _publish(keys_dir: Path, alg: Algorithm, pem: bytes) -> Path:

@@ -20,6 +20,8 @@ very code behind the server's own `/protected`.
 Errors follow RFC 6750 §3 (https://www.rfc-editor.org/rfc/rfc6750#section-3):
 no token is 401 with a bare `WWW-Authenticate: Bearer`, a bad one 401
 `invalid_token`, a token without the required scopes 403 `insufficient_scope`.
+`install_error_handler` and `error_response` are the server's own rendering
+(`authserver.responses`), so the kit answers exactly as the server does.
 """
 
 from __future__ import annotations
@@ -34,18 +36,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
-from fastapi import FastAPI, Request, Security
+from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from authserver.api.responses import JSON, NO_STORE
 from authserver.errors import (
     InsufficientScopeError,
     MalformedBearerRequestError,
     MissingTokenError,
-    OAuthError,
     TemporarilyUnavailableError,
 )
 from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, MIN_RSA_BITS
+from authserver.responses import error_response, install_error_handler
 from authserver.tokens import (
     AccessClaims,
     AccessTokenVerifier,
@@ -446,21 +447,3 @@ def require_token(
         return claims
 
     return claims_dependency
-
-
-def error_response(exc: OAuthError, *, status_code: int | None = None) -> JSON:
-    """Render an `OAuthError`: its JSON body and headers (RFC 6749 §5.2, RFC 6750 §3)."""
-    return JSON(
-        exc.body(),
-        status_code=status_code or exc.status_code,
-        headers={**NO_STORE, **exc.headers()},
-    )
-
-
-def install_error_handler(app: FastAPI) -> None:
-    """Make every `OAuthError` (401 invalid_token, 403 insufficient_scope, ...) a response."""
-
-    # Starlette looks handlers up along the MRO: one registration covers every subclass.
-    @app.exception_handler(OAuthError)
-    async def oauth_error(_request: Request, exc: OAuthError) -> JSON:
-        return error_response(exc)

@@ -142,11 +142,6 @@ class LoginThrottle:
         if attempt.user_id is not None and keys.network is not None:
             await self._store.remember_login_address(attempt.user_id, keys.network, at=now)
 
-    async def purge(self, *, now: float) -> None:
-        """Forget failures older than the window and networks unused for the TTL."""
-        await self._store.purge_login_failures(before=now - self.limits.window)
-        await self._store.purge_login_addresses(before=now - self.limits.known_address_ttl)
-
     async def _check(
         self, attempt: Attempt, *, now: float, extra: int, address_exempt: bool
     ) -> None:

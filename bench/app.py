@@ -17,12 +17,12 @@ import secrets
 from fastapi import APIRouter, FastAPI, Request
 
 from authserver.api.parsing import read_json_or_form
-from authserver.api.responses import JSON, token_response
 from authserver.api.schemas import ProtectedResponse, RefreshRequest
 from authserver.app import create_app
 from authserver.config import Settings
 from authserver.logs import configure_logging
 from authserver.refresh import REFRESH_TOKEN_BYTES
+from authserver.responses import JSON, token_response
 from authserver.tokens import mint_access_token
 
 BENCH_USER = "benchuser"

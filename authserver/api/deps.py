@@ -51,9 +51,9 @@ def services_of(request: Request) -> Services:
 def request_context(request: Request) -> RequestContext:
     """Who is asking, for the audit trail and the throttle.
 
-    The token routes call this (and `seed_context`, `services_of`) directly rather
-    than as dependencies: they are the hottest routes, and resolving a dependency
-    costs FastAPI more than the work inside it.
+    The token routes call this (and `services_of`) directly rather than as
+    dependencies: they are the hottest routes, and resolving a dependency costs
+    FastAPI more than the work inside it.
     """
     supplied = request.headers.get("x-request-id", "")
     request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
@@ -62,18 +62,6 @@ def request_context(request: Request) -> RequestContext:
     # text the client put in X-Forwarded-For.
     client_addr = client.host[:64] if client and client.host else None
     return RequestContext(client_addr=client_addr, request_id=request_id)
-
-
-INVALID_GRANT_STATUS = "authserver.invalid_grant_status"
-
-
-def seed_context(request: Request) -> RequestContext:
-    """`request_context` for the seed-compatible /login and /refresh, which answer a
-    bad grant with 401 rather than /token's 400."""
-    # In the request's own scope, not `request.state`: that dict is the lifespan
-    # state, which some ASGI servers (and asgi-lifespan) share across requests.
-    request.scope[INVALID_GRANT_STATUS] = 401
-    return request_context(request)
 
 
 # Declares the OAuth2 password flow in the OpenAPI document, so the Swagger UI's

@@ -8,8 +8,9 @@ import logging
 from fastapi import APIRouter
 
 from authserver.api.deps import ServicesDep
-from authserver.api.responses import JSON
 from authserver.api.schemas import HealthResponse
+from authserver.errors import UnhealthyError
+from authserver.responses import JSON
 from authserver.store.protocol import StoreError
 
 router = APIRouter(tags=["operations"])
@@ -34,12 +35,4 @@ async def health(services: ServicesDep) -> JSON:
     if problem is None:
         return JSON({"status": "ok"}, headers={"Cache-Control": "no-store"})
     log.warning("health check failed: %s", problem)
-    return JSON(
-        {
-            "status": "unavailable",
-            "error": "temporarily_unavailable",
-            "error_description": f"Unavailable: {problem}.",
-        },
-        status_code=503,
-        headers={"Cache-Control": "no-store", "Retry-After": "5"},
-    )
+    raise UnhealthyError(problem)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from authserver.api.deps import ClaimsDep
-from authserver.api.responses import JSON
 from authserver.api.schemas import ProtectedResponse, errors
+from authserver.responses import JSON
 
 router = APIRouter(tags=["resources"])
 

@@ -12,9 +12,8 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from authserver.api.deps import request_context, seed_context, services_of
+from authserver.api.deps import request_context, services_of
 from authserver.api.parsing import read_form, read_json_or_form
-from authserver.api.responses import JSON, NO_STORE, token_response
 from authserver.api.schemas import (
     LoginRequest,
     LogoutRequest,
@@ -24,8 +23,14 @@ from authserver.api.schemas import (
     errors,
 )
 from authserver.audit import RequestContext
-from authserver.errors import InvalidClientError, InvalidRequestError, UnsupportedGrantTypeError
+from authserver.errors import (
+    InvalidClientError,
+    InvalidGrantError,
+    InvalidRequestError,
+    UnsupportedGrantTypeError,
+)
 from authserver.grants import GRANT_TYPES, PASSWORD_GRANT, REFRESH_TOKEN_GRANT, AuthService
+from authserver.responses import JSON, NO_STORE, token_response
 
 router = APIRouter(tags=["tokens"])
 DEFAULT_CLIENT_ID = "authserver"
@@ -110,6 +115,12 @@ async def token_request(
     raise UnsupportedGrantTypeError(f"Unsupported grant_type; use one of {', '.join(GRANT_TYPES)}.")
 
 
+def _seed_refusal(exc: InvalidGrantError) -> InvalidGrantError:
+    """The seed-compatible /login and /refresh answer a refused grant with 401, where
+    /token answers RFC 6749 §5.2's 400."""
+    return InvalidGrantError(exc.description, status_code=401)
+
+
 @router.post(
     "/login",
     response_model=TokenResponse,
@@ -118,18 +129,20 @@ async def token_request(
     summary="Log in with a username and password (JSON or form)",
 )
 async def login(request: Request) -> JSON:
-    services, ctx = services_of(request), seed_context(request)
+    services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, LoginRequest)
     client_id = _valid_client_id(body.client_id or DEFAULT_CLIENT_ID)
-    return token_response(
-        await services.auth.password_grant(
+    try:
+        tokens = await services.auth.password_grant(
             ctx,
             username=body.username,
             password=body.password,
             scope=body.scope,
             client_id=client_id,
         )
-    )
+    except InvalidGrantError as exc:
+        raise _seed_refusal(exc) from exc
+    return token_response(tokens)
 
 
 @router.post(
@@ -140,11 +153,15 @@ async def login(request: Request) -> JSON:
     summary="Exchange a refresh token for a new token pair (rotation)",
 )
 async def refresh(request: Request) -> JSON:
-    services, ctx = services_of(request), seed_context(request)
+    services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, RefreshRequest)
-    return token_response(
-        await services.auth.refresh_grant(ctx, refresh_token=body.refresh_token, scope=body.scope)
-    )
+    try:
+        tokens = await services.auth.refresh_grant(
+            ctx, refresh_token=body.refresh_token, scope=body.scope
+        )
+    except InvalidGrantError as exc:
+        raise _seed_refusal(exc) from exc
+    return token_response(tokens)
 
 
 @router.post(

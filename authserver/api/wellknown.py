@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from authserver.api.deps import ServicesDep
-from authserver.api.responses import JSON
 from authserver.grants import GRANT_TYPES
+from authserver.responses import JSON
 
 router = APIRouter(tags=["discovery"])
 # Short enough that resource servers see a new or retired key within a minute.
