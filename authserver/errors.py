@@ -18,15 +18,30 @@ from typing import Final
 NO_STORE: Final[Mapping[str, str]] = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
+# RFC 6749 §5.2: error_description = 1*( %x20-21 / %x23-5B / %x5D-7E )
+_DESCRIPTION_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
+
+
+def _description(text: str) -> str:
+    """`text` in the characters RFC 6749 §5.2 allows: quotes become apostrophes, and
+    anything else outside the set (control characters, non-ASCII) is dropped."""
+    text = text.replace('"', "'")
+    return "".join(c for c in text if c in _DESCRIPTION_CHARS)
+
+
 class OAuthError(Exception):
-    """Base of every error answer (mostly ones a client causes), with the response it becomes."""
+    """Base of every error answer (mostly ones a client causes), with the response it becomes.
+
+    A description is written by us and never quotes the request (no parameter name
+    or value a client sent); it is kept to RFC 6749 §5.2's characters all the same.
+    """
 
     error: str = "invalid_request"
     status_code: int = 400
     description: str = "The request is invalid."
 
     def __init__(self, description: str | None = None, *, status_code: int | None = None) -> None:
-        self.description = description or type(self).description
+        self.description = _description(description or type(self).description)
         if status_code is not None:
             self.status_code = status_code
         super().__init__(self.description)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -333,3 +335,38 @@ async def test_a_seed_body_of_another_media_type_is_415(
     assert r.status_code == 415, r.text
     assert set(r.json()) == {"error", "error_description"}
     assert r.json()["error"] == "invalid_request"
+
+
+_DESCRIPTION = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")
+MARK = 'zq"\\é\x01mark'
+
+
+async def test_no_error_description_carries_what_the_client_sent(session: Session) -> None:
+    """RFC 6749 §5.2's characters only, and never a parameter name or value from the
+    request, however the request goes wrong."""
+    client = session.running.client
+    q = quote(MARK)
+    attempts = [
+        client.post("/token", content=f"{q}=1&{q}=2".encode(), headers=FORM_CT),
+        client.post("/token", content=f"grant_type={q}".encode(), headers=FORM_CT),
+        client.post(
+            "/token",
+            content=f"grant_type=password&username=alice&password=x&scope={q}".encode(),
+            headers=FORM_CT,
+        ),
+        client.post("/login", json={"username": "alice", "password": "x", "scope": "read " + MARK}),
+        client.post("/login", json={"username": "alice", "password": "x", "scope": MARK + "b"}),
+        client.post("/login", json={"username": {MARK: 1}, "password": MARK}),
+        client.post("/login", json={MARK: MARK}),
+        client.post("/login", content=f"{q}={q}&{q}=1".encode(), headers=FORM_CT),
+        client.post("/refresh", json={"refresh_token": [MARK]}),
+        client.post("/revoke", content=f"token={q}&token={q}".encode(), headers=FORM_CT),
+        client.get("/protected", headers={"Authorization": "Bearer " + MARK.encode().hex()}),
+        client.get("/" + q),
+    ]
+    for response in [await a for a in attempts]:
+        assert 400 <= response.status_code < 500, response.text
+        description = response.json()["error_description"]
+        assert _DESCRIPTION.fullmatch(description), description
+        assert "mark" not in description, description
+        assert "zq" not in description, description

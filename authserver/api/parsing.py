@@ -60,7 +60,7 @@ def parse_form(body: bytes) -> dict[str, str]:
     form: dict[str, str] = {}
     for name, value in pairs:
         if name in form:
-            raise InvalidRequestError(f"The parameter '{name[:40]}' is repeated.")
+            raise InvalidRequestError("A parameter is repeated.")
         form[name] = value
     return form
 
@@ -75,13 +75,18 @@ def parse_json(body: bytes) -> dict[str, object]:
     return value
 
 
+def _field_of(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    return str(loc[0]) if loc and loc[0] in model.model_fields else "body"
+
+
 def validate(model: type[M], data: dict[str, object]) -> M:
-    """Validate into `model`, describing the problem without echoing any value."""
+    """Validate into `model`, describing the problem without echoing anything sent:
+    no value, and no name but the model's own field names."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            f"{_field_of(model, err['loc'])}: {err['msg']}"
             for err in exc.errors(include_input=False, include_url=False)[:5]
         )
         raise InvalidRequestError(f"Invalid request: {problems}"[:400]) from exc
