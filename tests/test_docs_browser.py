@@ -135,12 +135,16 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
     screenshot = Path(os.environ.get("AUTHSERVER_TEST_SCREENSHOT") or tmp_path / "swagger.png")
     outside: list[str] = []
     page_errors: list[str] = []
+    csp_violations: list[str] = []
+    documents: list[Response] = []
     seen: dict[str, list[Response]] = {"/token": [], "/protected": []}
 
     def record(response: Response) -> None:
         path = urlsplit(response.url).path
         if path in seen:
             seen[path].append(response)
+        if response.request.resource_type == "document":
+            documents.append(response)
 
     expect.set_options(timeout=UI_TIMEOUT_MS)
     with sync_playwright() as playwright:
@@ -152,6 +156,14 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
             page.set_default_timeout(UI_TIMEOUT_MS)
             page.route("**/*", lambda route: _same_origin_only(route, docs_server.url, outside))
             page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            page.on(
+                "console",
+                lambda msg: (
+                    csp_violations.append(msg.text)
+                    if "Content Security Policy" in msg.text
+                    else None
+                ),
+            )
             page.on("response", record)
             try:
                 _authorize_and_call_protected(page, docs_server.url)
@@ -163,11 +175,15 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
             protected = [
                 (r.status, r.request.headers.get("authorization", "")) for r in seen["/protected"]
             ]
+            policies = [r.headers.get("content-security-policy", "") for r in documents]
         finally:
             browser.close()
 
     assert outside == [], "the page tried to reach beyond the server (a CDN?)"
     assert page_errors == []
+    # The page works under its policy, which it does not break even once.
+    assert policies and all("default-src 'self'" in p for p in policies), policies
+    assert csp_violations == []
     assert len(tokens) == 1, docs_server.log()[-3000:]
     status, form, body = tokens[0]
     assert status == 200
@@ -188,7 +204,7 @@ async def test_docs_page_loads_nothing_from_outside(server: Running) -> None:
     urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
     assert urls, page.text
     for url in urls:
-        assert url.startswith("/docs/assets/"), url
+        assert url.startswith(("/docs/assets/", "/docs/static/")), url
         asset = await server.client.get(url)
         assert asset.status_code == 200, url
         assert len(asset.content) > 0
@@ -199,3 +215,28 @@ async def test_docs_page_loads_nothing_from_outside(server: Running) -> None:
     redirect = await server.client.get("/docs/oauth2-redirect")
     assert redirect.status_code == 200
     assert "text/html" in redirect.headers["content-type"]
+
+
+async def test_every_html_page_forbids_inline_script_other_origins_and_framing(
+    server: Running,
+) -> None:
+    for path in ("/docs", "/docs/oauth2-redirect"):
+        page = await server.client.get(path)
+        assert page.status_code == 200
+        policy = page.headers["content-security-policy"]
+        directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+        assert directives["default-src"] == "'self'"
+        assert directives["frame-ancestors"] == "'none'"
+        assert "script-src" not in directives  # so no 'unsafe-inline' either
+        assert page.headers["x-frame-options"] == "DENY"
+        # Nothing inline that the policy would block: every script has a src, or is data.
+        for tag in re.findall(r"<script[^>]*>", page.text):
+            assert "src=" in tag or 'type="application/json"' in tag, tag
+        assert "style=" not in page.text and "<style" not in page.text
+        script_urls = re.findall(r'<script src="([^"]+)"', page.text)
+        for url in script_urls:
+            script = await server.client.get(url)
+            assert script.status_code == 200, url
+            assert "javascript" in script.headers["content-type"], url
+    # JSON answers are no pages: they do without.
+    assert "content-security-policy" not in (await server.client.get("/health")).headers

@@ -7,41 +7,69 @@ swagger-ui-bundle package stops at 4.15, which refuses 3.1).
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_oauth2_redirect_html, swagger_ui_default_parameters
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
 
 ASSETS = "/docs/assets"
 ASSETS_DIR = files("fastapi_offline") / "static"
+STATIC = "/docs/static"
+STATIC_DIR = files("authserver.api") / "static"
+REDIRECT = "/docs/oauth2-redirect"
+templates = Jinja2Templates(directory=str(files("authserver.api") / "templates"))
+
+
+def _redirect_script() -> bytes:
+    """Swagger UI's OAuth2 redirect script, as FastAPI ships it inline in its page: served
+    as a file of its own here, so that the page needs no inline script."""
+    page = bytes(get_swagger_ui_oauth2_redirect_html().body).decode("utf-8")
+    match = re.search(r"<script>(.*)</script>", page, re.S)
+    if match is None:
+        raise RuntimeError("FastAPI's OAuth2 redirect page has no script")
+    return match.group(1).encode("utf-8")
 
 
 def install_docs(app: FastAPI, *, scopes: tuple[str, ...]) -> None:
     """Serve /docs, offering the configured scopes in its Authorize dialog."""
     _offer_scopes(app, scopes)
     app.mount(ASSETS, StaticFiles(directory=str(ASSETS_DIR)), name="swagger-assets")
-    redirect_url = "/docs/oauth2-redirect"
+    app.mount(STATIC, StaticFiles(directory=str(STATIC_DIR)), name="authserver-static")
+    redirect_script = _redirect_script()
+    config = {
+        "openapiUrl": app.openapi_url or "/openapi.json",
+        "oauth2RedirectUrl": REDIRECT,
+        "initOAuth": {"clientId": "", "usePkceWithAuthorizationCodeGrant": False},
+        "parameters": {
+            **swagger_ui_default_parameters,
+            "persistAuthorization": False,
+            # No validator badge: it would send the schema URL to validator.swagger.io.
+            "validatorUrl": None,
+        },
+    }
 
     @app.get("/docs", include_in_schema=False)
-    async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} - API",
-            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{ASSETS}/favicon.png",
-            oauth2_redirect_url=redirect_url,
-            init_oauth={"clientId": "", "usePkceWithAuthorizationCodeGrant": False},
-            # No validator badge: it would send the schema URL to validator.swagger.io.
-            swagger_ui_parameters={"persistAuthorization": False, "validatorUrl": None},
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return templates.TemplateResponse(
+            request,
+            "swagger.html",
+            {"title": f"{app.title} - API", "assets": ASSETS, "static": STATIC, "config": config},
         )
 
-    @app.get(redirect_url, include_in_schema=False)
-    async def swagger_ui_redirect() -> HTMLResponse:
-        return get_swagger_ui_oauth2_redirect_html()
+    @app.get(REDIRECT, include_in_schema=False)
+    async def swagger_ui_redirect(request: Request) -> HTMLResponse:
+        return templates.TemplateResponse(
+            request, "oauth2_redirect.html", {"script": f"{REDIRECT}.js"}
+        )
+
+    @app.get(f"{REDIRECT}.js", include_in_schema=False)
+    async def swagger_ui_redirect_script() -> Response:
+        return Response(redirect_script, media_type="text/javascript")
 
 
 def _offer_scopes(app: FastAPI, scopes: tuple[str, ...]) -> None:

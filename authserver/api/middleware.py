@@ -25,8 +25,25 @@ class HeadAsGet:
         await self.app(scope, receive, send)
 
 
+# Every HTML page may load what this server serves, and nothing else: no inline
+# script or style, no other origin, no framing (clickjacking), no plugins. Images
+# may also be `data:` URLs (Swagger UI's stylesheet draws its icons so): an image
+# runs no code.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'; object-src 'none'"
+)
+_ALWAYS = [(b"x-content-type-options", b"nosniff")]
+_HTML = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode("ascii")),
+    (b"x-frame-options", b"DENY"),
+]
+
+
 class SecurityHeaders:
-    """Adds `X-Content-Type-Options: nosniff` to every response."""
+    """Adds `X-Content-Type-Options: nosniff` to every response, and to every HTML page a
+    Content-Security-Policy (own origin only, `frame-ancestors 'none'`) and
+    `X-Frame-Options: DENY`, the header older browsers know."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -38,10 +55,14 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-content-type-options", b"nosniff"),
-                ]
+                headers = list(message.get("headers", []))
+                headers += _ALWAYS
+                if any(
+                    name == b"content-type" and value.startswith(b"text/html")
+                    for name, value in headers
+                ):
+                    headers += _HTML
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
