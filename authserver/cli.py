@@ -38,7 +38,13 @@ from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher, PasswordPolicyError
 from authserver.store.protocol import StoreError, UpgradeRefused
 from authserver.store.sql import SqlStore
-from authserver.users import UserError, UserExistsError, UserService, validate_username
+from authserver.users import (
+    UserError,
+    UserExistsError,
+    UserService,
+    normalize_username,
+    validate_username,
+)
 
 T = TypeVar("T")
 app = typer.Typer(
@@ -391,7 +397,11 @@ def audit_list(
         events = run_with_store(
             cfg,
             lambda store: store.list_audit_events(
-                username=user, event=event, since=since_ts, limit=limit
+                # Events name users as stored: `Alice` finds alice's.
+                username=(normalize_username(user) or user) if user is not None else None,
+                event=event,
+                since=since_ts,
+                limit=limit,
             ),
         )
     for ev in events:

@@ -181,6 +181,8 @@ async def test_audit_command_lists_and_filters(
     assert [row["family_id"] for row in reuse] == [family]
     alice = await asyncio.to_thread(cli, env, "audit", "--user", "alice", "--json")
     assert alice and {row["username"] for row in alice} == {"alice"}
+    # Usernames are case-insensitive here too.
+    assert await asyncio.to_thread(cli, env, "audit", "--user", "ALICE", "--json") == alice
     bob_failures = await asyncio.to_thread(
         cli, env, "audit", "--user", "bob", "--event", "login_failed", "--json"
     )
