@@ -20,6 +20,7 @@ from authserver.api.deps import Services
 from authserver.api.errors import install_error_handlers
 from authserver.api.middleware import HeadAsGet, SecurityHeaders
 from authserver.audit import Auditor
+from authserver.clients import ClientService
 from authserver.config import Settings
 from authserver.grants import AuthService, TokenPolicy
 from authserver.jobs import start_jobs, stop_jobs
@@ -73,6 +74,7 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
     return Services(
         auth=auth,
         users=UserService(store=store, hasher=hasher, auditor=auditor),
+        clients=ClientService(store=store, auditor=auditor, scopes=settings.scopes),
         store=store,
         keyring=keyring,
         verifier=verifier,

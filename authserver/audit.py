@@ -30,6 +30,11 @@ USER_DISABLED = "user_disabled"
 USER_ENABLED = "user_enabled"
 KEY_ADDED = "key_added"
 KEY_RETIRED = "key_retired"
+CLIENT_ADDED = "client_added"
+CLIENT_SECRET_ROTATED = "client_secret_rotated"
+CLIENT_DISABLED = "client_disabled"
+CLIENT_ENABLED = "client_enabled"
+CLIENT_REMOVED = "client_removed"
 
 _WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED}
 

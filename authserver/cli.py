@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
@@ -23,6 +24,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from authserver import audit
 from authserver.audit import CLI, Auditor
+from authserver.clients import (
+    BUILTIN_CLIENT_ID,
+    GRANTS,
+    ClientError,
+    ClientService,
+    Registration,
+    describe,
+    parse_jwks,
+)
 from authserver.config import Settings
 from authserver.jobs import purge
 from authserver.keys import (
@@ -56,7 +66,9 @@ app = typer.Typer(
 users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage signing keys.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
+clients_app = typer.Typer(help="Manage the client registry.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+app.add_typer(clients_app, name="clients")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
@@ -256,6 +268,154 @@ def users_list() -> None:
         created = datetime.fromtimestamp(user.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         status = "disabled" if user.disabled else "active"
         typer.echo(f"{user.username:<32} {status:<9} {created}")
+
+
+# -- clients ---------------------------------------------------------------------
+
+
+def run_with_clients(cfg: Settings, work: Callable[[ClientService], Awaitable[T]]) -> T:
+    """Run `work` with the client registry over the configured store; its errors in one line."""
+
+    async def with_clients(store: SqlStore) -> T:
+        service = ClientService(store=store, auditor=Auditor(store), scopes=cfg.scopes)
+        try:
+            return await work(service)
+        except ClientError as exc:
+            raise OperatorError(str(exc)) from exc
+
+    return run_with_store(cfg, with_clients)
+
+
+@clients_app.command("add")
+def clients_add(
+    client_id: str,
+    public: Annotated[
+        bool, typer.Option("--public", help="No secret: a browser or mobile app.")
+    ] = False,
+    grant: Annotated[
+        list[str] | None,
+        typer.Option(help=f"A grant it may use ({', '.join(GRANTS)}); repeatable."),
+    ] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option(help="A scope it may ask for; repeatable.")
+    ] = None,
+    redirect_uri: Annotated[
+        list[str] | None, typer.Option(help="A redirect URI, matched exactly; repeatable.")
+    ] = None,
+    post_logout_redirect_uri: Annotated[
+        list[str] | None, typer.Option(help="Where /end-session may send it back; repeatable.")
+    ] = None,
+    audience: Annotated[str | None, typer.Option(help="`aud` of its tokens.")] = None,
+    name: Annotated[str | None, typer.Option(help="The name people see.")] = None,
+    third_party: Annotated[
+        bool, typer.Option("--third-party", help="Ask users for consent.")
+    ] = False,
+    jwks_file: Annotated[
+        Path | None, typer.Option(help="Its public keys: it authenticates with private_key_jwt.")
+    ] = None,
+    require_dpop: Annotated[
+        bool, typer.Option("--require-dpop", help="Its tokens must be DPoP-bound.")
+    ] = False,
+) -> None:
+    """Register a client; a confidential one's generated secret is printed once."""
+    with operator_errors():
+        cfg = settings()
+        jwks = None
+        if jwks_file is not None:
+            try:
+                jwks = parse_jwks(jwks_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise OperatorError(f"cannot read {jwks_file}: {exc}") from exc
+            except ClientError as exc:
+                raise OperatorError(f"{jwks_file}: {exc}") from exc
+        registration = Registration(
+            client_id=client_id,
+            public=public,
+            grants=tuple(grant or ()),
+            scopes=tuple(scope or ()),
+            redirect_uris=tuple(redirect_uri or ()),
+            post_logout_redirect_uris=tuple(post_logout_redirect_uri or ()),
+            audience=audience,
+            name=name,
+            third_party=third_party,
+            jwks=jwks,
+            require_dpop=require_dpop,
+        )
+        client, secret = run_with_clients(cfg, lambda c: c.register(CLI, registration))
+    if secret is not None:
+        # The only line on standard output: `SECRET=$(authserver clients add ...)` works.
+        typer.echo(secret)
+    kind = "public" if client.public else "confidential"
+    typer.echo(
+        f"registered {kind} client {client.client_id} (grants: {' '.join(client.grants)})"
+        + ("; its secret is shown above, once" if secret else ""),
+        err=True,
+    )
+
+
+@clients_app.command("list")
+def clients_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List clients: id, type, grants, scopes, redirect URIs, created, disabled."""
+    with operator_errors():
+        clients = run_with_clients(settings(), lambda c: c.list())
+    if as_json:
+        for client in clients:
+            typer.echo(json.dumps(describe(client)))
+        return
+    typer.echo(f"{'CLIENT_ID':<24} {'TYPE':<13} {'GRANTS':<40} {'SCOPES':<16} CREATED    DISABLED")
+    for client in clients:
+        created = (
+            "built-in"
+            if client.client_id == BUILTIN_CLIENT_ID
+            else datetime.fromtimestamp(client.created_at, UTC).strftime("%Y-%m-%d")
+        )
+        scopes = " ".join(client.scopes) if client.scopes is not None else "(all)"
+        kind = "public" if client.public else "confidential"
+        typer.echo(
+            f"{client.client_id:<24} {kind:<13} {' '.join(client.grants):<40} {scopes:<16} "
+            f"{created} {'yes' if client.disabled else 'no'}"
+        )
+        for uri in client.redirect_uris:
+            typer.echo(f"{'':<24} redirect {uri}")
+
+
+@clients_app.command("rotate-secret")
+def clients_rotate_secret(
+    client_id: str,
+    grace: Annotated[int, typer.Option(min=0, help="Seconds the old secret keeps working.")] = 0,
+) -> None:
+    """Print a new secret; the old one still works for the grace period."""
+    with operator_errors():
+        secret = run_with_clients(
+            settings(), lambda c: c.rotate_secret(CLI, client_id, grace=grace)
+        )
+    typer.echo(secret)
+
+
+@clients_app.command("disable")
+def clients_disable(client_id: str) -> None:
+    """Disable a client: it cannot authenticate, and its refresh tokens are refused."""
+    with operator_errors():
+        run_with_clients(settings(), lambda c: c.set_disabled(CLI, client_id, True))
+    typer.echo(f"disabled client {client_id}", err=True)
+
+
+@clients_app.command("enable")
+def clients_enable(client_id: str) -> None:
+    """Enable a disabled client."""
+    with operator_errors():
+        run_with_clients(settings(), lambda c: c.set_disabled(CLI, client_id, False))
+    typer.echo(f"enabled client {client_id}", err=True)
+
+
+@clients_app.command("remove")
+def clients_remove(client_id: str) -> None:
+    """Delete a client and revoke every refresh family issued to it."""
+    with operator_errors():
+        revoked = run_with_clients(settings(), lambda c: c.remove(CLI, client_id))
+    typer.echo(f"removed client {client_id}; revoked {revoked} sessions", err=True)
 
 
 # -- keys ------------------------------------------------------------------------

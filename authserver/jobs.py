@@ -85,6 +85,7 @@ async def purge(
     families = await store.purge_expired(now=now)
     await store.purge_login_failures(before=now - login_window)
     await store.purge_login_addresses(before=now - known_address_ttl)
+    await store.purge_used_jtis(before=now)
     return families
 
 

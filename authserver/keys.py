@@ -123,6 +123,25 @@ def load_key(path: Path, *, allow_insecure: bool = False) -> SigningKey:
     )
 
 
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def public_key_of(jwk: Mapping[str, Any]) -> PublicKey:
+    """The public key a JWK (RFC 7517) describes; `ValueError` unless it is an RSA key of
+    at least `MIN_RSA_BITS` or an EC key on `EC_CURVE`."""
+    try:
+        key = JWK(**{k: v for k, v in jwk.items() if isinstance(v, str)}).get_op_key("verify")
+    except Exception as exc:  # jwcrypto raises its own and the standard exceptions alike
+        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ValueError(f"RSA keys of {MIN_RSA_BITS} bits at least are required")
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    raise ValueError(f"only RSA and EC {EC_CURVE} keys are supported")
+
+
 def _created(path: Path, st: os.stat_result) -> datetime:
     try:
         return datetime.strptime(path.stem.split("-", 1)[0], _NAME_FORMAT).replace(tzinfo=UTC)

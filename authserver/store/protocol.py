@@ -75,6 +75,29 @@ class Rotated:
 
 
 @dataclass(frozen=True, slots=True)
+class Client:
+    """A registered client (RFC 6749 §2), as stored."""
+
+    client_id: str
+    name: str
+    public: bool
+    secret_digest: str | None
+    previous_secret_digest: str | None
+    previous_secret_expires_at: float | None
+    jwks: str | None
+    grants: tuple[str, ...]
+    scopes: tuple[str, ...] | None  # None: every configured scope
+    redirect_uris: tuple[str, ...]
+    post_logout_redirect_uris: tuple[str, ...]
+    audience: str | None  # None: the server's default audience
+    third_party: bool
+    require_dpop: bool
+    disabled: bool
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: float
     event: str
@@ -139,6 +162,19 @@ class RefreshTransaction(Protocol):
     async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int:
         """Revoke every live family of the user (and their tokens); how many there were."""
 
+    async def get_client(self, client_id: str) -> Client | None: ...
+
+    async def add_client(self, client: Client) -> None:
+        """Insert a client; `Conflict` (from `Store.atomic`) if the id is taken."""
+
+    async def update_client(self, client: Client) -> bool:
+        """Store every field of `client` over the row of its id; False if there is none."""
+
+    async def delete_client(self, client_id: str) -> bool: ...
+
+    async def revoke_client_families(self, client_id: str, *, at: float, reason: str) -> int:
+        """Revoke every live family issued to the client; how many there were."""
+
 
 class Store(Protocol):
     async def atomic(self, work: Callable[[RefreshTransaction], Awaitable[T]]) -> T:
@@ -198,6 +234,16 @@ class Store(Protocol):
     async def purge_login_addresses(self, *, before: float) -> None: ...
 
     async def add_audit_event(self, event: AuditEvent) -> None: ...
+
+    async def get_client(self, client_id: str) -> Client | None: ...
+
+    async def list_clients(self) -> Sequence[Client]: ...
+
+    async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+        """Record a single-use id until `expires_at`; False if it is already recorded
+        (and not yet expired): a replay."""
+
+    async def purge_used_jtis(self, *, before: float) -> None: ...
 
     async def list_audit_events(
         self,

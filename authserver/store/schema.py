@@ -101,3 +101,39 @@ audit_events = sa.Table(
     sa.Index("ix_audit_events_username_at", "username", "at"),
     sa.Index("ix_audit_events_event_at", "event", "at"),
 )
+
+# The client registry (RFC 6749 §2). A confidential client's secret is stored as a
+# SHA-256 digest only: it is 256 random bits, which no dictionary reaches, so a fast
+# digest is as good as a slow hash and costs microseconds to check.
+clients = sa.Table(
+    "clients",
+    metadata,
+    sa.Column("client_id", sa.String(255), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("public", sa.Boolean, nullable=False),
+    sa.Column("secret_digest", sa.String(64), nullable=True),
+    # The secret before the last rotation, valid until `previous_secret_expires_at`.
+    sa.Column("previous_secret_digest", sa.String(64), nullable=True),
+    sa.Column("previous_secret_expires_at", Time, nullable=True),
+    sa.Column("jwks", sa.Text, nullable=True),  # private_key_jwt: the client's public keys
+    sa.Column("grants", sa.Text, nullable=False),  # JSON lists, in the order given
+    sa.Column("scopes", sa.Text, nullable=True),  # NULL: every configured scope
+    sa.Column("redirect_uris", sa.Text, nullable=False),
+    sa.Column("post_logout_redirect_uris", sa.Text, nullable=False),
+    sa.Column("audience", sa.String(255), nullable=True),  # NULL: AUTHSERVER_AUDIENCE
+    sa.Column("third_party", sa.Boolean, nullable=False),
+    sa.Column("require_dpop", sa.Boolean, nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+# Single-use assertion ids (RFC 7523 §3 `jti`), kept until the assertion expires: a
+# replay finds its row, on every process that shares the database.
+used_jtis = sa.Table(
+    "used_jtis",
+    metadata,
+    sa.Column("key", sa.String(80), primary_key=True),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Index("ix_used_jtis_expires_at", "expires_at"),
+)

@@ -55,6 +55,7 @@ from authserver.config import Settings
 from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
 from authserver.store.protocol import (
     AuditEvent,
+    Client,
     Conflict,
     NotFound,
     RefreshRecord,
@@ -65,10 +66,12 @@ from authserver.store.protocol import (
 )
 from authserver.store.schema import (
     audit_events,
+    clients,
     login_addresses,
     login_failures,
     refresh_families,
     refresh_tokens,
+    used_jtis,
     users,
 )
 
@@ -349,6 +352,9 @@ _COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed
 )
 
 
+_CLIENT_FIELDS = tuple(c.name for c in clients.columns)
+_CLIENT_LISTS = ("grants", "scopes", "redirect_uris", "post_logout_redirect_uris")
+_GET_CLIENT = sa.select(clients).where(clients.c.client_id == sa.bindparam("b_id"))
 _KNOWN_ADDRESS = sa.select(login_addresses.c.user_id).where(
     login_addresses.c.user_id == sa.bindparam("b_user"),
     login_addresses.c.network_key == sa.bindparam("b_key"),
@@ -492,6 +498,62 @@ class SqlTransaction:
             .values(revoked_at=at, revoked_reason=reason)
         )
         return result.rowcount
+
+    async def get_client(self, client_id: str) -> Client | None:
+        return await _get_client(self._conn, client_id)
+
+    async def add_client(self, client: Client) -> None:
+        await self._conn.execute(clients.insert().values(**_client_row(client)))
+
+    async def update_client(self, client: Client) -> bool:
+        result = await self._conn.execute(
+            clients.update()
+            .where(clients.c.client_id == client.client_id)
+            .values(**_client_row(client))
+        )
+        return result.rowcount == 1
+
+    async def delete_client(self, client_id: str) -> bool:
+        result = await self._conn.execute(clients.delete().where(clients.c.client_id == client_id))
+        return result.rowcount == 1
+
+    async def revoke_client_families(self, client_id: str, *, at: float, reason: str) -> int:
+        live = refresh_families.c.client_id == client_id, refresh_families.c.revoked_at.is_(None)
+        # Tokens before families, the order `revoke_family` locks in too.
+        await self._conn.execute(
+            refresh_tokens.update()
+            .where(
+                refresh_tokens.c.family_id.in_(sa.select(refresh_families.c.id).where(*live)),
+                refresh_tokens.c.status == "active",
+            )
+            .values(status="revoked")
+        )
+        result = await self._conn.execute(
+            refresh_families.update().where(*live).values(revoked_at=at, revoked_reason=reason)
+        )
+        return result.rowcount
+
+
+def _client_row(client: Client) -> dict[str, Any]:
+    row = {field: getattr(client, field) for field in _CLIENT_FIELDS}
+    for name in _CLIENT_LISTS:
+        value = row[name]
+        row[name] = None if value is None else json.dumps(list(value))
+    return row
+
+
+def _client(row: Row[Any]) -> Client:
+    m = dict(row._mapping)
+    for name in _CLIENT_LISTS:
+        m[name] = None if m[name] is None else tuple(json.loads(m[name]))
+    for name in ("public", "third_party", "require_dpop", "disabled"):
+        m[name] = bool(m[name])
+    return Client(**m)
+
+
+async def _get_client(conn: Executor, client_id: str) -> Client | None:
+    row = (await conn.execute(_GET_CLIENT, {"b_id": client_id})).first()
+    return _client(row) if row is not None else None
 
 
 async def _add_audit_event(conn: Executor, event: AuditEvent) -> None:
@@ -806,6 +868,37 @@ class SqlStore:
             await conn.execute(
                 login_addresses.delete().where(login_addresses.c.last_success_at <= before)
             )
+
+        await self._run_write(work)
+
+    # -- clients ---------------------------------------------------------------
+
+    async def get_client(self, client_id: str) -> Client | None:
+        async with self._read() as conn:
+            return await _get_client(conn, client_id)
+
+    async def list_clients(self) -> Sequence[Client]:
+        async with self._read() as conn:
+            rows = (await conn.execute(sa.select(clients).order_by(clients.c.client_id))).all()
+        return [_client(row) for row in rows]
+
+    async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+        async def work(conn: Executor) -> bool:
+            # An expired row of the same key no longer guards anything: make way.
+            await conn.execute(
+                used_jtis.delete().where(used_jtis.c.key == key, used_jtis.c.expires_at <= now)
+            )
+            await conn.execute(used_jtis.insert().values(key=key, expires_at=expires_at))
+            return True
+
+        try:
+            return await self._run_write(work)
+        except IntegrityError:
+            return False
+
+    async def purge_used_jtis(self, *, before: float) -> None:
+        async def work(conn: Executor) -> None:
+            await conn.execute(used_jtis.delete().where(used_jtis.c.expires_at <= before))
 
         await self._run_write(work)
 
