@@ -20,7 +20,7 @@ from authserver.api.deps import Services
 from authserver.api.errors import install_error_handlers
 from authserver.api.middleware import HeadAsGet, SecurityHeaders
 from authserver.audit import Auditor
-from authserver.clients import ClientService
+from authserver.clients import ClientAuthenticator, ClientService
 from authserver.config import Settings
 from authserver.grants import AuthService, TokenPolicy
 from authserver.jobs import start_jobs, stop_jobs
@@ -53,28 +53,31 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
         ),
     )
     hasher = PasswordHasher(rounds=settings.bcrypt_rounds, threads=settings.bcrypt_threads)
+    throttle = LoginThrottle(
+        store,
+        ThrottleLimits(
+            max_failures=settings.login_max_failures,
+            max_failures_per_user=settings.login_max_failures_per_user,
+            max_failures_per_address=settings.login_max_failures_per_address,
+            window=settings.login_window,
+            known_address_ttl=settings.login_known_address_ttl,
+        ),
+    )
     auth = AuthService(
         store=store,
         hasher=hasher,
         keys=source,
         auditor=auditor,
-        throttle=LoginThrottle(
-            store,
-            ThrottleLimits(
-                max_failures=settings.login_max_failures,
-                max_failures_per_user=settings.login_max_failures_per_user,
-                max_failures_per_address=settings.login_max_failures_per_address,
-                window=settings.login_window,
-                known_address_ttl=settings.login_known_address_ttl,
-            ),
-        ),
+        throttle=throttle,
         policy=policy,
     )
+    clients = ClientService(store=store, auditor=auditor, scopes=settings.scopes)
     verifier = AccessTokenVerifier(source, issuer=settings.issuer, audience=settings.audience)
     return Services(
         auth=auth,
         users=UserService(store=store, hasher=hasher, auditor=auditor),
-        clients=ClientService(store=store, auditor=auditor, scopes=settings.scopes),
+        clients=clients,
+        client_auth=ClientAuthenticator(clients=clients, throttle=throttle, issuer=settings.issuer),
         store=store,
         keyring=keyring,
         verifier=verifier,

@@ -35,8 +35,10 @@ CLIENT_SECRET_ROTATED = "client_secret_rotated"
 CLIENT_DISABLED = "client_disabled"
 CLIENT_ENABLED = "client_enabled"
 CLIENT_REMOVED = "client_removed"
+CLIENT_AUTH_FAILED = "client_auth_failed"
+CLIENT_TOKEN_ISSUED = "client_token_issued"
 
-_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED}
+_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ so checking one costs microseconds, not a bcrypt.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -25,8 +26,11 @@ from urllib.parse import urlsplit
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
+from authserver.errors import InvalidClientError, InvalidTokenError
 from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, public_key_of
 from authserver.store.protocol import AuditEvent, Client, Conflict, RefreshTransaction, Store
+from authserver.throttle import LoginThrottle
+from authserver.tokens import VerificationKey, prepare_key, verify_assertion
 
 BUILTIN_CLIENT_ID = "authserver"
 PASSWORD = "password"
@@ -353,3 +357,151 @@ def describe(client: Client) -> dict[str, object]:
         "disabled": client.disabled,
         "jwks_keys": len(json.loads(client.jwks).get("keys", [])) if client.jwks else 0,
     }
+
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+MAX_ASSERTION_LIFETIME = 300  # seconds an assertion's `exp` may lie ahead (RFC 7523 §3)
+_CLOCK_SKEW = 30
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredentials:
+    """What a request presented to say which client it is (RFC 6749 §2.3, RFC 7523 §2.2)."""
+
+    client_id: str | None = None
+    secret: str | None = None
+    assertion: str | None = None
+    basic: bool = False  # the credentials came in HTTP Basic
+
+    @property
+    def method(self) -> str:
+        if self.assertion is not None:
+            return "private_key_jwt"
+        if self.secret:
+            return "client_secret_basic" if self.basic else "client_secret_post"
+        return "none"
+
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
+_REFUSED = "Client authentication failed."
+
+
+def _assertion_subject(assertion: str) -> str | None:
+    """The `sub` an assertion claims, read before its signature is checked: only to find
+    whose keys check it."""
+    try:
+        payload = assertion.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return sub if isinstance(sub, str) else None
+
+
+def _client_keys(client: Client) -> list[VerificationKey]:
+    keys = []
+    for jwk in json.loads(client.jwks or '{"keys": []}')["keys"]:
+        alg = jwk.get("alg") or next(a for a, kty in KEY_TYPES.items() if kty == jwk["kty"])
+        keys.append(VerificationKey(kid=jwk.get("kid", ""), alg=alg, key=prepare_key(jwk, alg)))
+    return keys
+
+
+class ClientAuthenticator:
+    """Says which registered client a request comes from, or refuses: `authenticate`.
+
+    Every failure is the same 401 `invalid_client`, whether the client is unknown,
+    disabled or its credentials wrong, and is counted by the login throttle under
+    the client's id (so secrets cannot be guessed faster than passwords) and audited.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: ClientService,
+        throttle: LoginThrottle,
+        issuer: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clients = clients
+        self.throttle = throttle
+        self.issuer = issuer
+        self.clock = clock
+
+    async def authenticate(
+        self, ctx: RequestContext, credentials: ClientCredentials, *, endpoint: str
+    ) -> Client:
+        """The client `credentials` prove, for a request to `endpoint` (its path)."""
+        c = credentials
+        if c.client_id is None and c.assertion is None:
+            if c.secret:
+                raise InvalidClientError(_REFUSED)
+            return BUILTIN_CLIENT  # the seed's flow names no client
+        claimed = c.client_id or (_assertion_subject(c.assertion) if c.assertion else None)
+        client = await self.clients.get(claimed) if claimed else None
+        if client is not None and client.public and not client.disabled:
+            # Nothing to check, and so nothing to guess: a public client only names itself.
+            if c.method != "none":
+                raise InvalidClientError("A public client sends no client secret.")
+            return client
+        now = self.clock()
+        attempt = await self.throttle.begin(
+            f"\0client\0{claimed or ''}", ctx.client_addr, user_id=None, now=now
+        )
+        ok = (
+            client is not None
+            and not client.disabled
+            and await self._verify(client, c, endpoint=endpoint, now=now)
+        )
+        if not ok or client is None:
+            await self.clients.auditor.record(
+                audit.CLIENT_AUTH_FAILED,
+                ctx,
+                # Named only if registered: a secret pasted as an id stays out of the trail.
+                client_id=client.client_id if client is not None else None,
+                method=c.method,
+            )
+            await self.throttle.failed(attempt, now=now)
+            raise InvalidClientError(_REFUSED)
+        await self.throttle.succeeded(attempt, now=now)
+        return client
+
+    async def _verify(
+        self, client: Client, c: ClientCredentials, *, endpoint: str, now: float
+    ) -> bool:
+        if client.jwks is not None:
+            return c.assertion is not None and await self._verify_assertion(
+                client, c.assertion, endpoint=endpoint, now=now
+            )
+        if c.assertion is not None or not c.secret:
+            return False
+        return check_secret(client, c.secret, now=now)
+
+    async def _verify_assertion(
+        self, client: Client, assertion: str, *, endpoint: str, now: float
+    ) -> bool:
+        """RFC 7523 §3: signed by the client's key, `iss` = `sub` = its id, for us, short-lived,
+        and never seen before (on any process: the store records its `jti`)."""
+        try:
+            claims = verify_assertion(assertion, _client_keys(client))
+        except InvalidTokenError:
+            return False
+        aud = claims.get("aud")
+        audiences = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()
+        ours = {self.issuer, f"{self.issuer}/token", f"{self.issuer}{endpoint}"}
+        exp, jti = claims.get("exp"), claims.get("jti")
+        if (
+            claims.get("iss") != client.client_id
+            or claims.get("sub") != client.client_id
+            or not audiences & ours
+            or isinstance(exp, bool)
+            or not isinstance(exp, (int, float))
+            or not now - _CLOCK_SKEW < exp <= now + MAX_ASSERTION_LIFETIME + _CLOCK_SKEW
+            or not isinstance(jti, str)
+            or not jti
+        ):
+            return False
+        nbf = claims.get("nbf")
+        if isinstance(nbf, (int, float)) and nbf > now + _CLOCK_SKEW:
+            return False
+        key = "jwt:" + hashlib.sha256(f"{client.client_id}\0{jti}".encode()).hexdigest()
+        return await self.clients.store.use_jti(key, expires_at=float(exp), now=now)

@@ -15,16 +15,18 @@ from typing import Any
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
+from authserver.clients import CLIENT_CREDENTIALS, PASSWORD, REFRESH_TOKEN
 from authserver.errors import (
     InvalidGrantError,
     InvalidRequestError,
     InvalidScopeError,
     SlowDownError,
+    UnauthorizedClientError,
 )
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Issued, Lifetimes, Refused, revoke_family, rotate, start_family
 from authserver.scopes import parse_scope
-from authserver.store.protocol import Store
+from authserver.store.protocol import Client, Store
 from authserver.throttle import LoginThrottle
 from authserver.tokens import KeyRingSource, mint_access_token
 from authserver.users import normalize_username
@@ -63,27 +65,71 @@ class AuthService:
         self.policy = policy
         self.clock = clock
 
-    def _token_response(self, issued: Issued, scope: str, now: float) -> dict[str, Any]:
+    def _access_token(
+        self, *, subject: str, scope: str, client: Client, now: float, sid: str | None
+    ) -> dict[str, Any]:
         kid, alg, key = self.keys.signing_key()
         access_token, expires_in = mint_access_token(
             key=key,
             kid=kid,
             alg=alg,
             issuer=self.policy.issuer,
-            audience=self.policy.audience,
-            subject=issued.username,
+            audience=client.audience or self.policy.audience,
+            subject=subject,
             scope=scope,
-            client_id=issued.client_id,
+            client_id=client.client_id,
             ttl=self.policy.access_token_ttl,
             now=now,
+            sid=sid,
         )
         return {
             "access_token": access_token,
-            "refresh_token": issued.refresh_token,
             "token_type": "bearer",
             "expires_in": expires_in,
             "scope": scope,
         }
+
+    def _token_response(
+        self, issued: Issued, scope: str, client: Client, now: float
+    ) -> dict[str, Any]:
+        body = self._access_token(
+            subject=issued.username, scope=scope, client=client, now=now, sid=issued.family_id
+        )
+        return {**body, "refresh_token": issued.refresh_token}
+
+    def _allowed_scopes(self, client: Client) -> tuple[str, ...]:
+        return client.scopes if client.scopes is not None else self.policy.scopes
+
+    def _granted_scope(self, client: Client, scope: str | None) -> str:
+        """The scope to grant for a request's `scope` (RFC 6749 §3.3): what the client may
+        have if it asks for nothing, else exactly what it asks, if it may have all of it."""
+        requested = parse_scope(scope)
+        allowed = self._allowed_scopes(client)
+        if requested is not None and any(s not in allowed for s in requested):
+            raise InvalidScopeError("The requested scope is not one this client may have.")
+        return " ".join(requested or allowed)
+
+    @staticmethod
+    def _check_grant(client: Client, grant_type: str) -> None:
+        if grant_type not in client.grants:
+            raise UnauthorizedClientError(f"This client may not use the {grant_type} grant.")
+
+    async def client_credentials_grant(
+        self, ctx: RequestContext, *, client: Client, scope: str | None
+    ) -> dict[str, Any]:
+        """A token for the client itself (RFC 6749 §4.4): `sub` is its id, and no refresh
+        token, since it can always authenticate again."""
+        self._check_grant(client, CLIENT_CREDENTIALS)
+        granted = self._granted_scope(client, scope)
+        body = self._access_token(
+            subject=client.client_id, scope=granted, client=client, now=self.clock(), sid=None
+        )
+        # Logged, not stored: a service asks every few minutes, and the trail is for
+        # events a person looks into (a failed client authentication is stored).
+        self.auditor.event(
+            audit.CLIENT_TOKEN_ISSUED, ctx, client_id=client.client_id, scope=granted
+        )
+        return body
 
     async def password_grant(
         self,
@@ -92,14 +138,11 @@ class AuthService:
         username: str,
         password: str,
         scope: str | None,
-        client_id: str,
+        client: Client,
     ) -> dict[str, Any]:
         """Log a user in (RFC 6749 §4.3); the token response body on success."""
-        requested = parse_scope(scope)
-        if requested is not None:
-            if any(s not in self.policy.scopes for s in requested):
-                raise InvalidScopeError("The requested scope is not one this server issues.")
-        granted = " ".join(requested or self.policy.scopes)
+        self._check_grant(client, PASSWORD)
+        granted = self._granted_scope(client, scope)
         now = self.clock()
         name = normalize_username(username)
         user = await self.store.get_user(name) if name is not None else None
@@ -142,7 +185,7 @@ class AuthService:
             ctx,
             user=user,
             scope=granted,
-            client_id=client_id,
+            client_id=client.client_id,
             lifetimes=self.policy.lifetimes,
             now=now,
         )
@@ -152,12 +195,13 @@ class AuthService:
             )
             raise InvalidGrantError(_BAD_CREDENTIALS)
         await asyncio.sleep(0)
-        return self._token_response(issued, granted, now)
+        return self._token_response(issued, granted, client, now)
 
     async def refresh_grant(
-        self, ctx: RequestContext, *, refresh_token: str, scope: str | None
+        self, ctx: RequestContext, *, refresh_token: str, scope: str | None, client: Client
     ) -> dict[str, Any]:
         """Rotate a refresh token (RFC 6749 §6); a narrower scope may be asked for."""
+        self._check_grant(client, REFRESH_TOKEN)
         requested = parse_scope(scope)
         # Fail before spending the token if nothing could sign its successor's pair.
         self.keys.signing_key()
@@ -176,8 +220,8 @@ class AuthService:
                 raise InvalidScopeError("The requested scope exceeds the granted scope.")
             raise InvalidGrantError(_REFUSALS.get(outcome.reason, "The refresh token is invalid."))
         granted = outcome.granted_scope.split()
-        effective = [s for s in (requested or granted) if s in self.policy.scopes]
-        return self._token_response(outcome, " ".join(effective), now)
+        effective = [s for s in (requested or granted) if s in self._allowed_scopes(client)]
+        return self._token_response(outcome, " ".join(effective), client, now)
 
     async def revoke(self, ctx: RequestContext, *, token: str) -> None:
         """RFC 7009: revoke a refresh token's family; unknown tokens are silently fine."""
@@ -209,6 +253,5 @@ _REFUSALS = {
 }
 
 
-PASSWORD_GRANT = "password"
-REFRESH_TOKEN_GRANT = "refresh_token"
-GRANT_TYPES = (PASSWORD_GRANT, REFRESH_TOKEN_GRANT)
+# The grants /token serves (RFC 8414 `grant_types_supported`).
+GRANT_TYPES = (PASSWORD, REFRESH_TOKEN, CLIENT_CREDENTIALS)

@@ -14,7 +14,7 @@ import binascii
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,8 +92,13 @@ def mint_access_token(
     client_id: str,
     ttl: int,
     now: float | None = None,
+    sid: str | None = None,
 ) -> tuple[str, int]:
-    """Sign an RFC 9068 access token; returns the token and its `expires_in`."""
+    """Sign an RFC 9068 access token; returns the token and its `expires_in`.
+
+    `sid` names the session (the refresh family) of a user's token; a client's own
+    token (client_credentials) has none.
+    """
     issued = int(now if now is not None else time.time())
     claims = {
         "iss": issuer,
@@ -105,6 +110,8 @@ def mint_access_token(
         "scope": scope,
         "client_id": client_id,
     }
+    if sid is not None:
+        claims["sid"] = sid
     payload = orjson.dumps(claims)
     token: str = jws.sign(
         payload, key, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE}, algorithm=alg
@@ -148,6 +155,34 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidTokenError(f"The access token has no valid '{name}' claim.")
     return value
+
+
+def verify_assertion(assertion: str, keys: Sequence[VerificationKey]) -> dict[str, Any]:
+    """The claims of a JWT signed by one of `keys` (a client's, for RFC 7523); raises
+    `InvalidTokenError`. Its `alg` must be one of `keys.ALGORITHMS` and the key's own,
+    and a `kid`, if it names one, picks the key; the claims are the caller's to check."""
+    if not isinstance(assertion, str) or len(assertion) > MAX_TOKEN_LENGTH:
+        raise InvalidTokenError("The assertion is malformed.")
+    try:
+        parts = assertion.encode("ascii").split(b".")
+    except UnicodeEncodeError as exc:
+        raise InvalidTokenError("The assertion is malformed.") from exc
+    if len(parts) != 3:
+        raise InvalidTokenError("The assertion is malformed.")
+    header = _json_object(_b64decode(parts[0]), "header")
+    alg, kid = header.get("alg"), header.get("kid")
+    if alg not in ALGORITHMS or "crit" in header:
+        raise InvalidTokenError("The assertion's algorithm is not allowed.")
+    signature = _b64decode(parts[2])
+    for key in keys:
+        if key.alg != alg or (kid is not None and key.kid != kid):
+            continue
+        try:
+            if key.key.verify(parts[0] + b"." + parts[1], signature):
+                return _json_object(_b64decode(parts[1]), "payload")
+        except Exception:
+            continue
+    raise InvalidTokenError("The assertion signature is invalid.")
 
 
 class AccessTokenVerifier:

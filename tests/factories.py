@@ -6,7 +6,8 @@ import time
 
 import bcrypt
 
-from authserver.store.protocol import Store, User
+from authserver.clients import new_secret
+from authserver.store.protocol import Client, Store, User
 
 DEFAULT_PASSWORD = "correct horse battery"
 
@@ -27,3 +28,41 @@ async def make_user(
     if disabled:
         user = await store.set_disabled(username, True, at=time.time())
     return user
+
+
+async def make_client(
+    store: Store,
+    client_id: str,
+    *,
+    public: bool = False,
+    grants: tuple[str, ...] | None = None,
+    scopes: tuple[str, ...] | None = None,
+    audience: str | None = None,
+    redirect_uris: tuple[str, ...] = (),
+    jwks: str | None = None,
+    disabled: bool = False,
+) -> tuple[Client, str | None]:
+    """A registered client, and its secret if it has one (confidential without keys)."""
+    secret, digest = (None, None) if public or jwks is not None else new_secret()
+    now = time.time()
+    client = Client(
+        client_id=client_id,
+        name=client_id,
+        public=public,
+        secret_digest=digest,
+        previous_secret_digest=None,
+        previous_secret_expires_at=None,
+        jwks=jwks,
+        grants=grants or (("password", "refresh_token") if public else ("client_credentials",)),
+        scopes=scopes,
+        redirect_uris=redirect_uris,
+        post_logout_redirect_uris=(),
+        audience=audience,
+        third_party=False,
+        require_dpop=False,
+        disabled=disabled,
+        created_at=now,
+        updated_at=now,
+    )
+    await store.atomic(lambda tx: tx.add_client(client))
+    return client, secret

@@ -39,7 +39,7 @@ from authserver.client import (
     TokenPair,
 )
 from tests.conftest import Running
-from tests.factories import DEFAULT_PASSWORD
+from tests.factories import DEFAULT_PASSWORD, make_client
 
 PROTECTED = "/protected"
 TOKEN_URL = "http://testserver/token"
@@ -119,6 +119,7 @@ async def test_logs_in_and_attaches_the_token(server: Running, endpoint: str) ->
 
 
 async def test_scope_and_client_id_go_to_the_token_endpoint(server: Running) -> None:
+    await make_client(server.store, "reporting", public=True)
     auth = TokenAuth(
         TokenEndpoint("http://testserver/token", client_id="reporting"),
         username="alice",

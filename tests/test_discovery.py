@@ -81,8 +81,19 @@ async def test_authorization_server_metadata(start_app: StartApp) -> None:
     assert meta["jwks_uri"] == f"{issuer}/.well-known/jwks.json"
     assert meta["revocation_endpoint"] == f"{issuer}/revoke"
     assert isinstance(meta["response_types_supported"], list)
-    assert set(meta["grant_types_supported"]) == {"password", "refresh_token"}
-    assert "none" in meta["token_endpoint_auth_methods_supported"]
+    assert set(meta["grant_types_supported"]) == {
+        "password",
+        "refresh_token",
+        "client_credentials",
+    }
+    for endpoint in ("token_endpoint", "revocation_endpoint"):
+        assert set(meta[f"{endpoint}_auth_methods_supported"]) == {
+            "none",
+            "client_secret_basic",
+            "client_secret_post",
+            "private_key_jwt",
+        }
+        assert meta[f"{endpoint}_auth_signing_alg_values_supported"] == ["RS256", "ES256"]
     assert meta["scopes_supported"] == ["read", "write", "admin"]
 
 

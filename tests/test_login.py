@@ -10,7 +10,7 @@ from typing import Any
 from jwcrypto import jwk, jwt
 
 from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
+from tests.factories import DEFAULT_PASSWORD, make_client, make_user
 
 TOKEN_FIELDS = {"access_token", "refresh_token", "token_type", "expires_in", "scope"}
 
@@ -129,6 +129,7 @@ async def test_bad_credentials_form_encoded(server: Running) -> None:
 
 
 async def test_access_token_claims(server: Running) -> None:
+    await make_client(server.store, "my-app", public=True)
     before = int(time.time())
     body = await server.login(client_id="my-app")
     after = int(time.time())
@@ -139,7 +140,7 @@ async def test_access_token_claims(server: Running) -> None:
     jwks = (await server.client.get("/.well-known/jwks.json")).json()
     assert header["kid"] in {k["kid"] for k in jwks["keys"]}
 
-    assert set(claims) >= {"iss", "sub", "aud", "exp", "iat", "jti", "scope", "client_id"}
+    assert set(claims) >= {"iss", "sub", "aud", "exp", "iat", "jti", "scope", "client_id", "sid"}
     assert claims["iss"] == "http://testserver"
     assert claims["sub"] == "alice"
     assert claims["aud"] == "authserver"
@@ -148,6 +149,8 @@ async def test_access_token_claims(server: Running) -> None:
     assert claims["scope"] == "read write"
     assert claims["client_id"] == "my-app"
     assert isinstance(claims["jti"], str) and len(claims["jti"]) >= 16
+    # The session: the refresh family this login began (CONTRACT §5).
+    assert isinstance(claims["sid"], str) and len(claims["sid"]) == 36
 
     # Any resource server can verify it with the JWKS alone (CONTRACT §3).
     keyset = jwk.JWKSet.from_json(json.dumps(jwks))

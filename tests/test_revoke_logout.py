@@ -95,7 +95,7 @@ async def test_revoke_checks_client_credentials_as_the_token_endpoint_does(
     cases = {
         "malformed Basic": ({"Authorization": "Basic !!"}, {}, 401),
         "a client secret": ({"Authorization": "Basic YXBwOnNlY3JldA=="}, {}, 401),  # app:secret
-        "a form secret": ({}, {"client_id": "app", "client_secret": "secret"}, 400),
+        "a form secret": ({}, {"client_id": "app", "client_secret": "secret"}, 401),
     }
     for name, (headers, extra, status) in cases.items():
         r = await server.client.post("/revoke", data={"token": token, **extra}, headers=headers)

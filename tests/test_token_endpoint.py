@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
+from tests.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.test_login import TOKEN_FIELDS, assert_no_store, jwt_parts
 
 PASSWORD_FORM = {"grant_type": "password", "username": "alice", "password": DEFAULT_PASSWORD}
@@ -168,9 +168,14 @@ async def test_invalid_request(server: Running) -> None:
 
 
 async def test_unsupported_grant_type(server: Running) -> None:
-    for grant_type in ("client_credentials", "authorization_code", "PASSWORD", "x" * 500):
+    for grant_type in ("authorization_code", "implicit", "PASSWORD", "x" * 500):
         r = await server.client.post("/token", data={**PASSWORD_FORM, "grant_type": grant_type})
         assert_error(r, 400, "unsupported_grant_type")
+    # A grant this server has, but the client may not use: RFC 6749 §5.2.
+    r = await server.client.post(
+        "/token", data={**PASSWORD_FORM, "grant_type": "client_credentials"}
+    )
+    assert_error(r, 400, "unauthorized_client")
 
 
 def _form_type() -> dict[str, str]:
@@ -185,6 +190,7 @@ async def _client_id_claim(server: Running, **kwargs: Any) -> str:
 
 
 async def test_client_id_from_form_or_basic_with_empty_secret(server: Running) -> None:
+    await make_client(server.store, "myclient", public=True)
     assert await _client_id_claim(server, data=PASSWORD_FORM) == "authserver"
     assert (
         await _client_id_claim(server, data={**PASSWORD_FORM, "client_id": "myclient"})
@@ -201,13 +207,15 @@ async def test_client_id_from_form_or_basic_with_empty_secret(server: Running) -
 
 
 async def test_client_id_survives_refresh(server: Running) -> None:
+    await make_client(server.store, "myclient", public=True)
     r = await server.client.post("/token", data=PASSWORD_FORM, headers=basic("myclient:"))
     refresh_token = r.json()["refresh_token"]
-    form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": "myclient"}
     assert await _client_id_claim(server, data=form) == "myclient"
 
 
 async def test_client_secret_is_invalid_client(server: Running) -> None:
+    await make_client(server.store, "myclient", public=True)
     r = await server.client.post("/token", data=PASSWORD_FORM, headers=basic("myclient:s3cret"))
     assert_error(r, 401, "invalid_client")
     assert r.headers["www-authenticate"].startswith("Basic")

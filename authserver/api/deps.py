@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from authserver.audit import RequestContext
-from authserver.clients import ClientService
+from authserver.clients import ClientAuthenticator, ClientService
 from authserver.grants import AuthService
 from authserver.keys import KeyRing
 from authserver.resource import TokenValidator, Validator, require_token
@@ -29,6 +29,7 @@ class Services:
     auth: AuthService
     users: UserService
     clients: ClientService
+    client_auth: ClientAuthenticator
     store: Store
     keyring: KeyRing
     verifier: AccessTokenVerifier

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
+from authserver.api.client_credentials import credentials_of
 from authserver.api.deps import request_context, services_of
 from authserver.api.parsing import read_form, read_json_or_form
 from authserver.api.schemas import (
@@ -23,19 +20,24 @@ from authserver.api.schemas import (
     errors,
 )
 from authserver.audit import RequestContext
+from authserver.clients import (
+    BUILTIN_CLIENT,
+    CLIENT_CREDENTIALS,
+    PASSWORD,
+    REFRESH_TOKEN,
+    ClientCredentials,
+    is_client_id,
+)
 from authserver.errors import (
-    InvalidClientError,
     InvalidGrantError,
     InvalidRequestError,
     UnsupportedGrantTypeError,
 )
-from authserver.grants import GRANT_TYPES, PASSWORD_GRANT, REFRESH_TOKEN_GRANT, AuthService
+from authserver.grants import GRANT_TYPES, AuthService
 from authserver.responses import JSON, NO_STORE, token_response
+from authserver.store.protocol import Client
 
 router = APIRouter(tags=["tokens"])
-DEFAULT_CLIENT_ID = "authserver"
-# RFC 6749 Appendix A.1: client_id = *VSCHAR
-_CLIENT_ID = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 class TokenForm(BaseModel):
@@ -52,39 +54,6 @@ class RevokeForm(BaseModel):
     token_type_hint: str | None = None
 
 
-def _basic_client_id(request: Request) -> str | None:
-    """A client_id from HTTP Basic (RFC 6749 §2.3.1); public clients have an empty secret."""
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidClientError("Malformed HTTP Basic credentials.") from exc
-    client_id, sep, secret = decoded.partition(":")
-    if not sep:
-        raise InvalidClientError("Malformed HTTP Basic credentials.")
-    if unquote(secret):
-        raise InvalidClientError("Clients are public: send no client secret.")
-    return unquote(client_id)
-
-
-def client_id_of(request: Request, form: dict[str, str]) -> str:
-    from_basic = _basic_client_id(request)
-    from_form = form.get("client_id") or None
-    if from_basic and from_form and from_basic != from_form:
-        raise InvalidRequestError("Two different client_id values were sent.")
-    if form.get("client_secret"):
-        raise InvalidClientError("Clients are public: send no client secret.", status_code=400)
-    return _valid_client_id(from_basic or from_form or DEFAULT_CLIENT_ID)
-
-
-def _valid_client_id(client_id: str) -> str:
-    if not _CLIENT_ID.fullmatch(client_id):
-        raise InvalidRequestError("The client_id is malformed.")
-    return client_id
-
-
 def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -> str:
     value = params.get(name)
     if value is None or (not value and not empty_ok):
@@ -93,25 +62,30 @@ def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -
 
 
 async def token_request(
-    auth: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client_id: str
+    auth: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client: Client
 ) -> dict[str, Any]:
-    """The RFC 6749 token endpoint's form: dispatch on `grant_type` (§4.3, §6)."""
+    """The RFC 6749 token endpoint's form: dispatch on `grant_type` (§4.3, §4.4, §6)."""
     grant_type = params.get("grant_type")
     if not grant_type:
         raise InvalidRequestError("The 'grant_type' parameter is missing.")
-    if grant_type == PASSWORD_GRANT:
+    if grant_type == PASSWORD:
         return await auth.password_grant(
             ctx,
             username=_required(params, "username"),
             # Unlike a username, an empty password is a (wrong) password, not a missing one.
             password=_required(params, "password", empty_ok=True),
             scope=params.get("scope"),
-            client_id=client_id,
+            client=client,
         )
-    if grant_type == REFRESH_TOKEN_GRANT:
+    if grant_type == REFRESH_TOKEN:
         return await auth.refresh_grant(
-            ctx, refresh_token=_required(params, "refresh_token"), scope=params.get("scope")
+            ctx,
+            refresh_token=_required(params, "refresh_token"),
+            scope=params.get("scope"),
+            client=client,
         )
+    if grant_type == CLIENT_CREDENTIALS:
+        return await auth.client_credentials_grant(ctx, client=client, scope=params.get("scope"))
     raise UnsupportedGrantTypeError(f"Unsupported grant_type; use one of {', '.join(GRANT_TYPES)}.")
 
 
@@ -131,14 +105,18 @@ def _seed_refusal(exc: InvalidGrantError) -> InvalidGrantError:
 async def login(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, LoginRequest)
-    client_id = _valid_client_id(body.client_id or DEFAULT_CLIENT_ID)
+    # No secret can come with the seed's JSON: only a public client may log in here.
+    named = ClientCredentials(client_id=body.client_id or None)
+    if named.client_id is not None and not is_client_id(named.client_id):
+        raise InvalidRequestError("The client_id is malformed.")
+    client = await services.client_auth.authenticate(ctx, named, endpoint="/login")
     try:
         tokens = await services.auth.password_grant(
             ctx,
             username=body.username,
             password=body.password,
             scope=body.scope,
-            client_id=client_id,
+            client=client,
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -157,7 +135,7 @@ async def refresh(request: Request) -> JSON:
     body = await read_json_or_form(request, RefreshRequest)
     try:
         tokens = await services.auth.refresh_grant(
-            ctx, refresh_token=body.refresh_token, scope=body.scope
+            ctx, refresh_token=body.refresh_token, scope=body.scope, client=BUILTIN_CLIENT
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -174,8 +152,10 @@ async def refresh(request: Request) -> JSON:
 async def token(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
-    client_id = client_id_of(request, form)
-    return token_response(await token_request(services.auth, ctx, form, client_id=client_id))
+    client = await services.client_auth.authenticate(
+        ctx, credentials_of(request, form), endpoint="/token"
+    )
+    return token_response(await token_request(services.auth, ctx, form, client=client))
 
 
 @router.post(
@@ -189,7 +169,8 @@ async def token(request: Request) -> JSON:
 async def revoke(request: Request) -> Response:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
-    client_id_of(request, form)  # client credentials are checked as at /token (RFC 7009 §2.1)
+    # RFC 7009 §2.1: the client authenticates as at /token.
+    await services.client_auth.authenticate(ctx, credentials_of(request, form), endpoint="/revoke")
     token = form.get("token")
     if not token:
         raise InvalidRequestError("The 'token' parameter is missing.")

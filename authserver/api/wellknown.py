@@ -7,7 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from authserver.api.deps import ServicesDep
+from authserver.clients import AUTH_METHODS
 from authserver.grants import GRANT_TYPES
+from authserver.keys import ALGORITHMS
 from authserver.responses import JSON
 
 router = APIRouter(tags=["discovery"])
@@ -29,8 +31,10 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
         "revocation_endpoint": f"{issuer}/revoke",
         "response_types_supported": [],
         "grant_types_supported": list(GRANT_TYPES),
-        "token_endpoint_auth_methods_supported": ["none"],
-        "revocation_endpoint_auth_methods_supported": ["none"],
+        "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
+        "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "scopes_supported": list(scopes),
         "service_documentation": f"{issuer}/docs",
     }

@@ -1,0 +1,60 @@
+"""How a request says which client it is: HTTP Basic, form fields, or an assertion.
+
+One function, `credentials_of`, for every endpoint that authenticates clients
+(/token, /revoke, /introspect); `clients.ClientAuthenticator` then checks what
+it found. RFC 6749 §2.3.1 (Basic and the form's client_secret), RFC 7523 §2.2
+(client_assertion), and §2.3: a client uses one method per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from urllib.parse import unquote
+
+from starlette.requests import Request
+
+from authserver.clients import ASSERTION_TYPE, ClientCredentials, is_client_id
+from authserver.errors import InvalidClientError, InvalidRequestError
+
+
+def _basic(request: Request) -> tuple[str, str] | None:
+    """(client_id, secret) from `Authorization: Basic`, each form-decoded (§2.3.1)."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidClientError("Malformed HTTP Basic credentials.") from exc
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise InvalidClientError("Malformed HTTP Basic credentials.")
+    return unquote(client_id), unquote(secret)
+
+
+def credentials_of(request: Request, form: Mapping[str, str]) -> ClientCredentials:
+    """The client credentials a request presents (none at all: the built-in client)."""
+    basic = _basic(request)
+    basic_id, basic_secret = basic or ("", "")
+    form_id = form.get("client_id") or ""
+    form_secret = form.get("client_secret") or ""
+    assertion_type = form.get("client_assertion_type")
+    assertion = form.get("client_assertion")
+    if basic_id and form_id and basic_id != form_id:
+        raise InvalidRequestError("Two different client_id values were sent.")
+    if assertion_type is not None or assertion is not None:
+        if assertion_type != ASSERTION_TYPE or not assertion:
+            raise InvalidClientError("Unsupported client assertion.")
+    if sum(bool(m) for m in (basic_secret, form_secret, assertion)) > 1:
+        raise InvalidRequestError("Use one client authentication method per request.")
+    client_id = basic_id or form_id or None
+    if client_id is not None and not is_client_id(client_id):
+        raise InvalidRequestError("The client_id is malformed.")
+    return ClientCredentials(
+        client_id=client_id,
+        secret=basic_secret or form_secret or None,
+        assertion=assertion or None,
+        basic=bool(basic_secret),
+    )

@@ -1,0 +1,325 @@
+"""Client authentication and client_credentials (CONTRACT §5; RFC 6749 §2.3, §4.4;
+RFC 7523), against the real app on both databases, and with Authlib's own client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwcrypto import jwk, jwt
+
+from authserver.clients import ASSERTION_TYPE
+from tests.conftest import Running, StartApp
+from tests.factories import DEFAULT_PASSWORD, make_client, make_user
+from tests.test_login import jwt_parts
+
+TOKEN_URL = "http://testserver/token"
+CC = {"grant_type": "client_credentials"}
+
+
+def basic(client_id: str, secret: str) -> dict[str, str]:
+    raw = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+    return {"Authorization": f"Basic {raw}"}
+
+
+def signing_key() -> tuple[jwk.JWK, str]:
+    private = ec.generate_private_key(ec.SECP256R1())
+    key = jwk.JWK.from_pyca(private)
+    public = json.loads(key.export_public())
+    public.update(kid="k1", alg="ES256", use="sig")
+    return key, json.dumps({"keys": [public]})
+
+
+def assertion(key: jwk.JWK, client_id: str, **overrides: Any) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": TOKEN_URL,
+        "iat": now,
+        "exp": now + 60,
+        "jti": uuid.uuid4().hex,
+    }
+    claims.update(overrides)
+    header = {"alg": "ES256", "kid": "k1"}
+    token = jwt.JWT(header=header, claims={k: v for k, v in claims.items() if v is not None})
+    token.make_signed_token(key)
+    return str(token.serialize())
+
+
+def assertion_form(signed: str, **extra: str) -> dict[str, str]:
+    return {**CC, "client_assertion_type": ASSERTION_TYPE, "client_assertion": signed, **extra}
+
+
+def assert_invalid_client(r: httpx.Response) -> None:
+    assert r.status_code == 401, r.text
+    assert r.json() == {
+        "error": "invalid_client",
+        "error_description": "Client authentication failed.",
+    }
+
+
+@pytest.fixture
+async def app(start_app: StartApp) -> Running:
+    return await start_app(login_max_failures=1000, login_max_failures_per_user=1000)
+
+
+async def test_client_credentials_with_a_secret_in_basic_or_in_the_form(app: Running) -> None:
+    _, secret = await make_client(app.store, "billing", scopes=("read",), audience="billing-api")
+    assert secret is not None
+    for kwargs in (
+        {"data": CC, "headers": basic("billing", secret)},
+        {"data": {**CC, "client_id": "billing", "client_secret": secret}},
+    ):
+        r = await app.client.post("/token", **kwargs)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"access_token", "token_type", "expires_in", "scope"}  # no refresh
+        assert body["scope"] == "read"
+        assert r.headers["cache-control"] == "no-store"
+        _, claims = jwt_parts(body["access_token"])
+        assert claims["sub"] == claims["client_id"] == "billing"
+        assert claims["aud"] == "billing-api"
+        assert "sid" not in claims
+
+
+async def test_a_client_token_works_where_its_audience_is_expected(app: Running) -> None:
+    _, secret = await make_client(app.store, "svc")
+    assert secret is not None
+    r = await app.client.post("/token", data=CC, headers=basic("svc", secret))
+    token = r.json()["access_token"]
+    _, claims = jwt_parts(token)
+    assert claims["aud"] == "authserver"  # the default audience
+    r = await app.client.get("/protected", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200
+    assert r.json()["username"] == "svc"
+
+
+async def test_unknown_client_and_wrong_secret_are_indistinguishable(app: Running) -> None:
+    _, secret = await make_client(app.store, "svc")
+    assert secret is not None
+    wrong = await app.client.post("/token", data=CC, headers=basic("svc", secret + "x"))
+    unknown = await app.client.post("/token", data=CC, headers=basic("nobody", secret))
+    missing = await app.client.post("/token", data={**CC, "client_id": "svc"})
+    for r in (wrong, unknown, missing):
+        assert_invalid_client(r)
+    assert wrong.headers["www-authenticate"] == unknown.headers["www-authenticate"]
+    assert wrong.headers["www-authenticate"].startswith("Basic")
+    assert secret not in wrong.text
+    events = await app.store.list_audit_events(event="client_auth_failed")
+    assert [e.details.get("client_id") for e in events] == ["svc", None, "svc"]
+
+
+async def test_a_disabled_client_cannot_authenticate(app: Running) -> None:
+    _, secret = await make_client(app.store, "svc", disabled=True)
+    assert secret is not None
+    assert_invalid_client(await app.client.post("/token", data=CC, headers=basic("svc", secret)))
+
+
+async def test_a_grant_the_client_is_not_registered_for_is_unauthorized_client(
+    app: Running,
+) -> None:
+    await make_user(app.store, "alice")
+    _, secret = await make_client(app.store, "svc")
+    assert secret is not None
+    form = {"grant_type": "password", "username": "alice", "password": DEFAULT_PASSWORD}
+    r = await app.client.post("/token", data=form, headers=basic("svc", secret))
+    assert r.status_code == 400
+    assert r.json()["error"] == "unauthorized_client"
+    await make_client(app.store, "app", public=True)
+    r = await app.client.post("/token", data={**CC, "client_id": "app"})
+    assert r.status_code == 400
+    assert r.json()["error"] == "unauthorized_client"
+
+
+async def test_a_scope_beyond_the_clients_is_invalid_scope(app: Running) -> None:
+    await make_user(app.store, "alice")
+    _, secret = await make_client(app.store, "svc", scopes=("read",))
+    assert secret is not None
+    r = await app.client.post("/token", data={**CC, "scope": "write"}, headers=basic("svc", secret))
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_scope"
+    await make_client(app.store, "reader", public=True, scopes=("read",))
+    r = await app.client.post(
+        "/login", json={"username": "alice", "password": DEFAULT_PASSWORD, "client_id": "reader"}
+    )
+    assert r.status_code == 200
+    assert r.json()["scope"] == "read"
+    r = await app.client.post(
+        "/login",
+        json={
+            "username": "alice",
+            "password": DEFAULT_PASSWORD,
+            "client_id": "reader",
+            "scope": "read write",
+        },
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_scope"
+
+
+async def test_an_unregistered_client_id_is_invalid_client_everywhere(app: Running) -> None:
+    await make_user(app.store, "alice")
+    login = {"username": "alice", "password": DEFAULT_PASSWORD, "client_id": "ghost"}
+    assert_invalid_client(await app.client.post("/login", json=login))
+    form = {"grant_type": "password", "username": "alice", "password": DEFAULT_PASSWORD}
+    assert_invalid_client(await app.client.post("/token", data={**form, "client_id": "ghost"}))
+    assert_invalid_client(
+        await app.client.post("/revoke", data={"token": "x", "client_id": "ghost"})
+    )
+    # A confidential client cannot use the seed's /login, which carries no secret.
+    await make_client(app.store, "svc", grants=("password",))
+    login["client_id"] = "svc"
+    assert_invalid_client(await app.client.post("/login", json=login))
+
+
+async def test_one_authentication_method_per_request(app: Running) -> None:
+    _, secret = await make_client(app.store, "svc")
+    assert secret is not None
+    r = await app.client.post(
+        "/token",
+        data={**CC, "client_id": "svc", "client_secret": secret},
+        headers=basic("svc", secret),
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_request"
+
+
+async def test_a_rotated_secret_works_for_its_grace_period(app: Running) -> None:
+    _, old = await make_client(app.store, "svc")
+    assert old is not None
+    clients = app.app.state.services.clients
+    from authserver.audit import RequestContext
+
+    new = await clients.rotate_secret(RequestContext(), "svc", grace=60)
+    for secret in (old, new):
+        r = await app.client.post("/token", data=CC, headers=basic("svc", secret))
+        assert r.status_code == 200, r.text
+    newest = await clients.rotate_secret(RequestContext(), "svc", grace=0)
+    assert_invalid_client(await app.client.post("/token", data=CC, headers=basic("svc", new)))
+    r = await app.client.post("/token", data=CC, headers=basic("svc", newest))
+    assert r.status_code == 200
+
+
+async def test_guessing_a_secret_is_throttled(start_app: StartApp) -> None:
+    running = await start_app(login_max_failures=3)
+    _, secret = await make_client(running.store, "svc")
+    assert secret is not None
+    for _ in range(3):
+        assert_invalid_client(
+            await running.client.post("/token", data=CC, headers=basic("svc", "x"))
+        )
+    r = await running.client.post("/token", data=CC, headers=basic("svc", secret))
+    assert r.status_code == 429
+    assert r.json()["error"] == "slow_down"
+
+
+async def test_private_key_jwt(app: Running) -> None:
+    key, jwks = signing_key()
+    await make_client(app.store, "signer", jwks=jwks)
+    signed = assertion(key, "signer")
+    r = await app.client.post("/token", data=assertion_form(signed))
+    assert r.status_code == 200, r.text
+    _, claims = jwt_parts(r.json()["access_token"])
+    assert claims["sub"] == "signer"
+    # Single use: the same assertion again is refused.
+    assert_invalid_client(await app.client.post("/token", data=assertion_form(signed)))
+    # The issuer is an audience too, and client_id may name the client.
+    r = await app.client.post(
+        "/token",
+        data=assertion_form(assertion(key, "signer", aud="http://testserver"), client_id="signer"),
+    )
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"aud": "https://elsewhere.example/token"},
+        {"exp": int(time.time()) + 3600},
+        {"exp": int(time.time()) - 120},
+        {"iss": "someone-else"},
+        {"jti": None},
+        {"exp": None},
+    ],
+    ids=["audience", "too long", "expired", "iss", "no jti", "no exp"],
+)
+async def test_a_bad_assertion_is_refused(app: Running, overrides: dict[str, Any]) -> None:
+    key, jwks = signing_key()
+    await make_client(app.store, "signer", jwks=jwks)
+    r = await app.client.post("/token", data=assertion_form(assertion(key, "signer", **overrides)))
+    assert_invalid_client(r)
+
+
+async def test_an_assertion_signed_by_another_key_or_unsigned_is_refused(app: Running) -> None:
+    _, jwks = signing_key()
+    other, _ = signing_key()
+    await make_client(app.store, "signer", jwks=jwks)
+    assert_invalid_client(
+        await app.client.post("/token", data=assertion_form(assertion(other, "signer")))
+    )
+    header = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
+    body = (
+        base64.urlsafe_b64encode(
+            json.dumps(
+                {
+                    "iss": "signer",
+                    "sub": "signer",
+                    "aud": TOKEN_URL,
+                    "exp": time.time() + 60,
+                    "jti": "j",
+                }
+            ).encode()
+        )
+        .rstrip(b"=")
+        .decode()
+    )
+    assert_invalid_client(await app.client.post("/token", data=assertion_form(f"{header}.{body}.")))
+    # A secret for a keys-only client is no way in either.
+    assert_invalid_client(
+        await app.client.post("/token", data=CC, headers=basic("signer", "anything"))
+    )
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post", "private_key_jwt"])
+async def test_authlib_does_client_credentials(app: Running, method: str) -> None:
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+    from authlib.oauth2.rfc7523 import PrivateKeyJWT
+
+    transport = httpx.ASGITransport(app=app.app)
+    if method == "private_key_jwt":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = json.loads(jwk.JWK.from_pyca(private.public_key()).export_public())
+        await make_client(app.store, "robot", jwks=json.dumps({"keys": [public]}))
+        pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        client = AsyncOAuth2Client(
+            "robot",
+            pem,
+            # Authlib's assertions live an hour by default; the contract allows five minutes.
+            token_endpoint_auth_method=PrivateKeyJWT(
+                TOKEN_URL, claims={"exp": int(time.time()) + 120}
+            ),
+            transport=transport,
+        )
+    else:
+        _, secret = await make_client(app.store, "robot")
+        client = AsyncOAuth2Client(
+            "robot", secret, token_endpoint_auth_method=method, transport=transport
+        )
+    async with client:
+        token = await client.fetch_token(TOKEN_URL, grant_type="client_credentials")
+    assert token["token_type"] == "bearer"
+    assert "refresh_token" not in token
+    _, claims = jwt_parts(token["access_token"])
+    assert claims["sub"] == "robot"
