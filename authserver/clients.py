@@ -410,8 +410,9 @@ class ClientAuthenticator:
     """Says which registered client a request comes from, or refuses: `authenticate`.
 
     Every failure is the same 401 `invalid_client`, whether the client is unknown,
-    disabled or its credentials wrong, and is counted by the login throttle under
-    the client's id (so secrets cannot be guessed faster than passwords) and audited.
+    disabled or its credentials wrong; it is audited and counted by the login throttle
+    under the client's id and the caller's network, and past the throttle's limits
+    the answer is 429 `slow_down`.
     """
 
     def __init__(
@@ -444,26 +445,26 @@ class ClientAuthenticator:
                 raise InvalidClientError("A public client sends no client secret.")
             return client
         now = self.clock()
-        attempt = await self.throttle.begin(
-            f"\0client\0{claimed or ''}", ctx.client_addr, user_id=None, now=now
-        )
-        ok = (
+        if (
             client is not None
             and not client.disabled
             and await self._verify(client, c, endpoint=endpoint, now=now)
+        ):
+            # Right: no count to check. A 256-bit secret is not guessed however many tries
+            # the throttle allows, so the throttle's reads are spent on failures only.
+            return client
+        await self.clients.auditor.record(
+            audit.CLIENT_AUTH_FAILED,
+            ctx,
+            # Named only if registered: a secret pasted as an id stays out of the trail.
+            client_id=client.client_id if client is not None else None,
+            method=c.method,
         )
-        if not ok or client is None:
-            await self.clients.auditor.record(
-                audit.CLIENT_AUTH_FAILED,
-                ctx,
-                # Named only if registered: a secret pasted as an id stays out of the trail.
-                client_id=client.client_id if client is not None else None,
-                method=c.method,
-            )
-            await self.throttle.failed(attempt, now=now)
-            raise InvalidClientError(_REFUSED)
-        await self.throttle.succeeded(attempt, now=now)
-        return client
+        attempt = await self.throttle.begin(
+            f"\0client\0{claimed or ''}", ctx.client_addr, user_id=None, now=now
+        )
+        await self.throttle.failed(attempt, now=now)  # 429 once the failures reach a limit
+        raise InvalidClientError(_REFUSED)
 
     async def _verify(
         self, client: Client, c: ClientCredentials, *, endpoint: str, now: float

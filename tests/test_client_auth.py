@@ -213,12 +213,15 @@ async def test_guessing_a_secret_is_throttled(start_app: StartApp) -> None:
     _, secret = await make_client(running.store, "svc")
     assert secret is not None
     for _ in range(3):
-        assert_invalid_client(
-            await running.client.post("/token", data=CC, headers=basic("svc", "x"))
-        )
-    r = await running.client.post("/token", data=CC, headers=basic("svc", secret))
+        r = await running.client.post("/token", data=CC, headers=basic("svc", "guess"))
+        assert_invalid_client(r)
+    r = await running.client.post("/token", data=CC, headers=basic("svc", "guess"))
     assert r.status_code == 429
     assert r.json()["error"] == "slow_down"
+    assert int(r.headers["retry-after"]) > 0
+    # The client itself, which knows its 256-bit secret, is not locked out by the guesses.
+    r = await running.client.post("/token", data=CC, headers=basic("svc", secret))
+    assert r.status_code == 200
 
 
 async def test_private_key_jwt(app: Running) -> None:
