@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
-from authserver.api import docs, health, protected, token, wellknown
+from authserver.api import docs, health, introspect, protected, token, wellknown
 from authserver.api.deps import Services
 from authserver.api.errors import install_error_handlers
 from authserver.api.middleware import HeadAsGet, SecurityHeaders
@@ -23,6 +23,7 @@ from authserver.audit import Auditor
 from authserver.clients import ClientAuthenticator, ClientService
 from authserver.config import Settings
 from authserver.grants import AuthService, TokenPolicy
+from authserver.introspection import Introspector
 from authserver.jobs import start_jobs, stop_jobs
 from authserver.keys import KeyRing, ensure_signing_key
 from authserver.logs import configure_logging
@@ -78,6 +79,11 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
         users=UserService(store=store, hasher=hasher, auditor=auditor),
         clients=clients,
         client_auth=ClientAuthenticator(clients=clients, throttle=throttle, issuer=settings.issuer),
+        introspector=Introspector(
+            verifier=AccessTokenVerifier(source, issuer=settings.issuer, audience=None),
+            store=store,
+            clients=clients,
+        ),
         store=store,
         keyring=keyring,
         verifier=verifier,
@@ -132,7 +138,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_oauth2_redirect_url=None,
     )
     install_error_handlers(app)
-    for router in (token.router, protected.router, wellknown.router, health.router):
+    for router in (
+        token.router,
+        introspect.router,
+        protected.router,
+        wellknown.router,
+        health.router,
+    ):
         app.include_router(router)
     docs.install_docs(app, scopes=settings.scopes)
     app.add_middleware(SecurityHeaders)

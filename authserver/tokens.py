@@ -188,6 +188,10 @@ def verify_assertion(assertion: str, keys: Sequence[VerificationKey]) -> dict[st
 class AccessTokenVerifier:
     """Verifies access tokens against a key source; safe to share across requests.
 
+    `audience=None` accepts a token for any audience (it must name one): the
+    server's own introspection, for tokens issued to clients with audiences of
+    their own. A resource server always names its audience.
+
     Verified tokens are remembered (keyed by the exact token string, until their
     `exp`, forgotten whenever the key set changes), so a client that reuses its
     token costs one dictionary lookup. Another spelling of the same token is a
@@ -199,7 +203,7 @@ class AccessTokenVerifier:
         keys: KeySource,
         *,
         issuer: str,
-        audience: str,
+        audience: str | None,
         leeway: float = 0.0,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
@@ -283,7 +287,13 @@ class AccessTokenVerifier:
         if iss != self._issuer:
             raise InvalidTokenError("The access token was issued by another issuer.")
         aud = claims.get("aud")
-        if not (aud == self._audience or (isinstance(aud, list) and self._audience in aud)):
+        if self._audience is None:
+            # Any audience (the issuer's own introspection): but there must be one.
+            if not (isinstance(aud, str) and aud) and not (
+                isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud)
+            ):
+                raise InvalidTokenError("The access token has no valid 'aud' claim.")
+        elif not (aud == self._audience or (isinstance(aud, list) and self._audience in aud)):
             raise InvalidTokenError("The access token is meant for another audience.")
         scope = claims.get("scope", "")
         if not isinstance(scope, str):

@@ -13,6 +13,7 @@ from fastapi.security import OAuth2PasswordBearer
 from authserver.audit import RequestContext
 from authserver.clients import ClientAuthenticator, ClientService
 from authserver.grants import AuthService
+from authserver.introspection import Introspector
 from authserver.keys import KeyRing
 from authserver.resource import TokenValidator, Validator, require_token
 from authserver.store.protocol import Store
@@ -30,6 +31,7 @@ class Services:
     users: UserService
     clients: ClientService
     client_auth: ClientAuthenticator
+    introspector: Introspector
     store: Store
     keyring: KeyRing
     verifier: AccessTokenVerifier

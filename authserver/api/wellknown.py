@@ -35,6 +35,10 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
         "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "revocation_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
+        "introspection_endpoint": f"{issuer}/introspect",
+        # Confidential clients only: `none` authenticates nobody here.
+        "introspection_endpoint_auth_methods_supported": [m for m in AUTH_METHODS if m != "none"],
+        "introspection_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "scopes_supported": list(scopes),
         "service_documentation": f"{issuer}/docs",
     }

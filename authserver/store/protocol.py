@@ -239,6 +239,9 @@ class Store(Protocol):
 
     async def list_clients(self) -> Sequence[Client]: ...
 
+    async def session_live(self, family_id: str) -> bool:
+        """Whether the session (refresh family) exists and has not been revoked."""
+
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
         """Record a single-use id until `expires_at`; False if it is already recorded
         (and not yet expired): a replay."""

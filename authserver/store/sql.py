@@ -355,6 +355,9 @@ _COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed
 _CLIENT_FIELDS = tuple(c.name for c in clients.columns)
 _CLIENT_LISTS = ("grants", "scopes", "redirect_uris", "post_logout_redirect_uris")
 _GET_CLIENT = sa.select(clients).where(clients.c.client_id == sa.bindparam("b_id"))
+_SESSION_LIVE = sa.select(refresh_families.c.id).where(
+    refresh_families.c.id == sa.bindparam("b_id"), refresh_families.c.revoked_at.is_(None)
+)
 _KNOWN_ADDRESS = sa.select(login_addresses.c.user_id).where(
     login_addresses.c.user_id == sa.bindparam("b_user"),
     login_addresses.c.network_key == sa.bindparam("b_key"),
@@ -881,6 +884,11 @@ class SqlStore:
         async with self._read() as conn:
             rows = (await conn.execute(sa.select(clients).order_by(clients.c.client_id))).all()
         return [_client(row) for row in rows]
+
+    async def session_live(self, family_id: str) -> bool:
+        async with self._read() as conn:
+            result = await conn.execute(_SESSION_LIVE, {"b_id": family_id})
+            return result.first() is not None
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
         async def work(conn: Executor) -> bool:
