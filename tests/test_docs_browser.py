@@ -39,6 +39,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 USERNAME = "swagger"
+ROBOT = "swagger-robot"  # a confidential client, for the client_credentials flow
 PASSWORD = "browser password 1"
 PROTECTED_MESSAGE = "Access granted for protected route."
 UI_TIMEOUT_MS = 20_000
@@ -71,6 +72,9 @@ def docs_server(tmp_path: Path) -> Iterator[ServerProcess]:
         ["users", "add", USERNAME, "--password-stdin"], env, cwd=tmp_path, stdin=PASSWORD + "\n"
     )
     assert added.returncode == 0, added.stderr
+    robot = run_cli(["clients", "add", ROBOT, "--scope", "read"], env, cwd=tmp_path)
+    assert robot.returncode == 0, robot.stderr
+    (tmp_path / "robot-secret").write_text(robot.stdout.strip())
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
@@ -101,22 +105,32 @@ def _same_origin_only(route: Route, origin: str, outside: list[str]) -> None:
         route.abort()
 
 
-def _authorize_and_call_protected(page: Page, origin: str) -> None:
+def _authorize_and_call_protected(
+    page: Page, origin: str, *, client: tuple[str, str] | None = None
+) -> None:
+    """Authorize in the dialog, with the password flow, or with client_credentials as
+    `client` (id, secret); then call /protected."""
     page.goto(f"{origin}/docs")
     page.locator(".auth-wrapper button.authorize").click()
 
     dialog = page.locator(".modal-ux")
-    expect(dialog.locator("h4")).to_contain_text("OAuth2, password")
-    dialog.locator("#oauth_username").fill(USERNAME)
-    dialog.locator("#oauth_password").fill(PASSWORD)
+    flow = "clientCredentials" if client else "password"
+    form = dialog.locator(".auth-container").filter(has_text=f"OAuth2, {flow}")
+    expect(form.locator("h4")).to_contain_text(f"OAuth2, {flow}")
+    if client is None:
+        form.locator("#oauth_username").fill(USERNAME)
+        form.locator("#oauth_password").fill(PASSWORD)
+    else:
+        form.locator("input#client_id_clientCredentials").fill(client[0])
+        form.locator("input#client_secret_clientCredentials").fill(client[1])
     # Ask for one scope, as a person would tick it: the token must carry just that one.
-    dialog.locator(".scopes label").filter(has_text="read").click()
+    form.locator(".scopes label").filter(has_text="read").click()
     # The dialog's own Authorize (its accessible name is "Apply given OAuth2 credentials").
-    dialog.locator("button.modal-btn").filter(has_text="Authorize").click()
+    form.locator("button.modal-btn").filter(has_text="Authorize").click()
     # Swagger UI swaps the dialog's Authorize for Logout once /token answered 200;
     # on an error it shows the error body instead.
-    expect(dialog.locator("button.modal-btn").filter(has_text="Logout")).to_be_visible()
-    dialog.locator("button.modal-btn").filter(has_text="Close").click()
+    expect(form.locator("button.modal-btn").filter(has_text="Logout")).to_be_visible()
+    dialog.locator("button.modal-btn").filter(has_text="Close").first.click()
     expect(dialog).to_have_count(0)
 
     operation = page.locator(".opblock-get").filter(has_text="/protected")
@@ -195,6 +209,38 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
     assert server_errors(docs_server.log()) == []
 
 
+@pytest.mark.browser
+def test_swagger_ui_authorizes_a_confidential_client_and_calls_protected(
+    chromium: Path, docs_server: ServerProcess, tmp_path: Path
+) -> None:
+    secret = (tmp_path / "robot-secret").read_text()
+    outside: list[str] = []
+    tokens: list[Response] = []
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.route("**/*", lambda route: _same_origin_only(route, docs_server.url, outside))
+            page.on(
+                "response",
+                lambda r: tokens.append(r) if urlsplit(r.url).path == "/token" else None,
+            )
+            _authorize_and_call_protected(page, docs_server.url, client=(ROBOT, secret))
+            sent = [(r.status, parse_qs(r.request.post_data or "")) for r in tokens]
+        finally:
+            browser.close()
+    assert outside == []
+    assert len(sent) == 1
+    status, form = sent[0]
+    assert status == 200
+    assert form["grant_type"] == ["client_credentials"]
+    assert server_errors(docs_server.log()) == []
+
+
 async def test_docs_page_loads_nothing_from_outside(server: Running) -> None:
     """The /docs HTML names only the server's own paths, and those assets are served."""
     page = await server.client.get("/docs")
@@ -209,8 +255,12 @@ async def test_docs_page_loads_nothing_from_outside(server: Running) -> None:
         assert asset.status_code == 200, url
         assert len(asset.content) > 0
     spec = (await server.client.get("/openapi.json")).json()
-    flow = spec["components"]["securitySchemes"]["OAuth2PasswordBearer"]["flows"]["password"]
-    assert flow["tokenUrl"] == "/token"
+    flows = spec["components"]["securitySchemes"]["OAuth2"]["flows"]
+    # A user's password flow, and a confidential client's client_credentials (RFC 6749 §4.4).
+    assert set(flows) == {"password", "clientCredentials"}
+    for flow in flows.values():
+        assert flow["tokenUrl"] == "/token"
+        assert set(flow["scopes"]) == {"read", "write"}
     # The page Swagger UI's other OAuth2 flows return to; the password flow needs none.
     redirect = await server.client.get("/docs/oauth2-redirect")
     assert redirect.status_code == 200

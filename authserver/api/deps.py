@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.openapi.models import OAuthFlowClientCredentials
 from fastapi.security import OAuth2PasswordBearer
 
 from authserver.audit import RequestContext
@@ -69,10 +70,19 @@ def request_context(request: Request) -> RequestContext:
     return RequestContext(client_addr=client_addr, request_id=request_id)
 
 
-# Declares the OAuth2 password flow in the OpenAPI document, so the Swagger UI's
-# Authorize button logs in at /token.
-# Its scopes are the configured ones, filled in by `docs.install_docs`.
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/token", auto_error=False)
+class _TokenEndpointFlows(OAuth2PasswordBearer):
+    """The bearer token of a request, declared in the OpenAPI document with the two flows
+    that end at /token: the password flow (a user) and client_credentials (a confidential
+    client, RFC 6749 §4.4). The Swagger UI's Authorize dialog offers both; their scopes
+    are the configured ones, filled in by `docs.install_docs`."""
+
+    def __init__(self, token_url: str) -> None:
+        super().__init__(tokenUrl=token_url, scheme_name="OAuth2", auto_error=False)
+        flows = self.model.flows  # type: ignore[attr-defined]
+        flows.clientCredentials = OAuthFlowClientCredentials(tokenUrl=token_url, scopes={})
+
+
+oauth2_scheme = _TokenEndpointFlows("/token")
 
 
 def get_validator(request: Request) -> Validator:

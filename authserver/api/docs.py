@@ -73,15 +73,14 @@ def install_docs(app: FastAPI, *, scopes: tuple[str, ...]) -> None:
 
 
 def _offer_scopes(app: FastAPI, scopes: tuple[str, ...]) -> None:
-    """Put `AUTHSERVER_SCOPES` in the OpenAPI password flow (the route declares none)."""
+    """Put `AUTHSERVER_SCOPES` in the OpenAPI flows (the route declares none)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
             for scheme in schema.get("components", {}).get("securitySchemes", {}).values():
-                flow = scheme.get("flows", {}).get("password")
-                if flow is not None:
+                for flow in scheme.get("flows", {}).values():
                     flow["scopes"] = {scope: f"the {scope} scope" for scope in scopes}
             app.openapi_schema = schema
         return app.openapi_schema
