@@ -25,21 +25,29 @@ it never loops on 401.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import math
 import threading
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
+from authserver.tokens import ASSERTION_TYPE, load_private_key, sign_jwt
+
 __all__ = [
     "AuthError",
+    "ClientAuth",
+    "ClientSecret",
     "Endpoints",
     "LoginEndpoints",
     "LoginFailed",
+    "PrivateKeyJWT",
     "SessionExpired",
     "TokenAuth",
     "TokenEndpoint",
@@ -164,20 +172,101 @@ class Endpoints(Protocol):
     def refresh_request(self, *, refresh_token: str) -> httpx.Request: ...
 
 
-class TokenEndpoint:
-    """An RFC 6749 token endpoint (§3.2): form-encoded grants from a public client.
+class ClientAuth(Protocol):
+    """How a confidential client proves itself to the token endpoint (RFC 6749 §2.3)."""
 
-    `client_id`, if given, goes in the form (§2.3.1 allows that for public clients).
+    client_id: str
+
+    def apply(self, form: dict[str, str], headers: dict[str, str], *, audience: str) -> None:
+        """Add the client's credentials to a token request's form or headers."""
+
+
+class ClientSecret:
+    """A client secret, sent in HTTP Basic (`client_secret_basic`, the default) or in the
+    form (`client_secret_post`)."""
+
+    def __init__(self, client_id: str, secret: str, *, method: str = "client_secret_basic") -> None:
+        if method not in ("client_secret_basic", "client_secret_post"):
+            raise ValueError(f"unknown client authentication method {method!r}")
+        self.client_id = client_id
+        self._secret = secret
+        self.method = method
+
+    def apply(self, form: dict[str, str], headers: dict[str, str], *, audience: str) -> None:
+        if self.method == "client_secret_post":
+            form["client_id"] = self.client_id
+            form["client_secret"] = self._secret
+            return
+        # RFC 6749 §2.3.1: each part form-encoded, then base64.
+        raw = f"{quote(self.client_id, safe='')}:{quote(self._secret, safe='')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode("ascii")
+
+
+class PrivateKeyJWT:
+    """`private_key_jwt` (RFC 7523 §2.2): a fresh, short-lived assertion signed with the
+    client's private key (a PEM, or a `cryptography` key) for every token request.
+
+    The server holds the matching public key (`authserver clients add --jwks-file`).
     """
 
-    def __init__(self, url: str, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        private_key: str | bytes | Any,
+        *,
+        kid: str | None = None,
+        lifetime: int = 60,
+    ) -> None:
+        self.client_id = client_id
+        self._kid = kid
+        self._lifetime = lifetime
+        self._key, self._alg = load_private_key(private_key)
+
+    def apply(self, form: dict[str, str], headers: dict[str, str], *, audience: str) -> None:
+        now = int(time.time())
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": audience,
+            "iat": now,
+            "exp": now + self._lifetime,
+            "jti": uuid.uuid4().hex,
+        }
+        form["client_assertion_type"] = ASSERTION_TYPE
+        form["client_assertion"] = sign_jwt(claims, key=self._key, alg=self._alg, kid=self._kid)
+
+
+class TokenEndpoint:
+    """An RFC 6749 token endpoint (§3.2): form-encoded grants.
+
+    A public client names itself with `client_id` (in the form, §2.3.1 allows that);
+    a confidential one passes `client_auth` (`ClientSecret` or `PrivateKeyJWT`),
+    which every request then carries.
+    """
+
+    def __init__(
+        self, url: str, *, client_id: str | None = None, client_auth: ClientAuth | None = None
+    ) -> None:
         self.url = _absolute(url)
         self.client_id = client_id
+        self.client_auth = client_auth
 
     def _post(self, form: dict[str, str]) -> httpx.Request:
-        if self.client_id:
+        headers = dict(_JSON)
+        if self.client_auth is not None:
+            self.client_auth.apply(form, headers, audience=str(self.url))
+        elif self.client_id:
             form["client_id"] = self.client_id
-        return httpx.Request("POST", self.url, data=form, headers=_JSON)
+        return httpx.Request("POST", self.url, data=form, headers=headers)
+
+    def client_credentials_request(self, *, scope: str | None) -> httpx.Request:
+        """A token for the client itself (RFC 6749 §4.4)."""
+        if self.client_auth is None:
+            raise ValueError("client_credentials needs client_auth (a confidential client)")
+        form = {"grant_type": "client_credentials"}
+        if scope:
+            form["scope"] = scope
+        return self._post(form)
 
     def password_request(self, *, username: str, password: str, scope: str | None) -> httpx.Request:
         form = {"grant_type": "password", "username": username, "password": password}
@@ -253,15 +342,19 @@ class TokenAuth(httpx.Auth):
         on_tokens: OnTokens | None = None,
         refresh_margin: float = 30.0,
         clock: Callable[[], float] = time.time,
+        client_credentials: bool = False,
     ) -> None:
         credentials = (
             (username, password) if username is not None and password is not None else None
         )
-        if tokens is None and credentials is None:
-            raise ValueError("TokenAuth needs username and password, or tokens")
+        if tokens is None and credentials is None and not client_credentials:
+            raise ValueError("TokenAuth needs username and password, tokens, or client_credentials")
         self.endpoint: Endpoints = (
             TokenEndpoint(endpoint) if isinstance(endpoint, str) else endpoint
         )
+        if client_credentials and not isinstance(self.endpoint, TokenEndpoint):
+            raise ValueError("client_credentials needs a TokenEndpoint with client_auth")
+        self._client_credentials = client_credentials
         self._credentials = credentials
         self._scope = scope
         self._tokens = tokens
@@ -304,7 +397,7 @@ class TokenAuth(httpx.Auth):
         pair = self._tokens
         if pair is not sent:
             return True  # renewed meanwhile: just retry with the new token
-        if not (self._credentials is not None or pair.refresh_token):
+        if not (self._credentials is not None or pair.refresh_token or self._client_credentials):
             return False
         # A token this new was refused for some other reason (another audience, a
         # resource that has not seen the new key yet): refreshing again would not
@@ -331,6 +424,10 @@ class TokenAuth(httpx.Auth):
                 username=username, password=password, scope=self._scope
             )
             dead = LoginFailed
+        elif self._client_credentials and isinstance(self.endpoint, TokenEndpoint):
+            # A client's own token comes without a refresh token: ask again each time.
+            request = self.endpoint.client_credentials_request(scope=self._scope)
+            dead = LoginFailed
         else:
             raise SessionExpired("No refresh token and no credentials: log in again.")
         response = yield request
@@ -354,7 +451,7 @@ class TokenAuth(httpx.Auth):
         error = body.get("error") if isinstance(body.get("error"), str) else None
         text = body.get("error_description")
         detail = f"{error}: {text}" if isinstance(text, str) else (error or "no error code")
-        if error == "invalid_grant" and response.status_code in (400, 401):
+        if error in ("invalid_grant", "invalid_client") and response.status_code in (400, 401):
             what = "login" if dead is LoginFailed else "refresh"
             self._dead = dead(
                 f"The {what} was refused ({detail}).", status_code=response.status_code, error=error

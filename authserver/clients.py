@@ -359,7 +359,6 @@ def describe(client: Client) -> dict[str, object]:
     }
 
 
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME = 300  # seconds an assertion's `exp` may lie ahead (RFC 7523 §3)
 _CLOCK_SKEW = 30
 

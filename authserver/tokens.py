@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jws
 from jose.backends.base import Key as JoseKey
 from jose.jwk import construct
@@ -155,6 +157,32 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidTokenError(f"The access token has no valid '{name}' claim.")
     return value
+
+
+# RFC 7523 §2.2: a client authenticating with a JWT it signed (`private_key_jwt`).
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def load_private_key(key: str | bytes | Any) -> tuple[JoseKey, str]:
+    """A client's private key (a PEM, or a `cryptography` RSA or EC P-256 key) as a
+    jose key, with the algorithm that goes with it."""
+    if isinstance(key, (str, bytes)):
+        pem = key.encode("ascii") if isinstance(key, str) else key
+        key = serialization.load_pem_private_key(pem, password=None)
+    if isinstance(key, rsa.RSAPrivateKey):
+        alg = "RS256"
+    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        alg = "ES256"
+    else:
+        raise TypeError("the private key must be RSA or EC P-256")
+    return prepare_key(key, alg), alg
+
+
+def sign_jwt(claims: Mapping[str, Any], *, key: JoseKey, alg: str, kid: str | None) -> str:
+    """Sign `claims` as a JWT (`typ: JWT`), e.g. a client assertion."""
+    headers = {"typ": "JWT", **({"kid": kid} if kid else {})}
+    token: str = jws.sign(orjson.dumps(dict(claims)), key, headers=headers, algorithm=alg)
+    return token
 
 
 def verify_assertion(assertion: str, keys: Sequence[VerificationKey]) -> dict[str, Any]:

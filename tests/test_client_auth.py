@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk, jwt
 
-from authserver.clients import ASSERTION_TYPE
+from authserver.tokens import ASSERTION_TYPE
 from tests.conftest import Running, StartApp
 from tests.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.test_login import jwt_parts

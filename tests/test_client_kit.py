@@ -24,14 +24,19 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI, Form, Header
 from fastapi.responses import JSONResponse
+from jwcrypto.jwk import JWK
 
 from authserver.app import create_app
 from authserver.client import (
+    ClientAuth,
+    ClientSecret,
     Endpoints,
     LoginEndpoints,
     LoginFailed,
+    PrivateKeyJWT,
     SessionExpired,
     TokenAuth,
     TokenEndpoint,
@@ -410,3 +415,59 @@ async def test_sync_client_refreshes_once_across_threads(server: Running) -> Non
     assert hits[PROTECTED] == 41
     assert await audit_count(server, "refreshed") == 1
     assert await audit_count(server, "refresh_reuse_detected") == 0
+
+
+def _robot_auth(kind: str, secret: str | None, key: Any, **kwargs: Any) -> TokenAuth:
+    client_auth: ClientAuth
+    if kind == "private_key_jwt":
+        client_auth = PrivateKeyJWT("robot", key)
+    else:
+        assert secret is not None
+        client_auth = ClientSecret("robot", secret, method=kind)
+    return TokenAuth(
+        TokenEndpoint(TOKEN_URL, client_auth=client_auth),
+        client_credentials=True,
+        scope="read",
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("kind", ["client_secret_basic", "client_secret_post", "private_key_jwt"])
+async def test_a_confidential_client_gets_its_own_token_and_renews_it_once(
+    server: Running, kind: str
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(JWK.from_pyca(key.public_key()).export_public())
+    jwks = json.dumps({"keys": [public]}) if kind == "private_key_jwt" else None
+    _, secret = await make_client(server.store, "robot", jwks=jwks)
+    clock = ManualClock()
+    hits: Counter[str] = Counter()
+    auth = _robot_auth(kind, secret, key, clock=clock)
+    async with client_for(server, auth, hits) as client:
+        responses = await asyncio.gather(*(client.get(PROTECTED) for _ in range(10)))
+        assert [r.status_code for r in responses] == [200] * 10
+        assert responses[0].json()["username"] == "robot"
+        assert hits["/token"] == 1  # single flight: one token request for ten callers
+        first = auth.tokens
+        assert first is not None and first.refresh_token is None
+        assert claims_of(first.access_token)["sub"] == "robot"
+        assert first.scope == "read"
+        assert first.expires_at is not None
+        clock.now = first.expires_at - 1  # stale: a new client_credentials request
+        responses = await asyncio.gather(*(client.get(PROTECTED) for _ in range(10)))
+        assert [r.status_code for r in responses] == [200] * 10
+        assert hits["/token"] == 2
+        assert auth.tokens is not first
+
+
+async def test_a_refused_client_raises_without_looping(server: Running) -> None:
+    await make_client(server.store, "robot")
+    hits: Counter[str] = Counter()
+    auth = _robot_auth("client_secret_basic", "not the secret", None)
+    async with client_for(server, auth, hits) as client:
+        with pytest.raises(LoginFailed) as refused:
+            await client.get(PROTECTED)
+        assert refused.value.error == "invalid_client"
+        with pytest.raises(LoginFailed):
+            await client.get(PROTECTED)
+    assert hits == {"/token": 1}

@@ -15,8 +15,9 @@ from urllib.parse import unquote
 
 from starlette.requests import Request
 
-from authserver.clients import ASSERTION_TYPE, ClientCredentials, is_client_id
+from authserver.clients import ClientCredentials, is_client_id
 from authserver.errors import InvalidClientError, InvalidRequestError
+from authserver.tokens import ASSERTION_TYPE
 
 
 def _basic(request: Request) -> tuple[str, str] | None:
