@@ -22,6 +22,9 @@ no token is 401 with a bare `WWW-Authenticate: Bearer`, a bad one 401
 `invalid_token`, a token without the required scopes 403 `insufficient_scope`.
 `install_error_handler` and `error_response` are the server's own rendering
 (`authserver.responses`), so the kit answers exactly as the server does.
+
+Where a revoked session must stop working at once, `IntrospectingValidator`
+asks the issuer instead (RFC 7662), with a short positive cache.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ import binascii
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from authserver.client import ClientAuth
 from authserver.errors import (
     InsufficientScopeError,
+    InvalidTokenError,
     MalformedBearerRequestError,
     MissingTokenError,
     TemporarilyUnavailableError,
@@ -58,6 +63,7 @@ from authserver.tokens import (
 
 __all__ = [
     "AccessClaims",
+    "IntrospectingValidator",
     "JwksKeySource",
     "KeysUnavailableError",
     "RefreshableKeySource",
@@ -392,6 +398,131 @@ class TokenValidator:
         """Close the HTTP client the key source created, if any."""
         if isinstance(self.keys, JwksKeySource):
             await self.keys.aclose()
+
+
+class IntrospectingValidator:
+    """Validates tokens by asking the issuer (RFC 7662 introspection), for an API where a
+    logout, a disabled client or a detected theft must take effect at once, not when the
+    access token expires.
+
+    The API authenticates as a registered confidential client (`client_auth`: a
+    `authserver.client.ClientSecret` or `PrivateKeyJWT`). An active answer is cached
+    for `cache_ttl` seconds (never past the token's `exp`; at most `max_entries`
+    tokens): that bounds both the load on the issuer and how long a revoked token is
+    still taken. `audience`, if given, must be among the token's `aud`.
+    """
+
+    def __init__(
+        self,
+        introspection_url: str,
+        client_auth: ClientAuth,
+        *,
+        audience: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        cache_ttl: float = 5.0,
+        max_entries: int = 10_000,
+        timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = introspection_url
+        self._client_auth = client_auth
+        self._audience = audience
+        self._http = http
+        self._owns_http = http is None
+        self._timeout = timeout
+        self._ttl = cache_ttl
+        self._max = max_entries
+        self._clock = clock
+        self._cache: dict[str, tuple[float, AccessClaims]] = {}
+        self.calls = 0
+        """How many introspection requests were sent (for metrics and tests)."""
+
+    @classmethod
+    async def from_issuer(
+        cls, issuer: str, client_auth: ClientAuth, **kwargs: Any
+    ) -> IntrospectingValidator:
+        """Find the issuer's `introspection_endpoint` in its RFC 8414 metadata."""
+        url = issuer.rstrip("/") + METADATA_PATH
+        http = kwargs.get("http") or httpx.AsyncClient(timeout=kwargs.get("timeout", 5.0))
+        try:
+            metadata = (await http.get(url, headers={"Accept": "application/json"})).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise KeysUnavailableError(f"cannot read {url}: {exc!r}") from exc
+        finally:
+            if "http" not in kwargs:
+                await http.aclose()
+        endpoint = metadata.get("introspection_endpoint") if isinstance(metadata, dict) else None
+        if not isinstance(endpoint, str):
+            raise KeysUnavailableError(f"{url} names no introspection_endpoint")
+        return cls(endpoint, client_auth, **kwargs)
+
+    async def validate(self, token: str) -> AccessClaims:
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            until, claims = cached
+            if now < until:
+                return claims
+            del self._cache[token]
+        claims = self._claims(await self._ask(token), now)
+        if self._ttl > 0:
+            if len(self._cache) >= self._max:
+                self._cache.pop(next(iter(self._cache)))  # the oldest entry
+            self._cache[token] = (min(now + self._ttl, claims.exp), claims)
+        return claims
+
+    async def _ask(self, token: str) -> dict[str, Any]:
+        form = {"token": token, "token_type_hint": "access_token"}
+        headers = {"Accept": "application/json"}
+        self._client_auth.apply(form, headers, audience=self.url)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._timeout)
+        self.calls += 1
+        try:
+            response = await self._http.post(self.url, data=form, headers=headers)
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.error("introspection failed: %r", exc)  # noqa: TRY400 - an outage: no traceback
+            raise TemporarilyUnavailableError(
+                "The token issuer cannot be asked.", retry_after=5
+            ) from exc
+        if response.status_code != 200 or not isinstance(body, dict):
+            log.error("introspection answered %s", response.status_code)
+            raise TemporarilyUnavailableError("The token issuer cannot be asked.", retry_after=5)
+        return body
+
+    def _claims(self, body: Mapping[str, Any], now: float) -> AccessClaims:
+        if body.get("active") is not True or body.get("token_type", "access_token") not in (
+            "access_token",
+            "Bearer",
+        ):
+            raise InvalidTokenError("The access token is not active.")
+        aud = body.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if self._audience is not None and self._audience not in audiences:
+            raise InvalidTokenError("The access token is meant for another audience.")
+        exp, iat = body.get("exp"), body.get("iat")
+        if not isinstance(exp, (int, float)) or now >= exp:
+            raise InvalidTokenError("The access token has expired.")
+        scope, sub = body.get("scope", ""), body.get("sub")
+        if not isinstance(sub, str) or not isinstance(scope, str):
+            raise InvalidTokenError("The access token is not active.")
+        return AccessClaims(
+            sub=sub,
+            scope=tuple(scope.split()),
+            client_id=str(body.get("client_id", "")),
+            exp=float(exp),
+            iat=float(iat) if isinstance(iat, (int, float)) else now,
+            jti=str(body.get("jti", "")),
+            iss=str(body.get("iss", "")),
+            aud=aud if isinstance(aud, (str, list)) else "",
+            raw=dict(body),
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
 ValidatorGetter = Callable[[Request], Validator]

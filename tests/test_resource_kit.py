@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import secrets
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,20 @@ from fastapi.responses import JSONResponse
 from jwcrypto.jwk import JWK
 
 from authserver.api import deps
+from authserver.client import ClientSecret
 from authserver.keys import generate_key
 from authserver.resource import (
     AccessClaims,
+    IntrospectingValidator,
     JwksKeySource,
     TokenValidator,
+    Validator,
     install_error_handler,
     require_token,
 )
 from authserver.tokens import AccessTokenVerifier
 from tests.conftest import Running, StartApp
+from tests.factories import make_client
 
 ISSUER = "http://testserver"
 JWKS_PATH = "/.well-known/jwks.json"
@@ -60,7 +65,7 @@ def counting_client(app: Any, hits: Counter[str]) -> httpx.AsyncClient:
     )
 
 
-def resource_app(validator: TokenValidator) -> FastAPI:
+def resource_app(validator: Validator) -> FastAPI:
     app = FastAPI()
     install_error_handler(app)
 
@@ -416,3 +421,81 @@ async def test_server_protected_route_uses_the_kit(server: Running) -> None:
     assert forged.status_code == 401
     assert forged.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
     assert "unknown key" in forged.json()["error_description"]
+
+
+class IntrospectingKit:
+    """A resource app that asks the auth server about every token (cache as given)."""
+
+    def __init__(self, server: Running, secret: str, *, cache_ttl: float) -> None:
+        self.hits: Counter[str] = Counter()
+        self.http = counting_client(server.app, self.hits)
+        self.clock = ManualClock()
+        self.clock.now = time.time()
+        self.validator = IntrospectingValidator(
+            f"{ISSUER}/introspect",
+            ClientSecret("orders-api", secret),
+            audience="authserver",
+            http=self.http,
+            cache_ttl=cache_ttl,
+            clock=self.clock,
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=resource_app(self.validator)),
+            base_url="http://resource",
+        )
+
+    async def get(self, token: str) -> httpx.Response:
+        return await self.client.get("/hello", headers={"Authorization": f"Bearer {token}"})
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.http.aclose()
+
+
+async def test_introspection_sees_a_logout_at_once(server: Running) -> None:
+    _, secret = await make_client(server.store, "orders-api")
+    assert secret is not None
+    kit = IntrospectingKit(server, secret, cache_ttl=0)
+    try:
+        tokens = await server.login()
+        r = await kit.get(tokens["access_token"])
+        assert r.status_code == 200, r.text
+        assert r.json()["sub"] == "alice"
+        await server.client.post("/logout", json={"refresh_token": tokens["refresh_token"]})
+        r = await kit.get(tokens["access_token"])
+        assert r.status_code == 401
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
+        assert kit.hits["/introspect"] == 2
+    finally:
+        await kit.close()
+
+
+async def test_introspection_answers_are_cached_briefly(server: Running) -> None:
+    _, secret = await make_client(server.store, "orders-api")
+    assert secret is not None
+    kit = IntrospectingKit(server, secret, cache_ttl=5)
+    try:
+        token = (await server.login())["access_token"]
+        for _ in range(5):
+            assert (await kit.get(token)).status_code == 200
+        assert kit.hits["/introspect"] == 1
+        kit.clock.now += 6
+        assert (await kit.get(token)).status_code == 200
+        assert kit.hits["/introspect"] == 2
+        assert (await kit.get("not a token")).status_code == 401
+    finally:
+        await kit.close()
+
+
+async def test_introspection_with_wrong_client_credentials_is_an_outage_not_a_pass(
+    server: Running,
+) -> None:
+    await make_client(server.store, "orders-api")
+    kit = IntrospectingKit(server, "wrong secret", cache_ttl=0)
+    try:
+        token = (await server.login())["access_token"]
+        r = await kit.get(token)
+        assert r.status_code == 503
+        assert r.json()["error"] == "temporarily_unavailable"
+    finally:
+        await kit.close()
