@@ -7,6 +7,7 @@ import base64
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from jwcrypto import jwk, jwt
 from authserver.tokens import ASSERTION_TYPE
 from tests.conftest import Running, StartApp
 from tests.factories import DEFAULT_PASSWORD, make_client, make_user
+from tests.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
 from tests.test_login import jwt_parts
 
 TOKEN_URL = "http://testserver/token"
@@ -326,3 +328,34 @@ async def test_authlib_does_client_credentials(app: Running, method: str) -> Non
     assert "refresh_token" not in token
     _, claims = jwt_parts(token["access_token"])
     assert claims["sub"] == "robot"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_disabled_or_removed_client_stops_on_every_process_at_once(
+    database_url: str, keys_dir: Path, tmp_path: Path
+) -> None:
+    env = base_env(AUTHSERVER_DATABASE_URL=database_url, AUTHSERVER_KEYS_DIR=str(keys_dir))
+    added = run_cli(["clients", "add", "worker"], env, cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    headers = basic("worker", added.stdout.strip())
+
+    def statuses(servers: list[ServerProcess]) -> list[int]:
+        return [
+            httpx.post(f"{s.url}/token", data=CC, headers=headers, timeout=10).status_code
+            for s in servers
+        ]
+
+    with ServerPool(tmp_path) as pool:
+        servers = [pool.spawn(env, name=f"s{i}") for i in range(2)]
+        for server in servers:
+            server.wait_healthy()
+        assert statuses(servers) == [200, 200]
+        assert run_cli(["clients", "disable", "worker"], env, cwd=tmp_path).returncode == 0
+        assert statuses(servers) == [401, 401]
+        assert run_cli(["clients", "enable", "worker"], env, cwd=tmp_path).returncode == 0
+        assert statuses(servers) == [200, 200]
+        assert run_cli(["clients", "remove", "worker"], env, cwd=tmp_path).returncode == 0
+        assert statuses(servers) == [401, 401]
+        for server in servers:
+            assert server_errors(server.log()) == []
