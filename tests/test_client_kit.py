@@ -38,8 +38,8 @@ from authserver.client import (
     TokenEndpointError,
     TokenPair,
 )
-from tests.conftest import Running
-from tests.factories import DEFAULT_PASSWORD
+from tests.helpers.app import Running
+from tests.helpers.factories import DEFAULT_PASSWORD
 
 PROTECTED = "/protected"
 TOKEN_URL = "http://testserver/token"

@@ -11,8 +11,6 @@ deadlock, to show that `atomic` retries it instead of failing the request.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -29,34 +27,27 @@ from authserver.keys import generate_key
 from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import RefreshTransaction
 from authserver.store.sql import SqlStore
-from tests.conftest import POSTGRES_URL, create_pg_database, drop_pg_database
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
+from tests.helpers.databases import (
+    POSTGRES_URL,
+    create_pg_database,
+    drop_pg_database,
+    needs_postgres,
+)
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user, seed_user
+from tests.helpers.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
+from tests.helpers.tokens import jwt_header
 
 pytestmark = pytest.mark.slow
 
 CONCURRENCY = 50
 KEY_PICKUP_DEADLINE = 60.0
 CREDENTIALS = {"username": "alice", "password": DEFAULT_PASSWORD}
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="needs PostgreSQL: AUTHSERVER_TEST_POSTGRES_URL is not set"
-)
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[ServerPool]:
     with ServerPool(tmp_path) as servers:
         yield servers
-
-
-async def seed_user(database_url: str, username: str = "alice") -> None:
-    """Create the schema (if no server did yet) and a user, straight through the store."""
-    store = SqlStore.from_settings(Settings(database_url=database_url))
-    try:
-        await upgrade_async(store.engine)
-        await make_user(store, username)
-    finally:
-        await store.close()
 
 
 async def audit_events(database_url: str, event: str) -> int:
@@ -104,14 +95,6 @@ def assert_clean_logs(*servers: ServerProcess) -> None:
     for server in servers:
         problems = server_errors(server.log())
         assert not problems, f"{server.name}:\n" + "\n".join(problems)
-
-
-def jwt_header(token: str) -> dict[str, Any]:
-    segment = token.split(".", 1)[0]
-    header: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    )
-    return header
 
 
 def wait_for_log(server: ServerProcess, text: str, count: int, timeout: float = 60) -> None:

@@ -32,7 +32,7 @@ from authserver.resource import (
     require_token,
 )
 from authserver.tokens import AccessTokenVerifier
-from tests.conftest import Running, StartApp
+from tests.helpers.app import Running, StartApp
 
 ISSUER = "http://testserver"
 JWKS_PATH = "/.well-known/jwks.json"

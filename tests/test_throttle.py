@@ -16,8 +16,8 @@ import pytest
 
 from authserver.store.protocol import Store
 from authserver.throttle import LoginThrottle
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
 
 PEER = "127.0.0.1"
 MAX = 3
