@@ -17,6 +17,8 @@ import pytest
 
 from authserver.config import Settings
 from authserver.keys import generate_key
+from authserver.store.migrate import upgrade_async
+from authserver.store.sql import SqlStore
 from tests.helpers.app import Running, StartApp, running_app
 from tests.helpers.databases import (
     BACKENDS,
@@ -58,6 +60,17 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
     finally:
         await drop_pg_database(url)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[SqlStore]:
+    """A real store over this test's database, with no app around it, migrated."""
+    store = SqlStore.from_settings(Settings(database_url=database_url))
+    try:
+        await upgrade_async(store.engine)
+        yield store
+    finally:
+        await store.close()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ BACKENDS = ["sqlite", "postgresql"]
 
 # For tests whose subject is not in the database (keys live on disk): no PostgreSQL run.
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# For what only PostgreSQL does (row locks that deadlock, a server that can drop a database).
+POSTGRESQL_ONLY = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 needs_postgres = pytest.mark.skipif(
     not POSTGRES_URL, reason="needs PostgreSQL: AUTHSERVER_TEST_POSTGRES_URL is not set"
 )
