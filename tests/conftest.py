@@ -8,87 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import asyncpg
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
-from fastapi import FastAPI
 
-from authserver.app import create_app
 from authserver.config import Settings
 from authserver.keys import generate_key
 from authserver.store.migrate import upgrade_async
-from authserver.store.protocol import Store
-from authserver.store.sql import create_engine
-from tests.factories import DEFAULT_PASSWORD, make_user
-
-POSTGRES_URL = os.environ.get("AUTHSERVER_TEST_POSTGRES_URL", "")
-BACKENDS = ["sqlite", "postgresql"]
-
-
-def _admin_dsn() -> str:
-    # asyncpg takes postgresql:// URLs as they are.
-    return POSTGRES_URL
-
-
-async def create_pg_database(template: str | None = None) -> str:
-    """A new database: empty, or a copy of `template` (much faster than migrating anew)."""
-    name = f"authserver_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(_admin_dsn())
-    try:
-        copy = f' TEMPLATE "{template}"' if template else ""
-        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
-    finally:
-        await conn.close()
-    base, _, _ = POSTGRES_URL.rpartition("/")
-    return f"{base}/{name}"
-
-
-_template: dict[str, str] = {}
-
-
-async def migrated_template() -> str:
-    """This worker's migrated template database, made once per session."""
-    if "name" not in _template:
-        url = await create_pg_database()
-        engine = create_engine(Settings(database_url=url))
-        try:
-            await upgrade_async(engine)
-        finally:
-            await engine.dispose()
-        _template["name"] = url.rpartition("/")[2]
-    return _template["name"]
+from authserver.store.sql import SqlStore
+from tests.helpers.app import Running, StartApp, running_app
+from tests.helpers.databases import (
+    BACKENDS,
+    POSTGRES_URL,
+    create_pg_database,
+    drop_migrated_template,
+    drop_pg_database,
+    migrated_template,
+    postgres_unavailable,
+)
+from tests.helpers.factories import make_user
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _drop_template() -> Iterator[None]:
     yield
-    if "name" in _template:
-        base, _, _ = POSTGRES_URL.rpartition("/")
-        asyncio.run(drop_pg_database(f"{base}/{_template['name']}"))
-
-
-async def drop_pg_database(url: str) -> None:
-    name = url.rpartition("/")[2]
-    conn = await asyncpg.connect(_admin_dsn())
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def postgres_unavailable(reason: str) -> NoReturn:
-    """Skip the PostgreSQL half of a test, except in CI, which must run it: fail there."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"PostgreSQL is required in CI: {reason}")
-    pytest.skip(f"PostgreSQL run skipped: {reason}")
+    asyncio.run(drop_migrated_template())
 
 
 @pytest.fixture(params=BACKENDS)
@@ -113,6 +60,17 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
     finally:
         await drop_pg_database(url)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[SqlStore]:
+    """A real store over this test's database, with no app around it, migrated."""
+    store = SqlStore.from_settings(Settings(database_url=database_url))
+    try:
+        await upgrade_async(store.engine)
+        yield store
+    finally:
+        await store.close()
 
 
 @pytest.fixture(scope="session")
@@ -154,42 +112,6 @@ def make_settings(database_url: str, keys_dir: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
-
-
-@dataclass
-class Running:
-    """An app started with its lifespan, and an HTTP client that talks to it in-process."""
-
-    app: FastAPI
-    client: httpx.AsyncClient
-    settings: Settings
-
-    @property
-    def store(self) -> Store:
-        store: Store = self.app.state.services.store
-        return store
-
-    async def login(
-        self, username: str = "alice", password: str = DEFAULT_PASSWORD, **extra: Any
-    ) -> dict[str, Any]:
-        response = await self.client.post(
-            "/login", json={"username": username, "password": password, **extra}
-        )
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-
-@asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[Running]:
-    app = create_app(settings)
-    async with LifespanManager(app, startup_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield Running(app=app, client=client, settings=settings)
-
-
-StartApp = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture

@@ -34,8 +34,8 @@ from cryptography.x509.oid import NameOID
 from jwcrypto.jwk import JWK
 
 from authserver.keys import generate_key, key_files, load_key
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
 
 # Forging and verifying tokens does not involve the store: one backend is enough.
 # The refresh cases below run on every backend.

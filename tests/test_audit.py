@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from authserver.cli import app as cli_app
 from authserver.keys import generate_key, key_files
 from authserver.store.protocol import AuditEvent
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.procs import ServerPool, base_env, run_cli
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.procs import ServerPool, base_env, run_cli
 
 WRONG_PASSWORD = "wrong-Pa55word-x9q"
 REQUEST_ID = "req-audit-0001"

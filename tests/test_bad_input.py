@@ -22,8 +22,8 @@ import sqlalchemy as sa
 
 from authserver.store.schema import refresh_families, refresh_tokens, users
 from authserver.store.sql import SqlStore
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
 
 SECRET = "Sentinel-Secret-7f3a"  # a password or token that must never come back
 MB = 1024 * 1024

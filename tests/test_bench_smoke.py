@@ -1,7 +1,8 @@
 """`python -m bench` runs end to end (a smoke test: the figures themselves are not judged).
 
-CI runs the same in `--quick` mode; here the runs are shorter still. Each test
-starts real server processes and a real load generator.
+`--quick` mode with shorter runs still. This is the only place CI runs the
+benchmark (`.ci/run` installs the `bench` extra first, so the chart is drawn
+and checked too). Each test starts real server processes and a real load generator.
 """
 
 from __future__ import annotations

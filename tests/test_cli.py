@@ -6,37 +6,34 @@ the CLI in a worker thread: it starts its own event loop there, as it does in a 
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from typer.testing import CliRunner, Result
 
-from authserver.cli import app
 from authserver.config import Settings
 from authserver.keys import KeyRing, generate_key, key_files, load_key
 from authserver.store.sql import create_engine
-from tests.conftest import StartApp
-from tests.factories import hash_password
+from tests.helpers.app import StartApp
+from tests.helpers.cli import ainvoke, assert_ok, assert_operator_error, cli_env, invoke
+from tests.helpers.databases import SQLITE_ONLY
+from tests.helpers.factories import hash_password
+from tests.helpers.procs import free_port
+from tests.helpers.tokens import jwt_header, wait_for_kids
 
-# Keys live on disk: tests about them need no PostgreSQL run.
-SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/x"
 PASSWORD = "a fine passphrase"
 TABLES = {
@@ -47,85 +44,6 @@ TABLES = {
     "audit_events",
     "alembic_version",
 }
-
-
-def cli_env(database_url: str, keys_dir: Path, **extra: str) -> dict[str, str]:
-    return {
-        "AUTHSERVER_DATABASE_URL": database_url,
-        "AUTHSERVER_KEYS_DIR": str(keys_dir),
-        "AUTHSERVER_BCRYPT_ROUNDS": "4",
-        "AUTHSERVER_LOG_FORMAT": "json",
-        **extra,
-    }
-
-
-@contextlib.contextmanager
-def restored_logging() -> Iterator[None]:
-    """`serve` points the root logger at the stderr CliRunner swaps in, then closes: undo that."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-def invoke(env: Mapping[str, str], *args: str, input: str | None = None) -> Result:
-    with restored_logging():
-        return CliRunner().invoke(app, list(args), env=dict(env), input=input)
-
-
-async def ainvoke(env: Mapping[str, str], *args: str, input: str | None = None) -> Result:
-    """The CLI from async tests: `asyncio.run` needs a thread without a running loop."""
-    return await asyncio.to_thread(invoke, env, *args, input=input)
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exit_code == 0, (result.output, result.exception)
-
-
-def _is_log_record(line: str) -> bool:
-    with contextlib.suppress(ValueError):
-        return isinstance(json.loads(line), dict)
-    return False
-
-
-def assert_operator_error(result: Result, *fragments: str) -> str:
-    """Non-zero exit, exactly one line on stderr naming the problem, no traceback.
-
-    `serve` has configured its JSON logging by the time it fails, so the lines it
-    logged on the way (keys loaded, ...) may precede the message.
-    """
-    assert result.exit_code != 0, result.output
-    # An unhandled exception would show up here instead of a clean SystemExit.
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
-    lines = [line for line in result.stderr.splitlines() if not _is_log_record(line)]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
-def jws_header(token: str) -> dict[str, Any]:
-    segment = token.split(".")[0]
-    header: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    )
-    return header
-
-
-async def wait_for_kids(
-    client: httpx.AsyncClient, predicate: Callable[[set[str]], bool], timeout: float = 15.0
-) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        kids = {k["kid"] for k in (await client.get("/.well-known/jwks.json")).json()["keys"]}
-        if predicate(kids):
-            return kids
-        assert time.monotonic() < deadline, f"JWKS never changed as expected: {kids}"
-        await asyncio.sleep(0.05)
 
 
 async def table_names(database_url: str) -> set[str]:
@@ -325,8 +243,8 @@ async def test_keys_generate_writes_0600_key_that_signs(
     )
     assert (jwk["alg"], jwk["kty"]) == (alg, kty)
     tokens = await running.login("ivy", PASSWORD)
-    assert jws_header(tokens["access_token"])["kid"] == kid
-    assert jws_header(tokens["access_token"])["alg"] == alg
+    assert jwt_header(tokens["access_token"])["kid"] == kid
+    assert jwt_header(tokens["access_token"])["alg"] == alg
     r = await running.client.get(
         "/protected", headers={"Authorization": f"Bearer {tokens['access_token']}"}
     )
@@ -377,7 +295,7 @@ async def test_keys_retire_stops_its_tokens_after_reload(
     running = await start_app(keys_reload_interval=0.2)
     await running.store.add_user("jack", hash_password(PASSWORD), at=time.time())
     old = await running.login("jack", PASSWORD)
-    old_kid = jws_header(old["access_token"])["kid"]
+    old_kid = jwt_header(old["access_token"])["kid"]
     auth = {"Authorization": f"Bearer {old['access_token']}"}
     assert (await running.client.get("/protected", headers=auth)).status_code == 200
 
@@ -621,19 +539,12 @@ def test_operator_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> No
 # -- serve as a real process ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def serve_process(
     cwd: Path, log_path: Path, *args: str, env: Mapping[str, str] | None = None
 ) -> Iterator[str]:
     """`authserver serve` on a free port; yields its base URL once /health answers 200."""
-    port = _free_port()
+    port = free_port()
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AUTHSERVER_")},
         "AUTHSERVER_DATABASE_URL": f"sqlite:///{cwd / 'authserver.db'}",

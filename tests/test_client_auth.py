@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk, jwt
 
 from authserver.tokens import ASSERTION_TYPE
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_client, make_user
-from tests.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
-from tests.test_login import jwt_parts
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
+from tests.helpers.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
+from tests.helpers.tokens import jwt_parts
 
 TOKEN_URL = "http://testserver/token"
 CC = {"grant_type": "client_credentials"}
@@ -76,11 +76,12 @@ async def app(start_app: StartApp) -> Running:
 async def test_client_credentials_with_a_secret_in_basic_or_in_the_form(app: Running) -> None:
     _, secret = await make_client(app.store, "billing", scopes=("read",), audience="billing-api")
     assert secret is not None
-    for kwargs in (
-        {"data": CC, "headers": basic("billing", secret)},
-        {"data": {**CC, "client_id": "billing", "client_secret": secret}},
-    ):
-        r = await app.client.post("/token", **kwargs)
+    requests: list[tuple[dict[str, str], dict[str, str]]] = [
+        (CC, basic("billing", secret)),
+        ({**CC, "client_id": "billing", "client_secret": secret}, {}),
+    ]
+    for data, headers in requests:
+        r = await app.client.post("/token", data=data, headers=headers)
         assert r.status_code == 200, r.text
         body = r.json()
         assert set(body) == {"access_token", "token_type", "expires_in", "scope"}  # no refresh

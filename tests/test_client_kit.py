@@ -43,8 +43,8 @@ from authserver.client import (
     TokenEndpointError,
     TokenPair,
 )
-from tests.conftest import Running
-from tests.factories import DEFAULT_PASSWORD, make_client
+from tests.helpers.app import Running
+from tests.helpers.factories import DEFAULT_PASSWORD, make_client
 
 PROTECTED = "/protected"
 TOKEN_URL = "http://testserver/token"

@@ -18,9 +18,9 @@ from authserver.config import Settings
 from authserver.refresh import start_family
 from authserver.store.schema import clients, refresh_families
 from authserver.store.sql import SqlStore
-from tests.conftest import running_app
-from tests.factories import make_user
-from tests.test_cli import ainvoke, assert_ok, assert_operator_error, cli_env, invoke
+from tests.helpers.app import running_app
+from tests.helpers.cli import ainvoke, assert_ok, assert_operator_error, cli_env, invoke
+from tests.helpers.factories import make_user
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from authserver.config import Settings
-from tests.conftest import StartApp
-from tests.factories import make_user
-from tests.test_cli import SQLITE_ONLY
+from tests.helpers.app import StartApp
+from tests.helpers.databases import SQLITE_ONLY
+from tests.helpers.factories import make_user
 
 
 @pytest.fixture(autouse=True)

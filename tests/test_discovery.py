@@ -17,9 +17,10 @@ from jwcrypto import jwk
 from authserver.config import Settings
 from authserver.keys import generate_key, key_files
 from authserver.store.sql import SqlStore
-from tests.conftest import Running, StartApp, drop_pg_database
-from tests.factories import make_user
-from tests.test_login import jwt_parts
+from tests.helpers.app import Running, StartApp
+from tests.helpers.databases import drop_pg_database
+from tests.helpers.factories import make_user
+from tests.helpers.tokens import jwt_parts
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 # RFC 7638 §3.2: the required members, per key type, in lexicographic order.

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import Page, Response, Route, expect, sync_playwright
 
-from tests.conftest import Running
-from tests.procs import ServerProcess, base_env, free_port, run_cli, server_errors
+from tests.helpers.app import Running
+from tests.helpers.procs import ServerProcess, base_env, free_port, run_cli, server_errors
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -37,7 +37,7 @@ from authserver.config import Settings
 from authserver.keys import generate_key
 from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
-from tests.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
 
 CHECKS = [
     not_a_server_error,

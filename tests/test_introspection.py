@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from authserver.audit import RequestContext
-from tests.conftest import Running, StartApp
-from tests.factories import make_client, make_user
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import make_client, make_user
 
 ACCESS_FIELDS = {
     "active",

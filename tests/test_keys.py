@@ -14,15 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authserver.keys import KeyFileError, KeyRing, generate_key, key_files, load_key
-from tests.conftest import StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.test_cli import invoke
+from tests.helpers.app import StartApp
+from tests.helpers.cli import invoke
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.tokens import jwks, jwt_header, wait_for_kids
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -330,31 +330,6 @@ def test_a_skipped_key_file_is_loaded_once_its_mode_is_fixed(tmp_path: Path) -> 
 # -- a running server ------------------------------------------------------------------------
 
 
-def jws_header(token: str) -> dict[str, Any]:
-    segment = token.split(".")[0]
-    header: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    )
-    return header
-
-
-async def jwks(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-    keys: list[dict[str, Any]] = (await client.get("/.well-known/jwks.json")).json()["keys"]
-    return keys
-
-
-async def wait_for_kids(
-    client: httpx.AsyncClient, predicate: Callable[[set[str]], bool], timeout: float = 15.0
-) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        kids = {k["kid"] for k in await jwks(client)}
-        if predicate(kids):
-            return kids
-        assert time.monotonic() < deadline, f"JWKS never changed as expected: {kids}"
-        await asyncio.sleep(0.05)
-
-
 def bearer(tokens: dict[str, Any]) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['access_token']}"}
 
@@ -383,19 +358,19 @@ async def test_key_added_and_removed_on_disk_is_picked_up_without_restart(
     await make_user(running.store, "alice")
     (old_path,) = key_files(keys_dir)
     old_kid = load_key(old_path).kid
-    assert jws_header((await running.login())["access_token"])["kid"] == old_kid
+    assert jwt_header((await running.login())["access_token"])["kid"] == old_kid
 
     new = generate_key(keys_dir, "ES256")
     await wait_for_kids(running.client, lambda kids: kids == {old_kid, new.kid})
     tokens = await running.login()
-    assert jws_header(tokens["access_token"]) | {"kid": new.kid, "alg": "ES256"} == jws_header(
+    assert jwt_header(tokens["access_token"]) | {"kid": new.kid, "alg": "ES256"} == jwt_header(
         tokens["access_token"]
     )
     assert (await running.client.get("/protected", headers=bearer(tokens))).status_code == 200
 
     new.path.unlink()
     await wait_for_kids(running.client, lambda kids: kids == {old_kid})
-    assert jws_header((await running.login())["access_token"])["kid"] == old_kid
+    assert jwt_header((await running.login())["access_token"])["kid"] == old_kid
     r = await running.client.get("/protected", headers=bearer(tokens))
     assert r.status_code == 401
 
@@ -441,5 +416,5 @@ async def test_bad_key_file_added_at_runtime_is_skipped(
         await asyncio.sleep(0.05)
     assert {k["kid"] for k in await jwks(running.client)} == before
     tokens = await running.login()
-    assert jws_header(tokens["access_token"])["kid"] in before
+    assert jwt_header(tokens["access_token"])["kid"] in before
     assert (await running.client.get("/health")).status_code == 200

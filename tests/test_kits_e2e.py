@@ -9,14 +9,12 @@ audit trail, read with `python -m authserver audit`, says what the server saw.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,20 +26,15 @@ import httpx
 import pytest
 
 from authserver.client import TokenAuth, TokenPair
-from tests import procs
+from tests.helpers import procs
+from tests.helpers.procs import free_port
+from tests.helpers.tokens import jwt_header
 
 pytestmark = pytest.mark.slow
 
 TTL = 2
 PASSWORD = "correct horse battery"
 WAVES, PER_WAVE, WAVE_GAP = 20, 10, 0.35  # 200 requests over ~7 s: three and a half lifetimes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -152,8 +145,7 @@ def deployment(
 
 
 def kid_of(token: str) -> str:
-    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
-    kid: str = header["kid"]
+    kid: str = jwt_header(token)["kid"]
     return kid
 
 

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
-from typing import Any
 
 from jwcrypto import jwk, jwt
 
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_client, make_user
-
-TOKEN_FIELDS = {"access_token", "refresh_token", "token_type", "expires_in", "scope"}
-
-
-def decode_segment(segment: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    )
-    return value
-
-
-def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    header, payload, _signature = token.split(".")
-    return decode_segment(header), decode_segment(payload)
-
-
-def assert_no_store(response: Any) -> None:
-    assert response.headers["cache-control"] == "no-store"
-    assert response.headers["pragma"] == "no-cache"
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
+from tests.helpers.tokens import TOKEN_FIELDS, assert_no_store, jwt_parts
 
 
 async def test_login_json_returns_token_pair(server: Running) -> None:

@@ -19,7 +19,7 @@ from authserver.store.protocol import UpgradeRefused
 from authserver.store.schema import users
 from authserver.store.sql import create_engine
 from authserver.users import UserExistsError, UserService, normalize_username
-from tests.conftest import Running, StartApp
+from tests.helpers.app import Running, StartApp
 
 CTX = RequestContext(client_addr="test")
 COMPOSED = unicodedata.normalize("NFC", "café crème")

@@ -24,19 +24,16 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from authserver.config import Settings
-from authserver.store.migrate import upgrade_async
-from authserver.store.sql import SqlStore
-from tests.conftest import POSTGRES_URL, create_pg_database, drop_pg_database
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.procs import ServerPool, ServerProcess, base_env, free_port
+from tests.helpers.databases import (
+    POSTGRES_URL,
+    create_pg_database,
+    drop_pg_database,
+    needs_postgres,
+)
+from tests.helpers.factories import DEFAULT_PASSWORD, seed_user
+from tests.helpers.procs import ServerPool, ServerProcess, base_env, free_port
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not POSTGRES_URL, reason="needs PostgreSQL: AUTHSERVER_TEST_POSTGRES_URL is not set"
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_postgres]
 log = logging.getLogger(__name__)
 RECOVERY_DEADLINE = 30.0
 
@@ -153,15 +150,6 @@ async def proxy(pg_url: str) -> AsyncIterator[TcpProxy]:
         await proxy.close()
 
 
-async def _seed_user(database_url: str) -> None:
-    store = SqlStore.from_settings(Settings(database_url=database_url))
-    try:
-        await upgrade_async(store.engine)
-        await make_user(store, "alice")
-    finally:
-        await store.close()
-
-
 async def _timed(label: str, request: Awaitable[httpx.Response]) -> httpx.Response:
     started = time.monotonic()
     response = await request
@@ -181,7 +169,7 @@ async def _start_behind_proxy(
     pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path, *, name: str
 ) -> ServerProcess:
     """Seed alice, then start a server whose database connections all go through `proxy`."""
-    await _seed_user(pg_url)
+    await seed_user(pg_url)
     via_proxy = make_url(pg_url).set(host="127.0.0.1", port=proxy.port)
     env = base_env(
         AUTHSERVER_DATABASE_URL=via_proxy.render_as_string(hide_password=False),
@@ -280,7 +268,7 @@ async def test_connections_killed_by_the_database_are_replaced(
     pg_url: str, pool: ServerPool, keys_dir: Path
 ) -> None:
     """A PostgreSQL restart or failover ends every session: the next requests must not notice."""
-    await _seed_user(pg_url)
+    await seed_user(pg_url)
     env = base_env(AUTHSERVER_DATABASE_URL=pg_url, AUTHSERVER_KEYS_DIR=str(keys_dir))
     server = await asyncio.to_thread(pool.start, env, name="terminated")
     credentials = {"username": "alice", "password": DEFAULT_PASSWORD}

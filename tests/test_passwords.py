@@ -17,9 +17,10 @@ from authserver.passwords import (
     hash_rounds,
     validate_new_password,
 )
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.test_cli import SQLITE_ONLY, assert_ok, assert_operator_error, cli_env, invoke
+from tests.helpers.app import Running, StartApp
+from tests.helpers.cli import assert_ok, assert_operator_error, cli_env, invoke
+from tests.helpers.databases import SQLITE_ONLY
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
 
 LONG_ASCII = "x" * 73
 LONG_UTF8 = "é" * 37  # 37 characters, 74 bytes

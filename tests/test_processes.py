@@ -4,18 +4,16 @@ What an in-process test cannot show: that rotation stays atomic when the
 requests really race (RFC 9700 §4.14.2: exactly one of N concurrent exchanges
 of one refresh token wins, and the rest are reuse), across uvicorn workers on
 one SQLite file, and across separate servers sharing PostgreSQL and a keys
-directory, as a load-balanced deployment runs them. Last, a real PostgreSQL
-deadlock, to show that `atomic` retries it instead of failing the request.
+directory, as a load-balanced deployment runs them. (That `atomic` retries a
+real PostgreSQL deadlock is the store's own contract: tests/test_store.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,37 +24,28 @@ import pytest
 from authserver import audit
 from authserver.config import Settings
 from authserver.keys import generate_key
-from authserver.store.migrate import upgrade_async
-from authserver.store.protocol import RefreshTransaction
 from authserver.store.sql import SqlStore
-from tests.conftest import POSTGRES_URL, create_pg_database, drop_pg_database
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
+from tests.helpers.databases import (
+    POSTGRES_URL,
+    create_pg_database,
+    drop_pg_database,
+    needs_postgres,
+)
+from tests.helpers.factories import DEFAULT_PASSWORD, seed_user
+from tests.helpers.procs import ServerPool, ServerProcess, base_env, run_cli, server_errors
+from tests.helpers.tokens import jwt_header
 
 pytestmark = pytest.mark.slow
 
 CONCURRENCY = 50
 KEY_PICKUP_DEADLINE = 60.0
 CREDENTIALS = {"username": "alice", "password": DEFAULT_PASSWORD}
-needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="needs PostgreSQL: AUTHSERVER_TEST_POSTGRES_URL is not set"
-)
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[ServerPool]:
     with ServerPool(tmp_path) as servers:
         yield servers
-
-
-async def seed_user(database_url: str, username: str = "alice") -> None:
-    """Create the schema (if no server did yet) and a user, straight through the store."""
-    store = SqlStore.from_settings(Settings(database_url=database_url))
-    try:
-        await upgrade_async(store.engine)
-        await make_user(store, username)
-    finally:
-        await store.close()
 
 
 async def audit_events(database_url: str, event: str) -> int:
@@ -104,14 +93,6 @@ def assert_clean_logs(*servers: ServerProcess) -> None:
     for server in servers:
         problems = server_errors(server.log())
         assert not problems, f"{server.name}:\n" + "\n".join(problems)
-
-
-def jwt_header(token: str) -> dict[str, Any]:
-    segment = token.split(".", 1)[0]
-    header: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    )
-    return header
 
 
 def wait_for_log(server: ServerProcess, text: str, count: int, timeout: float = 60) -> None:
@@ -294,64 +275,3 @@ async def test_user_disabled_by_cli_is_refused_by_every_server(cluster: Cluster)
             dead = await refresh(client, server, token)
             assert dead.status_code == 401, server.name
             assert dead.json()["error"] == "invalid_grant"
-
-
-# -- PostgreSQL: a real deadlock is retried, not answered with a 500 -----------------------
-
-
-@pytest.fixture
-async def pg_store() -> AsyncIterator[SqlStore]:
-    if not POSTGRES_URL:
-        pytest.skip("needs PostgreSQL: AUTHSERVER_TEST_POSTGRES_URL is not set")
-    database_url = await create_pg_database()
-    store = SqlStore.from_settings(Settings(database_url=database_url))
-    try:
-        await upgrade_async(store.engine)
-        yield store
-    finally:
-        await store.close()
-        await drop_pg_database(database_url)
-
-
-@needs_postgres
-async def test_deadlock_is_retried(pg_store: SqlStore) -> None:
-    """Two transactions lock two token rows in opposite orders: PostgreSQL aborts one
-    (SQLSTATE 40P01), and `atomic` runs it again after the other commits."""
-    user = await make_user(pg_store)
-    now = time.time()
-
-    async def setup(tx: RefreshTransaction) -> None:
-        await tx.create_family(
-            family_id="f", user_id=user.id, client_id="c", created_at=now, expires_at=now + 60
-        )
-        for token_hash in ("x", "y"):
-            await tx.add_refresh(
-                token_hash=token_hash,
-                family_id="f",
-                parent_hash=None,
-                scope="read",
-                created_at=now,
-                expires_at=now + 60,
-            )
-
-    await pg_store.atomic(setup)
-    locked = {"x": asyncio.Event(), "y": asyncio.Event()}
-    attempts: Counter[str] = Counter()
-
-    def crossing(first: str, second: str) -> Callable[[RefreshTransaction], Awaitable[str]]:
-        async def work(tx: RefreshTransaction) -> str:
-            attempts[first] += 1
-            assert await tx.get_refresh(first) is not None  # SELECT ... FOR UPDATE
-            locked[first].set()
-            await locked[second].wait()
-            assert await tx.get_refresh(second) is not None
-            return first
-
-        return work
-
-    done = await asyncio.gather(
-        pg_store.atomic(crossing("x", "y")), pg_store.atomic(crossing("y", "x"))
-    )
-    assert sorted(done) == ["x", "y"]
-    # Exactly one of them was the deadlock's victim, and it ran once more.
-    assert sorted(attempts.values()) == [1, 2]

@@ -14,9 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwcrypto import jwk, jwt
 
 from authserver.keys import key_files
-from tests.conftest import Running, StartApp
-from tests.factories import make_user
-from tests.test_refresh import set_clock
+from tests.helpers.app import Running, StartApp, set_clock
+from tests.helpers.factories import make_user
 
 CHALLENGE = re.compile(r'Bearer error="invalid_token", error_description="[^"\\]+"')
 

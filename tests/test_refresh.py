@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections import Counter
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -17,73 +15,9 @@ from authserver.audit import RequestContext
 from authserver.refresh import digest
 from authserver.store.schema import refresh_families, refresh_tokens
 from authserver.store.sql import SqlStore
-from tests.conftest import Running, StartApp
-from tests.factories import make_user
-from tests.test_login import TOKEN_FIELDS, assert_no_store, jwt_parts
-
-
-class Clock:
-    """The service's clock, set by the test: real `AuthService`, chosen time."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def set_clock(running: Running, start: float | None = None) -> Clock:
-    clock = Clock(time.time() if start is None else start)
-    running.app.state.services.auth.clock = clock
-    return clock
-
-
-async def refresh(running: Running, token: str, **extra: Any) -> httpx.Response:
-    return await running.client.post("/refresh", json={"refresh_token": token, **extra})
-
-
-async def rotate(running: Running, token: str) -> str:
-    r = await refresh(running, token)
-    assert r.status_code == 200, r.text
-    new: str = r.json()["refresh_token"]
-    return new
-
-
-def assert_invalid_grant(r: httpx.Response, token: str) -> None:
-    assert r.status_code == 401, r.text
-    assert r.json()["error"] == "invalid_grant"
-    assert set(r.json()) == {"error", "error_description"}
-    assert r.headers["WWW-Authenticate"].startswith("Bearer ")
-    assert token not in r.text
-
-
-async def family_of(running: Running, token: str) -> dict[str, Any]:
-    """The stored state of a token's family: its revocation and each token's status."""
-    store = running.store
-    assert isinstance(store, SqlStore)
-    async with store.engine.connect() as conn:
-        family_id = (
-            await conn.execute(
-                sa.select(refresh_tokens.c.family_id).where(
-                    refresh_tokens.c.token_hash == digest(token)
-                )
-            )
-        ).scalar_one()
-        family = (
-            await conn.execute(
-                sa.select(refresh_families).where(refresh_families.c.id == family_id)
-            )
-        ).one()
-        statuses = (
-            await conn.execute(
-                sa.select(refresh_tokens.c.status).where(refresh_tokens.c.family_id == family_id)
-            )
-        ).scalars()
-        return {
-            "id": family_id,
-            "revoked_reason": family.revoked_reason,
-            "statuses": Counter(statuses),
-        }
+from tests.helpers.app import Running, StartApp, family_of, refresh, rotate, set_clock
+from tests.helpers.factories import make_user
+from tests.helpers.tokens import TOKEN_FIELDS, assert_invalid_grant, assert_no_store, jwt_parts
 
 
 async def test_rotation_issues_a_new_pair_and_spends_the_old_token(server: Running) -> None:

@@ -36,8 +36,8 @@ from authserver.resource import (
     require_token,
 )
 from authserver.tokens import AccessTokenVerifier
-from tests.conftest import Running, StartApp
-from tests.factories import make_client
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import make_client
 
 ISSUER = "http://testserver"
 JWKS_PATH = "/.well-known/jwks.json"

@@ -12,9 +12,9 @@ from authserver import audit
 from authserver.audit import RequestContext
 from authserver.refresh import Issued, start_family
 from authserver.store.protocol import User
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.test_refresh import assert_invalid_grant, family_of, refresh, rotate
+from tests.helpers.app import Running, StartApp, family_of, refresh, rotate
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.tokens import assert_invalid_grant
 
 
 async def revoke(server: Running, **form: str) -> None:

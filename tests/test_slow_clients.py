@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import ServerPool, ServerProcess, base_env
+from tests.helpers.procs import ServerPool, ServerProcess, base_env
 
 pytestmark = pytest.mark.slow
 HEADER_TIMEOUT = 1.0

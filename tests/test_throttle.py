@@ -17,9 +17,9 @@ import pytest
 
 from authserver.store.protocol import Store
 from authserver.throttle import FailureKeys, network_of
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_user
-from tests.procs import ServerPool, base_env, run_cli, server_errors
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.procs import ServerPool, base_env, run_cli, server_errors
 
 PEER = "127.0.0.1"
 MAX = 3

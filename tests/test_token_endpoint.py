@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Running, StartApp
-from tests.factories import DEFAULT_PASSWORD, make_client, make_user
-from tests.test_login import TOKEN_FIELDS, assert_no_store, jwt_parts
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
+from tests.helpers.tokens import TOKEN_FIELDS, assert_no_store, jwt_parts
 
 PASSWORD_FORM = {"grant_type": "password", "username": "alice", "password": DEFAULT_PASSWORD}
 

@@ -7,7 +7,10 @@ import time
 import bcrypt
 
 from authserver.clients import new_secret
+from authserver.config import Settings
+from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import Client, Store, User
+from authserver.store.sql import SqlStore
 
 DEFAULT_PASSWORD = "correct horse battery"
 
@@ -66,3 +69,16 @@ async def make_client(
     )
     await store.atomic(lambda tx: tx.add_client(client))
     return client, secret
+
+
+async def seed_user(database_url: str, username: str = "alice") -> None:
+    """Create the schema (if no server did yet) and a user, straight through the store.
+
+    For tests whose servers run in processes of their own, with no store in this one.
+    """
+    store = SqlStore.from_settings(Settings(database_url=database_url))
+    try:
+        await upgrade_async(store.engine)
+        await make_user(store, username)
+    finally:
+        await store.close()

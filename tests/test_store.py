@@ -1,0 +1,62 @@
+"""The store's own contract, below HTTP: `Store` and `RefreshTransaction` used directly.
+
+Each test takes the `store` fixture, a real `SqlStore` over a fresh database of
+its own, so it runs on SQLite and on PostgreSQL unless it says otherwise.
+Tests that only use the store to set up an HTTP test stay with that test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from authserver.store.protocol import RefreshTransaction
+from authserver.store.sql import SqlStore
+from tests.helpers.databases import POSTGRESQL_ONLY
+from tests.helpers.factories import make_user
+
+# -- atomic: a real PostgreSQL deadlock is retried, not answered with a 500 -----------------
+
+
+@POSTGRESQL_ONLY
+async def test_deadlock_is_retried(store: SqlStore) -> None:
+    """Two transactions lock two token rows in opposite orders: PostgreSQL aborts one
+    (SQLSTATE 40P01), and `atomic` runs it again after the other commits."""
+    user = await make_user(store)
+    now = time.time()
+
+    async def setup(tx: RefreshTransaction) -> None:
+        await tx.create_family(
+            family_id="f", user_id=user.id, client_id="c", created_at=now, expires_at=now + 60
+        )
+        for token_hash in ("x", "y"):
+            await tx.add_refresh(
+                token_hash=token_hash,
+                family_id="f",
+                parent_hash=None,
+                scope="read",
+                created_at=now,
+                expires_at=now + 60,
+            )
+
+    await store.atomic(setup)
+    locked = {"x": asyncio.Event(), "y": asyncio.Event()}
+    attempts: Counter[str] = Counter()
+
+    def crossing(first: str, second: str) -> Callable[[RefreshTransaction], Awaitable[str]]:
+        async def work(tx: RefreshTransaction) -> str:
+            attempts[first] += 1
+            assert await tx.get_refresh(first) is not None  # SELECT ... FOR UPDATE
+            locked[first].set()
+            await locked[second].wait()
+            assert await tx.get_refresh(second) is not None
+            return first
+
+        return work
+
+    done = await asyncio.gather(store.atomic(crossing("x", "y")), store.atomic(crossing("y", "x")))
+    assert sorted(done) == ["x", "y"]
+    # Exactly one of them was the deadlock's victim, and it ran once more.
+    assert sorted(attempts.values()) == [1, 2]
