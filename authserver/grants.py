@@ -23,7 +23,15 @@ from authserver.errors import (
     UnsupportedGrantTypeError,
 )
 from authserver.passwords import PasswordHasher
-from authserver.refresh import Issued, Lifetimes, Refused, revoke_family, rotate, start_family
+from authserver.refresh import (
+    Issued,
+    Lifetimes,
+    Refusal,
+    Refused,
+    revoke_family,
+    rotate,
+    start_family,
+)
 from authserver.store.protocol import Store
 from authserver.throttle import LoginThrottle
 from authserver.tokens import KeyRingSource, mint_access_token
@@ -186,9 +194,9 @@ class AuthService:
             requested_scope=frozenset(requested) if requested else None,
         )
         if isinstance(outcome, Refused):
-            if outcome.reason == "invalid_scope":
-                raise InvalidScopeError("The requested scope exceeds the granted scope.")
-            raise InvalidGrantError(_REFUSALS.get(outcome.reason, "The refresh token is invalid."))
+            if outcome.reason is Refusal.INVALID_SCOPE:
+                raise InvalidScopeError(outcome.reason.description)
+            raise InvalidGrantError(outcome.reason.description)
         granted = outcome.granted_scope.split()
         effective = [s for s in (requested or granted) if s in self.policy.scopes]
         return self._token_response(outcome, " ".join(effective), now)
@@ -210,17 +218,6 @@ class AuthService:
             now=self.clock(),
             event=audit.LOGGED_OUT,
         )
-
-
-_REFUSALS = {
-    "unknown": "The refresh token is invalid.",
-    "malformed": "The refresh token is invalid.",
-    "revoked": "The refresh token has been revoked.",
-    "reuse": "The refresh token was already used; the session has been revoked.",
-    "expired": "The refresh token has expired.",
-    "session_expired": "The session has reached its maximum age; log in again.",
-    "user_disabled": "The refresh token has been revoked.",
-}
 
 
 PASSWORD_GRANT = "password"
