@@ -237,12 +237,35 @@ async def session_over(world: World) -> str:
     return token
 
 
+async def _set(world: World, statement: sa.Update) -> None:
+    """Change one stored fact alone, so that a rule is tested by itself: the services
+    that revoke or disable change more at once, and other rules would refuse too."""
+    async with world.store.engine.begin() as conn:
+        await conn.execute(statement)
+
+
 async def disabled_user(world: World) -> str:
     token = await world.login()
-    # Set the flag alone: whatever else disabling does, the rotation must refuse.
-    async with world.store.engine.begin() as conn:
-        await conn.execute(users.update().values(disabled=True))
+    await _set(world, users.update().values(disabled=True))
     world.clock.now += 1
+    return token
+
+
+async def revoked_family_only(world: World) -> str:
+    token = await world.login()
+    await _set(
+        world,
+        refresh_families.update().values(revoked_at=world.clock.now, revoked_reason="logged_out"),
+    )
+    world.clock.now += 1
+    return token
+
+
+async def session_over_only(world: World) -> str:
+    """A session that ends before its token's idle lifetime does."""
+    token = await world.login()
+    await _set(world, refresh_families.update().values(expires_at=world.clock.now + 5))
+    world.clock.now += 10
     return token
 
 
@@ -278,9 +301,11 @@ CASES = {
     "spent, no grace window": Case(lambda w: spent_then(w, 1), Refusal.REUSE),
     "spent, past its idle lifetime": Case(lambda w: spent_then(w, TTL + 1), Refusal.REUSE),
     "revoked family": Case(revoked_family, Refusal.REVOKED),
+    "revoked family, its token still active": Case(revoked_family_only, Refusal.REVOKED),
     "revoked token of a live family": Case(replaced_successor, Refusal.REVOKED, GRACE),
     "idle-expired": Case(idle, Refusal.EXPIRED),
     "session max age reached": Case(session_over, Refusal.SESSION_EXPIRED, SHORT_SESSION),
+    "session max age reached, token unexpired": Case(session_over_only, Refusal.SESSION_EXPIRED),
     "disabled user": Case(disabled_user, Refusal.USER_DISABLED),
     "unknown token": Case(unknown, Refusal.UNKNOWN),
     "malformed token": Case(malformed, Refusal.MALFORMED),
