@@ -71,6 +71,8 @@ class _Compiled:
 
 
 def _compile(statement: sa.ClauseElement, dialect: sa.Dialect) -> _Compiled:
+    # Only strings, floats and integers are bound, which neither driver needs SQLAlchemy
+    # to convert: the values go to the driver as they are.
     compiled = statement.compile(dialect=dialect)
     assert isinstance(compiled, SQLCompiler)
     order = tuple(compiled.positiontup or ())
