@@ -24,7 +24,15 @@ from authserver.errors import (
     UnauthorizedClientError,
 )
 from authserver.passwords import PasswordHasher
-from authserver.refresh import Issued, Lifetimes, Refused, revoke_family, rotate, start_family
+from authserver.refresh import (
+    Issued,
+    Lifetimes,
+    Refusal,
+    Refused,
+    revoke_family,
+    rotate,
+    start_family,
+)
 from authserver.scopes import parse_scope
 from authserver.store.protocol import Client, Store
 from authserver.throttle import LoginThrottle
@@ -216,9 +224,9 @@ class AuthService:
             requested_scope=frozenset(requested) if requested else None,
         )
         if isinstance(outcome, Refused):
-            if outcome.reason == "invalid_scope":
-                raise InvalidScopeError("The requested scope exceeds the granted scope.")
-            raise InvalidGrantError(_REFUSALS.get(outcome.reason, "The refresh token is invalid."))
+            if outcome.reason is Refusal.INVALID_SCOPE:
+                raise InvalidScopeError(outcome.reason.description)
+            raise InvalidGrantError(outcome.reason.description)
         granted = outcome.granted_scope.split()
         effective = [s for s in (requested or granted) if s in self._allowed_scopes(client)]
         return self._token_response(outcome, " ".join(effective), client, now)
@@ -240,17 +248,6 @@ class AuthService:
             now=self.clock(),
             event=audit.LOGGED_OUT,
         )
-
-
-_REFUSALS = {
-    "unknown": "The refresh token is invalid.",
-    "malformed": "The refresh token is invalid.",
-    "revoked": "The refresh token has been revoked.",
-    "reuse": "The refresh token was already used; the session has been revoked.",
-    "expired": "The refresh token has expired.",
-    "session_expired": "The session has reached its maximum age; log in again.",
-    "user_disabled": "The refresh token has been revoked.",
-}
 
 
 # The grants /token serves (RFC 8414 `grant_types_supported`).

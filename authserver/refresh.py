@@ -11,6 +11,13 @@ The only exception is the grace window (`refresh_reuse_grace`): for a few
 seconds after a rotation, the *immediately previous* token may be exchanged
 again, for a client whose response was lost. That revokes the unused
 successor and issues a fresh one, so a family always has one live token.
+
+Most exchanges are plain (an active, unexpired token of a live session), and
+the store does those in one step (`Store.rotate_active`); everything else is
+decided here, in `_Rotation.decide`. What makes a token unusable (a revoked
+family, a disabled user, the session's maximum age, the idle lifetime) and how
+long a successor lives are stated once, in SQL the two paths share
+(`store/rotation.py`); the reasons a refusal gives are `Refusal`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
@@ -57,11 +65,41 @@ class Issued:
     client_id: str
 
 
+class Refusal(StrEnum):
+    """Why an exchange failed: the audit trail's `reason`, and the client's description."""
+
+    UNKNOWN = "unknown"
+    MALFORMED = "malformed"
+    REVOKED = "revoked"
+    REUSE = "reuse"
+    EXPIRED = "expired"
+    SESSION_EXPIRED = "session_expired"
+    USER_DISABLED = "user_disabled"
+    INVALID_SCOPE = "invalid_scope"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Refusal.UNKNOWN: "The refresh token is invalid.",
+    Refusal.MALFORMED: "The refresh token is invalid.",
+    Refusal.REVOKED: "The refresh token has been revoked.",
+    Refusal.REUSE: "The refresh token was already used; the session has been revoked.",
+    Refusal.EXPIRED: "The refresh token has expired.",
+    Refusal.SESSION_EXPIRED: "The session has reached its maximum age; log in again.",
+    # Told apart from a revocation in the audit trail only: no hint that the account exists.
+    Refusal.USER_DISABLED: "The refresh token has been revoked.",
+    Refusal.INVALID_SCOPE: "The requested scope exceeds the granted scope.",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """Why an exchange failed; raised by the caller only after the transaction commits."""
 
-    reason: str
+    reason: Refusal
     username: str | None = None
     family_id: str | None = None
 
@@ -110,7 +148,7 @@ async def start_family(
             parent_hash=None,
             scope=scope,
             created_at=now,
-            expires_at=min(now + lifetimes.refresh_ttl, session_end),
+            refresh_ttl=lifetimes.refresh_ttl,
         )
         await tx.add_audit_event(event)
         return True
@@ -119,17 +157,6 @@ async def start_family(
         return None
     auditor.emit(event)  # logged only once it is true
     return Issued(token, family_id, user.username, scope, client_id)
-
-
-def _refusal(rec: RefreshRecord, now: float) -> str | None:
-    """Why a token that exists cannot be exchanged at all, reuse aside."""
-    if rec.family_revoked_at is not None:
-        return "revoked"
-    if rec.user_disabled:
-        return "user_disabled"
-    if now >= rec.family_expires_at:
-        return "session_expired"
-    return None
 
 
 @dataclass(slots=True)
@@ -147,25 +174,24 @@ class _Rotation:
 
     async def decide(self, tx: RefreshTransaction, token_hash: str) -> Issued | Refused:
         self.events.clear()  # a retried transaction starts over
-        rec = await tx.get_refresh(token_hash)
+        rec = await tx.get_refresh(token_hash, now=self.now)
         if rec is None:
-            return Refused("unknown")
-        refusal = _refusal(rec, self.now)
-        if refusal is not None:
-            return Refused(refusal, rec.username, rec.family_id)
+            return Refused(Refusal.UNKNOWN)
+        # Revoked, disabled, too old or idle too long: decided by the store, in the
+        # same SQL the fast path filters on.
+        if rec.refusal is not None:
+            return Refused(Refusal(rec.refusal), rec.username, rec.family_id)
         if rec.status == "active":
-            if self.now >= rec.expires_at:
-                return Refused("expired", rec.username, rec.family_id)
             if self._widens(rec):
-                return Refused("invalid_scope", rec.username, rec.family_id)
+                return Refused(Refusal.INVALID_SCOPE, rec.username, rec.family_id)
             if not await tx.spend_refresh(
                 token_hash, expected="active", successor_hash=self.new_hash, at=self.now
             ):
                 return await self._reuse(tx, rec)
             return await self._issue(tx, rec)
-        if rec.status == "spent" and await _within_grace(tx, rec, self.lifetimes, self.now):
+        if await _within_grace(tx, rec, self.lifetimes, self.now):
             if self._widens(rec):
-                return Refused("invalid_scope", rec.username, rec.family_id)
+                return Refused(Refusal.INVALID_SCOPE, rec.username, rec.family_id)
             # A retry after a lost response: the unused successor gives way.
             assert rec.successor_hash is not None and rec.spent_at is not None
             await tx.revoke_token(rec.successor_hash)
@@ -173,9 +199,7 @@ class _Rotation:
                 token_hash, expected="spent", successor_hash=self.new_hash, at=rec.spent_at
             )
             return await self._issue(tx, rec)
-        if rec.status == "spent":
-            return await self._reuse(tx, rec)
-        return Refused("revoked", rec.username, rec.family_id)
+        return await self._reuse(tx, rec)  # spent, and not the grace window's retry
 
     def _widens(self, rec: RefreshRecord) -> bool:
         # RFC 6749 §6: a refresh may narrow the scope, never widen it.
@@ -189,7 +213,7 @@ class _Rotation:
             parent_hash=rec.token_hash,
             scope=rec.scope,
             created_at=self.now,
-            expires_at=min(self.now + self.lifetimes.refresh_ttl, rec.family_expires_at),
+            refresh_ttl=self.lifetimes.refresh_ttl,
         )
         await self._audit(
             tx,
@@ -211,7 +235,7 @@ class _Rotation:
                 spent_at=rec.spent_at,
             ),
         )
-        return Refused("reuse", rec.username, rec.family_id)
+        return Refused(Refusal.REUSE, rec.username, rec.family_id)
 
     async def _audit(self, tx: RefreshTransaction, event: AuditEvent) -> None:
         await tx.add_audit_event(event)
@@ -227,17 +251,20 @@ async def rotate(
     lifetimes: Lifetimes,
     now: float,
     requested_scope: frozenset[str] | None = None,
+    fast_path: bool = True,
 ) -> Issued | Refused:
     """Exchange a refresh token for its successor, detecting reuse.
 
     Returns `Refused` (after committing any revocation it caused) rather than
     raising, so that a reuse detection is never rolled back with the error.
+    The plain exchange is first tried as the store's one step (`rotate_active`);
+    `fast_path=False` skips that, for the tests that hold the two paths equal.
     """
     if not token or len(token) > MAX_REFRESH_TOKEN_LENGTH:
-        return Refused("malformed")
+        return Refused(Refusal.MALFORMED)
     token_hash = digest(token)
     new_token, new_hash = new_refresh_token()
-    if requested_scope is None:
+    if requested_scope is None and fast_path:
         event = auditor.build(audit.REFRESHED, ctx)
         done = await store.rotate_active(
             token_hash=token_hash,
@@ -255,7 +282,7 @@ async def rotate(
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
     for event in rotation.events:
         auditor.emit(event)  # after the commit: a rolled-back attempt logs nothing
-    if isinstance(outcome, Refused) and outcome.reason != "reuse":
+    if isinstance(outcome, Refused) and outcome.reason is not Refusal.REUSE:
         auditor.event(
             audit.REFRESH_FAILED,
             ctx,
@@ -273,7 +300,7 @@ async def _within_grace(
         return False
     if now >= rec.spent_at + lifetimes.reuse_grace:
         return False
-    successor = await tx.get_refresh(rec.successor_hash)
+    successor = await tx.get_refresh(rec.successor_hash, now=now)
     # Only the immediately previous token: its successor must still be unused.
     return successor is not None and successor.status == "active"
 
@@ -289,7 +316,7 @@ async def revoke_family(
 
     async def work(tx: RefreshTransaction) -> bool:
         revoked.clear()
-        rec = await tx.get_refresh(token_hash)
+        rec = await tx.get_refresh(token_hash, now=now)
         if rec is None:
             return False
         if await tx.revoke_family(rec.family_id, at=now, reason=event):

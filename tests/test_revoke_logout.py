@@ -191,8 +191,10 @@ async def test_a_login_cannot_outlive_a_password_change_or_disable_it_overlapped
 
 
 async def test_every_session_from_logins_racing_a_disable_is_dead(start_app: StartApp) -> None:
-    running = await start_app(bcrypt_rounds=8, login_max_failures=1000)
-    await make_user(running.store, "alice", rounds=8)
+    # Cost 10: the eight hashes take a few hundred milliseconds on two threads, so the
+    # disable lands while most logins are hashing, after every one has read the user.
+    running = await start_app(bcrypt_rounds=10, login_max_failures=1000)
+    await make_user(running.store, "alice", rounds=10)
 
     async def login() -> httpx.Response:
         return await running.client.post(
@@ -200,7 +202,7 @@ async def test_every_session_from_logins_racing_a_disable_is_dead(start_app: Sta
         )
 
     logins = [asyncio.create_task(login()) for _ in range(8)]
-    await asyncio.sleep(0.01)  # some have read the user and are hashing
+    await asyncio.sleep(0.05)  # all have read the user; most are hashing
     users, ctx = running.app.state.services.users, RequestContext(client_addr="test")
     await users.set_disabled(ctx, "alice", True)
     await users.set_disabled(ctx, "alice", False)

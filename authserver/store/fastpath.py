@@ -3,19 +3,23 @@
 Nearly every refresh is the plain case: an active, unexpired token of a live
 family and an enabled user. That one exchange is the server's hottest write,
 and SQLAlchemy's execution layer costs more CPU per statement than the
-drivers themselves, so it runs here on the drivers directly:
+drivers themselves, so it runs here on the drivers directly. Its statements
+are still SQLAlchemy Core, built from `schema.py` and from the rules in
+`rotation.py` that the general path runs too (when a token is refused, the
+compare-and-set spend, the successor and its expiry), compiled once per
+dialect at import; only their execution skips SQLAlchemy:
 
-- PostgreSQL: one statement (`UPDATE ... RETURNING` with the two inserts as
-  CTEs) on an asyncpg pool, so one round trip, prepared once per connection.
-  The pool runs no reset query on release and no ping on checkout: its
-  connections never change session state, and asyncpg notices a connection the
-  server closed (the socket's EOF) and replaces it at the next checkout.
-- SQLite: the same steps in one `BEGIN IMMEDIATE` transaction on the store's
-  kept writer connection, through `sqlite3`.
+- PostgreSQL: one statement (`UPDATE ... FROM ... RETURNING` with the two
+  inserts as CTEs) on an asyncpg pool, so one round trip, prepared once per
+  connection. The pool runs no reset query on release and no ping on checkout:
+  its connections never change session state, and asyncpg notices a connection
+  the server closed (the socket's EOF) and replaces it at the next checkout.
+- SQLite: find, spend, issue and audit in one `BEGIN IMMEDIATE` transaction on
+  the store's kept writer connection, through `sqlite3`.
 
 Anything unusual (reuse, expiry, revocation, a disabled user, a narrowed scope)
-finds no row, changes nothing, and takes the general path in `refresh.py`. The
-rules are the same as that path's `decide`; the tests run every case both ways.
+finds no row, changes nothing, and takes the general path in `refresh.py`;
+`tests/test_rotation_paths.py` runs every case both ways and compares the rows.
 Driver errors propagate as they are, for `sql.py` to retry or map.
 """
 
@@ -29,8 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.sql.compiler import SQLCompiler
 
+from authserver.store import rotation
 from authserver.store.protocol import AuditEvent, Rotated
+from authserver.store.schema import Time, audit_events, refresh_families, refresh_tokens, users
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,30 +52,91 @@ class Exchange:
     event: AuditEvent
 
 
-_PG_ROTATE = """
-WITH spent AS (
-    UPDATE refresh_tokens AS t
-    SET status = 'spent', successor_hash = $2, spent_at = $3::float8
-    FROM refresh_families AS f, users AS u
-    WHERE t.token_hash = $1
-      AND t.status = 'active' AND t.expires_at > $3::float8
-      AND f.id = t.family_id AND f.revoked_at IS NULL AND f.expires_at > $3::float8
-      AND u.id = f.user_id AND NOT u.disabled
-    RETURNING t.token_hash, t.family_id, t.scope, f.client_id,
-              f.expires_at AS family_expires_at, u.username
-), issued AS (
-    INSERT INTO refresh_tokens
-        (token_hash, family_id, parent_hash, status, scope, created_at, expires_at)
-    SELECT $2, family_id, token_hash, 'active', scope, $3::float8,
-           LEAST($3::float8 + $4::float8, family_expires_at)
-    FROM spent
-), audited AS (
-    INSERT INTO audit_events (at, event, username, client_addr, request_id, details)
-    SELECT $5::float8, $6, username, $7, $8, json_build_object('family_id', family_id)::text
-    FROM spent
-)
-SELECT family_id, username, scope, client_id FROM spent
-"""
+# -- the statements, built from the schema and the shared rules ------------------
+
+_t, _f, _u = refresh_tokens.c, refresh_families.c, users.c
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A statement compiled once for one dialect, to run on that dialect's driver."""
+
+    sql: str
+    order: tuple[str, ...]  # the bind parameters' names, in positional order
+    fixed: dict[str, Any]  # the values the statement carries itself ('active', ...)
+
+    def args(self, **values: Any) -> list[Any]:
+        fixed = self.fixed
+        return [values[name] if name in values else fixed[name] for name in self.order]
+
+
+def _compile(statement: sa.ClauseElement, dialect: sa.Dialect) -> _Compiled:
+    # Only strings, floats and integers are bound, which neither driver needs SQLAlchemy
+    # to convert: the values go to the driver as they are.
+    compiled = statement.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)
+    order = tuple(compiled.positiontup or ())
+    fixed = {name: compiled.params[name] for name in order if not compiled.binds[name].required}
+    return _Compiled(compiled.string, order, fixed)
+
+
+def _event_values(exchange: Exchange) -> dict[str, Any]:
+    event = exchange.event
+    return {
+        "b_event_at": event.at,
+        "b_event": event.event,
+        "b_client_addr": event.client_addr,
+        "b_request_id": event.request_id,
+    }
+
+
+_AUDIT_COLUMNS = ["at", "event", "username", "client_addr", "request_id", "details"]
+_event_at = sa.bindparam("b_event_at", type_=Time)
+_event = sa.bindparam("b_event", type_=sa.String)
+_client_addr = sa.bindparam("b_client_addr", type_=sa.String)
+_request_id = sa.bindparam("b_request_id", type_=sa.String)
+
+
+def _pg_rotate() -> sa.Select[Any]:
+    """Spend (the compare-and-set, on a token no rule refuses), issue and audit."""
+    now = sa.bindparam("b_at", type_=Time)
+    spent = (
+        rotation.SPEND.where(
+            _t.family_id == _f.id, _f.user_id == _u.id, rotation.refusal(now).is_(None)
+        )
+        .returning(_t.token_hash, _t.family_id, _t.scope, _f.client_id, _u.username)
+        .cte("spent")
+    )
+    issued = rotation.issue(
+        token_hash=sa.bindparam("b_successor", type_=sa.String),
+        family_id=spent.c.family_id,
+        parent_hash=spent.c.token_hash,
+        scope=spent.c.scope,
+        now=now,
+        refresh_ttl=sa.bindparam("b_ttl", type_=sa.Integer),
+    ).cte("issued")
+    # The details as `sql.py` stores an event's: compact JSON. A family id is a UUID,
+    # so nothing in it needs escaping.
+    details = sa.literal('{"family_id":"') + spent.c.family_id + sa.literal('"}')
+    audited = (
+        audit_events.insert()
+        .from_select(
+            _AUDIT_COLUMNS,
+            sa.select(_event_at, _event, spent.c.username, _client_addr, _request_id, details),
+        )
+        .cte("audited")
+    )
+    # The two inserts are referenced by nothing; `add_cte` has them rendered anyway.
+    answer = sa.select(spent.c.family_id, spent.c.username, spent.c.scope, spent.c.client_id)
+    return answer.add_cte(issued, audited)
+
+
+def _dialect(url: str) -> sa.Dialect:
+    return sa.make_url(url).get_dialect()()
+
+
+# The dialects of the drivers the statements run on: `$1` for asyncpg, `?` for sqlite3.
+_PG_ROTATE = _compile(_pg_rotate(), _dialect("postgresql+asyncpg://"))
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -101,19 +170,16 @@ class PgRotator:
 
     async def rotate(self, exchange: Exchange) -> Rotated | None:
         pool = await self._get_pool()
-        event = exchange.event
+        args = _PG_ROTATE.args(
+            b_hash=exchange.token_hash,
+            b_expected="active",
+            b_successor=exchange.successor_hash,
+            b_at=exchange.now,
+            b_ttl=exchange.refresh_ttl,
+            **_event_values(exchange),
+        )
         async with pool.acquire(timeout=self._wait) as conn:
-            row = await conn.fetchrow(
-                _PG_ROTATE,
-                exchange.token_hash,
-                exchange.successor_hash,
-                exchange.now,
-                float(exchange.refresh_ttl),
-                event.at,
-                event.event,
-                event.client_addr,
-                event.request_id,
-            )
+            row = await conn.fetchrow(_PG_ROTATE.sql, *args)
         if row is None:
             return None
         return Rotated(row["family_id"], row["username"], row["scope"], row["client_id"])
@@ -128,29 +194,32 @@ class PgRotator:
             pool.terminate()  # a frozen database must not hold up shutdown
 
 
-_SQLITE_FIND = """
-SELECT t.family_id, t.scope, f.client_id, f.expires_at, u.username
-FROM refresh_tokens AS t
-JOIN refresh_families AS f ON f.id = t.family_id
-JOIN users AS u ON u.id = f.user_id
-WHERE t.token_hash = ?
-  AND t.status = 'active' AND t.expires_at > ?
-  AND f.revoked_at IS NULL AND f.expires_at > ?
-  AND NOT u.disabled
-"""
-_SQLITE_SPEND = """
-UPDATE refresh_tokens SET status = 'spent', successor_hash = ?, spent_at = ?
-WHERE token_hash = ? AND status = 'active'
-"""
-_SQLITE_ISSUE = """
-INSERT INTO refresh_tokens
-    (token_hash, family_id, parent_hash, status, scope, created_at, expires_at)
-VALUES (?, ?, ?, 'active', ?, ?, ?)
-"""
-_SQLITE_AUDIT = """
-INSERT INTO audit_events (at, event, username, client_addr, request_id, details)
-VALUES (?, ?, ?, ?, ?, ?)
-"""
+_sqlite = _dialect("sqlite+pysqlite://")
+# Under BEGIN IMMEDIATE nothing changes between these statements, so the plain case is
+# found first, and then spent with the general path's own compare-and-set.
+_SQLITE_FIND = _compile(
+    sa.select(_t.family_id, _t.scope, _f.client_id, _u.username)
+    .select_from(rotation.TOKEN_FAMILY_USER)
+    .where(
+        _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
+        _t.status == "active",
+        rotation.refusal(sa.bindparam("b_now", type_=Time)).is_(None),
+    ),
+    _sqlite,
+)
+_SQLITE_SPEND = _compile(rotation.SPEND, _sqlite)
+_SQLITE_ISSUE = _compile(rotation.ISSUE, _sqlite)
+_SQLITE_AUDIT = _compile(
+    audit_events.insert().values(
+        at=_event_at,
+        event=_event,
+        username=sa.bindparam("b_username", type_=sa.String),
+        client_addr=_client_addr,
+        request_id=_request_id,
+        details=sa.bindparam("b_details", type_=sa.Text),
+    ),
+    _sqlite,
+)
 
 
 def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | None:
@@ -160,40 +229,40 @@ def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | Non
     mode (its driver-level transaction control is off), so BEGIN IMMEDIATE takes
     the database's write lock before anything is read.
     """
-    now = exchange.now
+    now, token_hash, successor_hash = exchange.now, exchange.token_hash, exchange.successor_hash
     conn.execute("BEGIN IMMEDIATE")
     try:
-        found = conn.execute(_SQLITE_FIND, (exchange.token_hash, now, now)).fetchone()
+        found = conn.execute(
+            _SQLITE_FIND.sql, _SQLITE_FIND.args(b_hash=token_hash, b_now=now)
+        ).fetchone()
         if found is None:
             conn.execute("ROLLBACK")
             return None
-        family_id, scope, client_id, family_expires_at, username = found
-        spent = conn.execute(_SQLITE_SPEND, (exchange.successor_hash, now, exchange.token_hash))
+        family_id, scope, client_id, username = found
+        spent = conn.execute(
+            _SQLITE_SPEND.sql,
+            _SQLITE_SPEND.args(
+                b_hash=token_hash, b_expected="active", b_successor=successor_hash, b_at=now
+            ),
+        )
         if spent.rowcount != 1:  # cannot happen under the write lock; stay safe anyway
             conn.execute("ROLLBACK")
             return None
         conn.execute(
-            _SQLITE_ISSUE,
-            (
-                exchange.successor_hash,
-                family_id,
-                exchange.token_hash,
-                scope,
-                now,
-                min(now + exchange.refresh_ttl, family_expires_at),
+            _SQLITE_ISSUE.sql,
+            _SQLITE_ISSUE.args(
+                b_token=successor_hash,
+                b_family=family_id,
+                b_parent=token_hash,
+                b_scope=scope,
+                b_now=now,
+                b_ttl=exchange.refresh_ttl,
             ),
         )
-        event = exchange.event
+        details = json.dumps({"family_id": family_id}, separators=(",", ":"))
         conn.execute(
-            _SQLITE_AUDIT,
-            (
-                event.at,
-                event.event,
-                username,
-                event.client_addr,
-                event.request_id,
-                json.dumps({"family_id": family_id}, separators=(",", ":")),
-            ),
+            _SQLITE_AUDIT.sql,
+            _SQLITE_AUDIT.args(b_username=username, b_details=details, **_event_values(exchange)),
         )
         conn.execute("COMMIT")
     except BaseException:

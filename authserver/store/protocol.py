@@ -9,6 +9,8 @@ from typing import Any, Literal, Protocol, TypeVar
 T = TypeVar("T")
 
 TokenStatus = Literal["active", "spent", "revoked"]
+# Why a stored token cannot be exchanged, whatever the request (`rotation.refusal`).
+TokenRefusal = Literal["revoked", "user_disabled", "session_expired", "expired"]
 
 
 class StoreError(Exception):
@@ -44,7 +46,7 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class RefreshRecord:
-    """One stored refresh token joined with its family and user."""
+    """One stored refresh token, with its family's client and its user, as of `now`."""
 
     token_hash: str
     family_id: str
@@ -56,12 +58,10 @@ class RefreshRecord:
     expires_at: float
     spent_at: float | None
     client_id: str
-    family_created_at: float
-    family_expires_at: float
-    family_revoked_at: float | None
     user_id: int
     username: str
-    user_disabled: bool
+    # None when the token is active and exchangeable, or spent; decided in SQL.
+    refusal: TokenRefusal | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +110,9 @@ class AuditEvent:
 class RefreshTransaction(Protocol):
     """The refresh-token operations that must run together in one transaction."""
 
-    async def get_refresh(self, token_hash: str) -> RefreshRecord | None:
-        """Read a token and lock it against concurrent writers until commit."""
+    async def get_refresh(self, token_hash: str, *, now: float) -> RefreshRecord | None:
+        """Read a token and lock it against concurrent writers until commit; its
+        `refusal` is the one it has at `now`."""
 
     async def get_user(self, username: str) -> User | None: ...
 
@@ -130,8 +131,10 @@ class RefreshTransaction(Protocol):
         parent_hash: str | None,
         scope: str,
         created_at: float,
-        expires_at: float,
-    ) -> None: ...
+        refresh_ttl: int,
+    ) -> None:
+        """Issue an active token that expires `refresh_ttl` seconds after `created_at`,
+        or at its family's end if that comes first."""
 
     async def spend_refresh(
         self, token_hash: str, *, expected: TokenStatus, successor_hash: str, at: float

@@ -15,9 +15,11 @@ One set of queries serves both backends. What differs is how they run:
   (`checkpoint()`). The aiosqlite engine remains for the migrations.
 
 Hot statements are built once, with bind parameters, so SQLAlchemy compiles
-and caches each of them a single time. The hottest write of all, the plain
-refresh, bypasses SQLAlchemy for the drivers themselves (`fastpath.py`); its
-errors are retried and mapped here like everyone else's.
+and caches each of them a single time. The rotation's statements and rules
+(when a token is refused, the spend, the successor's expiry) come from
+`rotation.py`, shared with the hottest write of all, the plain refresh, which
+runs them on the drivers themselves (`fastpath.py`); its errors are retried
+and mapped here like everyone else's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from authserver.config import Settings
+from authserver.store import rotation
 from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
 from authserver.store.protocol import (
     AuditEvent,
@@ -65,6 +68,7 @@ from authserver.store.protocol import (
     User,
 )
 from authserver.store.schema import (
+    Time,
     audit_events,
     clients,
     login_addresses,
@@ -288,12 +292,9 @@ def _record(row: Row[Any]) -> RefreshRecord:
         expires_at=m["expires_at"],
         spent_at=m["spent_at"],
         client_id=m["client_id"],
-        family_created_at=m["family_created_at"],
-        family_expires_at=m["family_expires_at"],
-        family_revoked_at=m["family_revoked_at"],
         user_id=m["user_id"],
         username=m["username"],
-        user_disabled=m["disabled"],
+        refusal=m["refusal"],
     )
 
 
@@ -313,18 +314,11 @@ _GET_REFRESH = (
     sa.select(
         refresh_tokens,
         refresh_families.c.client_id,
-        refresh_families.c.created_at.label("family_created_at"),
-        refresh_families.c.expires_at.label("family_expires_at"),
-        refresh_families.c.revoked_at.label("family_revoked_at"),
         refresh_families.c.user_id,
         users.c.username,
-        users.c.disabled,
+        rotation.refusal(sa.bindparam("b_now", type_=Time)).label("refusal"),
     )
-    .select_from(
-        refresh_tokens.join(
-            refresh_families, refresh_tokens.c.family_id == refresh_families.c.id
-        ).join(users, refresh_families.c.user_id == users.c.id)
-    )
+    .select_from(rotation.TOKEN_FAMILY_USER)
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
     .with_for_update(of=refresh_tokens)
 )
@@ -334,18 +328,7 @@ _GET_USER = sa.select(users).where(users.c.username == sa.bindparam("b_username"
 # transaction, and then revokes the family it created; or the login waits, and sees it.
 _LOCK_USER = sa.select(users).where(users.c.id == sa.bindparam("b_id")).with_for_update(read=True)
 _INSERT_FAMILY = refresh_families.insert()
-_INSERT_TOKEN = refresh_tokens.insert()
 _INSERT_AUDIT = audit_events.insert()
-_SPEND_TOKEN = (
-    refresh_tokens.update()
-    .where(
-        refresh_tokens.c.token_hash == sa.bindparam("b_hash"),
-        refresh_tokens.c.status == sa.bindparam("b_expected"),
-    )
-    .values(
-        status="spent", successor_hash=sa.bindparam("b_successor"), spent_at=sa.bindparam("b_at")
-    )
-)
 _COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed_at)).where(
     login_failures.c.key == sa.bindparam("b_key"),
     login_failures.c.failed_at > sa.bindparam("b_since"),
@@ -371,8 +354,8 @@ class SqlTransaction:
     def __init__(self, conn: Executor) -> None:
         self._conn = conn
 
-    async def get_refresh(self, token_hash: str) -> RefreshRecord | None:
-        row = (await self._conn.execute(_GET_REFRESH, {"b_hash": token_hash})).first()
+    async def get_refresh(self, token_hash: str, *, now: float) -> RefreshRecord | None:
+        row = (await self._conn.execute(_GET_REFRESH, {"b_hash": token_hash, "b_now": now})).first()
         return _record(row) if row is not None else None
 
     async def get_user(self, username: str) -> User | None:
@@ -404,18 +387,17 @@ class SqlTransaction:
         parent_hash: str | None,
         scope: str,
         created_at: float,
-        expires_at: float,
+        refresh_ttl: int,
     ) -> None:
         await self._conn.execute(
-            _INSERT_TOKEN,
+            rotation.ISSUE,
             {
-                "token_hash": token_hash,
-                "family_id": family_id,
-                "parent_hash": parent_hash,
-                "status": "active",
-                "scope": scope,
-                "created_at": created_at,
-                "expires_at": expires_at,
+                "b_token": token_hash,
+                "b_family": family_id,
+                "b_parent": parent_hash,
+                "b_scope": scope,
+                "b_now": created_at,
+                "b_ttl": refresh_ttl,
             },
         )
 
@@ -423,7 +405,7 @@ class SqlTransaction:
         self, token_hash: str, *, expected: TokenStatus, successor_hash: str, at: float
     ) -> bool:
         result = await self._conn.execute(
-            _SPEND_TOKEN,
+            rotation.SPEND,
             {
                 "b_hash": token_hash,
                 "b_expected": expected,

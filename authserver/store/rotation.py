@@ -1,0 +1,88 @@
+"""The rotation's rules as SQL, built once from the schema for both refresh paths.
+
+The general path (`SqlTransaction`, driven by `refresh.py`) and the one-step
+fast path (`fastpath.py`) run these same expressions, so when a stored token may
+be exchanged, how it is spent and how long its successor lives are stated here
+alone, and the two paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from authserver.store.schema import Time, refresh_families, refresh_tokens, users
+
+_t, _f, _u = refresh_tokens.c, refresh_families.c, users.c
+
+# A token with its family and its user: what every rule below reads.
+TOKEN_FAMILY_USER = refresh_tokens.join(refresh_families, _f.id == _t.family_id).join(
+    users, _u.id == _f.user_id
+)
+
+
+def refusal(now: sa.ColumnElement[float]) -> sa.ColumnElement[str | None]:
+    """Why the token (over `TOKEN_FAMILY_USER`) cannot be exchanged at `now`, whatever
+    the request: one of `protocol.TokenRefusal`, in this order of precedence.
+
+    NULL for an active token that can, and for a spent one, whose fate (the grace
+    window or reuse detection, RFC 6819 §5.2.2.3) depends on more than its own row.
+    """
+    return sa.case(
+        (_f.revoked_at.is_not(None), "revoked"),
+        (_u.disabled, "user_disabled"),
+        (_f.expires_at <= now, "session_expired"),  # the session's maximum age
+        (sa.and_(_t.status == "active", _t.expires_at <= now), "expired"),  # idle too long
+        (_t.status == "revoked", "revoked"),
+        else_=sa.null(),
+    )
+
+
+# Compare-and-set: spend the token only if it is still in the `b_expected` state, so of
+# concurrent exchanges of one token exactly one wins.
+SPEND = (
+    refresh_tokens.update()
+    .where(
+        _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
+        _t.status == sa.bindparam("b_expected", type_=sa.String),
+    )
+    .values(
+        status="spent",
+        successor_hash=sa.bindparam("b_successor", type_=sa.String),
+        spent_at=sa.bindparam("b_at", type_=Time),
+    )
+)
+
+
+def issue(
+    *,
+    token_hash: sa.ColumnElement[str],
+    family_id: sa.ColumnElement[str],
+    parent_hash: sa.ColumnElement[str | None],
+    scope: sa.ColumnElement[str],
+    now: sa.ColumnElement[float],
+    refresh_ttl: sa.ColumnElement[int],
+) -> sa.Insert:
+    """INSERT ... SELECT of an active token into the family `family_id`.
+
+    It lives `refresh_ttl` seconds (the idle lifetime, renewed by each rotation) but
+    never past the family's end (the session's maximum age), read from the family row.
+    """
+    idle_end = now + refresh_ttl
+    expires_at = sa.case((idle_end < _f.expires_at, idle_end), else_=_f.expires_at)
+    rows = sa.select(
+        token_hash, _f.id, parent_hash, sa.literal("active"), scope, now, expires_at
+    ).where(_f.id == family_id)
+    columns = ["token_hash", "family_id", "parent_hash", "status", "scope"]
+    return refresh_tokens.insert().from_select([*columns, "created_at", "expires_at"], rows)
+
+
+# `issue` with every value a parameter: a family's first token, and a successor on the
+# general path.
+ISSUE = issue(
+    token_hash=sa.bindparam("b_token", type_=sa.String),
+    family_id=sa.bindparam("b_family", type_=sa.String),
+    parent_hash=sa.bindparam("b_parent", type_=sa.String),
+    scope=sa.bindparam("b_scope", type_=sa.Text),
+    now=sa.bindparam("b_now", type_=Time),
+    refresh_ttl=sa.bindparam("b_ttl", type_=sa.Integer),
+)
