@@ -1,4 +1,4 @@
-"""The `authserver` command: serve, users, keys, db, audit.
+"""The `authserver` command: serve, users, clients, keys, db, audit.
 
 Operator mistakes (an unknown user, an unreadable key file, an unreachable
 database) end with one line on stderr and a non-zero exit, never a traceback.

@@ -1,4 +1,4 @@
-"""The grants: password (login) and refresh_token, plus revocation and logout.
+"""The grants: password (login), refresh_token and client_credentials, plus revocation and logout.
 
 The HTTP layer parses a request (`api/token.py`: the /token form, the seed's JSON
 bodies) and calls one method of `AuthService` with typed arguments; every

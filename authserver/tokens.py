@@ -1,4 +1,5 @@
-"""Access tokens (RFC 9068 JWTs): minting and verification. The only module that imports jose.
+"""JWTs: access tokens (RFC 9068) minted and verified, and client assertions (RFC 7523)
+signed and verified. The only module that imports jose.
 
 python-jose 3.5 is lax in ways an auth server cannot be, so verification
 does not lean on `jwt.decode`: it checks the header itself (`typ`, `kid`,
