@@ -1,8 +1,11 @@
 """What the runs need in place: keys, databases, users, refresh families, access tokens.
 
-Everything is made with authserver's own code (`generate_key`, `SqlStore`,
-`refresh.start_family`, `tokens.mint_access_token`), so a seeded family or a
-minted token is exactly what a login would have produced.
+Keys, users and refresh families are made with authserver's own code
+(`generate_key`, `SqlStore`, `refresh.start_family`), so a seeded family is
+exactly what a login would have produced. Access tokens are signed by the
+sign-only peer's `Signer`, which reads the key file itself: authserver's
+/protected accepting them (the runs count every refusal as an error) shows the
+peer signs what authserver signs.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import bcrypt
 
 from authserver.audit import Auditor, RequestContext
 from authserver.config import Settings
-from authserver.keys import KeyRing, generate_key
+from authserver.keys import generate_key
 from authserver.refresh import Lifetimes, start_family
 from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
-from authserver.tokens import AccessTokenVerifier, KeyRingSource, mint_access_token
+from authserver.tokens import AccessTokenVerifier
+from bench.peers.signer import Signer
 
 BENCH_USER = "benchuser"
 BENCH_PASSWORD = "bench-password-0123"
@@ -47,21 +51,16 @@ def verifier_cache_size() -> int:
 
 
 def _mint_batch(keys_dir: str, issuer: str, audience: str, count: int) -> list[str]:
-    ring = KeyRing(Path(keys_dir))
-    ring.load()
-    kid, alg, key = KeyRingSource(ring).signing_key()
+    signer = Signer.from_keys_dir(Path(keys_dir))
     return [
-        mint_access_token(
-            key=key,
-            kid=kid,
-            alg=alg,
+        signer.mint(
             issuer=issuer,
             audience=audience,
             subject=BENCH_USER,
             scope="read write",
             client_id="authserver",
             ttl=3600,
-        )[0]
+        )
         for _ in range(count)
     ]
 

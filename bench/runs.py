@@ -1,9 +1,11 @@
 """The measurements, one method per target of issue 5.
 
-Each compares against a baseline measured in the same run, in alternating
-rounds (A B A B ...), and quotes medians of the per-round ratios; each also
-reports the server's CPU time per request (utime + stime from /proc), which
-other load on the machine disturbs far less than throughput.
+authserver runs as `authserver serve` runs it. Each figure compares it with a
+baseline measured in the same run: a peer in its own process (bench/peers: a
+bare FastAPI app, a sign-only app), or bcrypt's own speed. Rounds alternate
+(A B A B ...), and the figure is the median of the per-round ratios; each run
+also records the CPU time per request of the process serving it (utime + stime
+from /proc), which other load on the machine disturbs far less than throughput.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from typing import Any
 
 import bcrypt
 
+from authserver.config import Settings
 from bench import data
 from bench.load import Load, LoadResult, run_load
+from bench.peers.settings import peer_env
 from bench.server import (
     Server,
     authserver_command,
-    bench_app_command,
+    authserver_serve_command,
+    base_env,
     free_port,
+    peer_command,
     server_env,
 )
 
@@ -79,6 +85,18 @@ FULL = Plan(
     startup_runs=5,
     scaling_rounds=3,
 )
+
+
+def peer_env_for(server: Server, settings: Settings) -> dict[str, str]:
+    """A peer signs with `server`'s keys and claims, so its tokens are as long as the server's."""
+    return peer_env(
+        keys_dir=settings.keys_dir,
+        issuer=server.url,
+        audience=settings.audience,
+        scope=" ".join(settings.scopes),
+        ttl=settings.access_token_ttl,
+        subject=data.BENCH_USER,
+    )
 
 
 def median(values: Sequence[float]) -> float:
@@ -138,17 +156,28 @@ class Bench:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start_bench_app(
+    def start_authserver(
         self, name: str, database_url: str, keys_dir: Path, *, workers: int = 1, **env: str
     ) -> Server:
         port = free_port()
         server = Server.start(
             name,
-            bench_app_command(port, workers),
+            authserver_serve_command(port, workers),
             server_env(database_url=database_url, keys_dir=keys_dir, port=port, **env),
             cwd=self.workspace(name),
             port=port,
         )
+        return self._started(server)
+
+    def start_peer(self, module: str, name: str, env: dict[str, str]) -> Server:
+        """A baseline of bench/peers in its own process."""
+        port = free_port()
+        server = Server.start(
+            name, peer_command(module, port), base_env(**env), cwd=self.workspace(name), port=port
+        )
+        return self._started(server)
+
+    def _started(self, server: Server) -> Server:
         self.servers.append(server)
         server.wait_healthy()
         return server
@@ -188,13 +217,22 @@ class Bench:
 
     # -- 1. /protected ---------------------------------------------------------------
 
-    def protected(self, server: Server, keys_dir: Path) -> dict[str, Any]:
+    def protected(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """/protected with one reused token, and with a fresh token per request, vs bare.
 
+        "bare" is the bare FastAPI peer, in its own process, answering the same path.
         All three send the same request (a GET with a bearer token, produced by the
         same Lua function), so the load generator costs the same for each; the
-        bare endpoint ignores the token.
+        bare peer ignores the token.
         """
+        settings = data.bench_settings(database_url, keys_dir)
+        bare = self.start_peer("bare", "bare", peer_env_for(server, settings))
+        try:
+            return self._protected(server, bare, keys_dir)
+        finally:
+            self.stop(bare)
+
+    def _protected(self, server: Server, bare: Server, keys_dir: Path) -> dict[str, Any]:
         plan = self.plan
         # More tokens than the server's verified-token cache holds, taken in a cycle:
         # by the time a token comes round again the cache has long forgotten it.
@@ -207,23 +245,25 @@ class Bench:
             keys_dir, issuer=server.url, audience="authserver", count=1
         )
         offset = 0
+        targets = {"bare": bare, "reused": server, "fresh": server}
 
         def load(variant: str, duration: int) -> Load:
-            path = "/bench/bare" if variant == "bare" else "/protected"
             tokens = [reused] if variant == "reused" else fresh
             start = offset if variant == "fresh" else 0
-            return Load("tokens", path, duration, GET_CONNECTIONS, tokens=tokens, offset=start)
+            return Load(
+                "tokens", "/protected", duration, GET_CONNECTIONS, tokens=tokens, offset=start
+            )
 
         variants = ("bare", "reused", "fresh")
         for variant in variants:
-            warm = self.measure(server, load(variant, plan.warmup))
+            warm = self.measure(targets[variant], load(variant, plan.warmup))
             offset += warm.load.requests if variant == "fresh" else 0
             self._check_errors(f"/protected warm-up ({variant})", warm)
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
             row: dict[str, Any] = {}
             for variant in variants:
-                measured = self.measure(server, load(variant, plan.duration))
+                measured = self.measure(targets[variant], load(variant, plan.duration))
                 if variant == "fresh":
                     offset += measured.load.requests
                 row[variant] = measured.as_dict()
@@ -256,6 +296,7 @@ class Bench:
             "fresh_tokens": count,
             "fresh_requests": offset,
             "fresh_cache_hits_possible": cache_hits_possible,
+            "bare_peer_runs_on": bare.runs_on(),
             "connections": GET_CONNECTIONS,
         }
 
@@ -360,24 +401,37 @@ class Bench:
     # -- 3. /refresh -----------------------------------------------------------------
 
     def refresh(self, server: Server, settings_url: str, keys_dir: Path) -> dict[str, Any]:
-        """/refresh, 32 clients each rotating its own family, vs the sign-only endpoint."""
-        plan = self.plan
+        """/refresh, 32 clients each rotating its own family, vs the sign-only peer."""
         settings = data.bench_settings(settings_url, keys_dir)
+        # Named after the server, as the sqlite and the PostgreSQL runs each have one.
+        sign = self.start_peer("sign", f"{server.name}-sign", peer_env_for(server, settings))
+        try:
+            return self._refresh(server, sign, settings)
+        finally:
+            self.stop(sign)
+
+    def _refresh(self, server: Server, sign: Server, settings: Settings) -> dict[str, Any]:
+        plan = self.plan
         families = data.seed_families(settings, REFRESH_CLIENTS * (plan.rounds + 1))
         batches = [
             families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
         ]
-        body = json.dumps({"refresh_token": secrets.token_urlsafe(32)})
-        sign = Load("post", "/bench/sign", plan.duration, REFRESH_CLIENTS, body=body)
+        # The sign-only app is loaded exactly as authserver is: the same script sends each
+        # client's next request with the refresh token of its last answer (random ones
+        # there), so the load generator does the same work for both.
+        starts = [secrets.token_urlsafe(32) for _ in range(REFRESH_CLIENTS)]
+
+        def signing(duration: int) -> Load:
+            return Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=starts)
 
         def refresh(tokens: list[str], duration: int) -> Load:
             return Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=tokens)
 
-        self.measure(server, Load("post", "/bench/sign", plan.warmup, REFRESH_CLIENTS, body=body))
+        self._check_errors("sign-only warm-up", self.measure(sign, signing(plan.warmup)))
         warm = self.measure(server, refresh(batches[0], plan.warmup))
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
-            signed = self.measure(server, sign)
+            signed = self.measure(sign, signing(plan.duration))
             refreshed = self.measure(server, refresh(batches[index + 1], plan.duration))
             row = {
                 "sign": signed.as_dict(),
@@ -403,6 +457,7 @@ class Bench:
             "p99_ms": median([r["refresh"]["p99_ms"] for r in rounds]),
             "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
             "sign_errors": sum(r["sign"]["errors"] for r in rounds),
+            "sign_peer_runs_on": sign.runs_on(),
         }
 
     def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:
@@ -509,7 +564,7 @@ class Bench:
         )
         server = Server.start(
             "purge-serve",
-            [*authserver_command(), "serve", "--port", str(port)],
+            authserver_serve_command(port),
             env,
             cwd=self.workspace("purge-periodic"),
             port=port,
@@ -597,7 +652,7 @@ class Bench:
             port = free_port()
             server = Server.start(
                 "startup",
-                [*authserver_command(), "serve", "--port", str(port)],
+                authserver_serve_command(port),
                 server_env(database_url=database_url, keys_dir=keys_dir, port=port),
                 cwd=work,
                 port=port,
