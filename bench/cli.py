@@ -180,7 +180,7 @@ class Runner:
             server = bench.start_authserver("sqlite", url, keys_dir)
             self.results["meta"]["server_runs_on"] = server.runs_on()
             if "protected" in self.only:
-                self.section("protected", lambda: bench.protected(server, url, keys_dir))
+                self.section("protected", lambda: bench.protected(server, keys_dir))
             if "login" in self.only:
                 self.section("login", lambda: bench.login(server, url, keys_dir))
             if "refresh" in self.only:
@@ -219,7 +219,7 @@ class Runner:
             return
         url = bench.pg_database()
         keys_dir = bench.workspace("postgresql") / "keys"
-        data.make_keys(keys_dir)
+        data.make_keys(keys_dir, url)
         workers = self.plan.workers if "scaling" in self.only else (1,)
         servers = {}
         for n in workers:

@@ -26,11 +26,14 @@ from typing import Any
 
 import bcrypt
 
-from authserver.config import Settings
 from bench import data
 from bench.load import Load, LoadResult, run_load
 from bench.peers.settings import peer_env
+from bench.seeding import SEED_BCRYPT_ROUNDS, login_families
 from bench.server import (
+    ACCESS_TOKEN_TTL,
+    AUDIENCE,
+    SCOPE,
     Server,
     authserver_command,
     authserver_serve_command,
@@ -87,14 +90,14 @@ FULL = Plan(
 )
 
 
-def peer_env_for(server: Server, settings: Settings) -> dict[str, str]:
+def peer_env_for(server: Server, keys_dir: Path) -> dict[str, str]:
     """A peer signs with `server`'s keys and claims, so its tokens are as long as the server's."""
     return peer_env(
-        keys_dir=settings.keys_dir,
+        keys_dir=keys_dir,
         issuer=server.url,
-        audience=settings.audience,
-        scope=" ".join(settings.scopes),
-        ttl=settings.access_token_ttl,
+        audience=AUDIENCE,
+        scope=SCOPE,
+        ttl=ACCESS_TOKEN_TTL,
         subject=data.BENCH_USER,
     )
 
@@ -148,6 +151,8 @@ class Bench:
         self.say = say
         self.servers: list[Server] = []
         self.pg_databases: list[str] = []
+        self._seeders: dict[tuple[str, int | None], Server] = {}
+        self._seeded_databases: set[str] = set()
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -187,6 +192,30 @@ class Bench:
         if server in self.servers:
             self.servers.remove(server)
 
+    def seed_families(
+        self, database_url: str, keys_dir: Path, count: int, *, refresh_ttl: int | None = None
+    ) -> list[str]:
+        """`count` new refresh families of the bench user, by logins to a seeding server."""
+        seeder = self._seeders.get((database_url, refresh_ttl))
+        if seeder is None:
+            if database_url not in self._seeded_databases:
+                # Hashed at the seeding cost, so no login rehashes it.
+                data.add_user(database_url, keys_dir, data.BENCH_USER, rounds=SEED_BCRYPT_ROUNDS)
+                self._seeded_databases.add(database_url)
+            env = {"AUTHSERVER_BCRYPT_ROUNDS": str(SEED_BCRYPT_ROUNDS)}
+            if refresh_ttl is not None:
+                env["AUTHSERVER_REFRESH_TOKEN_TTL"] = str(refresh_ttl)
+            name = f"seed-{len(self._seeders) + 1}"
+            seeder = self.start_authserver(name, database_url, keys_dir, **env)
+            self._seeders[database_url, refresh_ttl] = seeder
+        return login_families(seeder.url, count)
+
+    def stop_seeders(self) -> None:
+        """Seeding servers stop with their section: idle, they still hold memory and connections."""
+        for seeder in self._seeders.values():
+            self.stop(seeder)
+        self._seeders.clear()
+
     def close(self) -> None:
         for server in list(self.servers):
             self.stop(server)
@@ -205,9 +234,10 @@ class Bench:
     def sqlite_target(self, name: str) -> tuple[str, Path]:
         work = self.workspace(name)
         keys_dir = work / "keys"
+        url = f"sqlite:///{work / 'authserver.db'}"
         if not keys_dir.exists():
-            data.make_keys(keys_dir)
-        return f"sqlite:///{work / 'authserver.db'}", keys_dir
+            data.make_keys(keys_dir, url)
+        return url, keys_dir
 
     def pg_database(self) -> str:
         assert self.postgres_url
@@ -217,7 +247,7 @@ class Bench:
 
     # -- 1. /protected ---------------------------------------------------------------
 
-    def protected(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+    def protected(self, server: Server, keys_dir: Path) -> dict[str, Any]:
         """/protected with one reused token, and with a fresh token per request, vs bare.
 
         "bare" is the bare FastAPI peer, in its own process, answering the same path.
@@ -225,8 +255,7 @@ class Bench:
         same Lua function), so the load generator costs the same for each; the
         bare peer ignores the token.
         """
-        settings = data.bench_settings(database_url, keys_dir)
-        bare = self.start_peer("bare", "bare", peer_env_for(server, settings))
+        bare = self.start_peer("bare", "bare", peer_env_for(server, keys_dir))
         try:
             return self._protected(server, bare, keys_dir)
         finally:
@@ -238,12 +267,8 @@ class Bench:
         # by the time a token comes round again the cache has long forgotten it.
         count = plan.fresh_tokens or int(data.verifier_cache_size() * 1.1) + 100
         self.say(f"  minting {count} access tokens for the fresh-token runs")
-        fresh = data.mint_access_tokens(
-            keys_dir, issuer=server.url, audience="authserver", count=count
-        )
-        (reused,) = data.mint_access_tokens(
-            keys_dir, issuer=server.url, audience="authserver", count=1
-        )
+        fresh = data.mint_access_tokens(keys_dir, issuer=server.url, count=count)
+        (reused,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
         offset = 0
         targets = {"bare": bare, "reused": server, "fresh": server}
 
@@ -305,15 +330,12 @@ class Bench:
     def login(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """/login at the configured bcrypt cost vs the bcrypt bound; /protected p99 under it."""
         plan = self.plan
-        settings = data.bench_settings(database_url, keys_dir)
-        rounds_cost = settings.bcrypt_rounds
+        rounds_cost = data.LOGIN_BCRYPT_ROUNDS
         username = "loginuser"
-        data.ensure_user(settings, username)
+        data.add_user(database_url, keys_dir, username, rounds=rounds_cost)
         password = data.BENCH_PASSWORD.encode()
         reference = bcrypt.hashpw(password, bcrypt.gensalt(rounds_cost))
-        (token,) = data.mint_access_tokens(
-            keys_dir, issuer=server.url, audience="authserver", count=1
-        )
+        (token,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
         n = cores()
         body = json.dumps({"username": username, "password": data.BENCH_PASSWORD})
         # Twice as many clients as hashing threads: the pool is never idle.
@@ -400,19 +422,21 @@ class Bench:
 
     # -- 3. /refresh -----------------------------------------------------------------
 
-    def refresh(self, server: Server, settings_url: str, keys_dir: Path) -> dict[str, Any]:
+    def refresh(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """/refresh, 32 clients each rotating its own family, vs the sign-only peer."""
-        settings = data.bench_settings(settings_url, keys_dir)
+        families = self.seed_families(
+            database_url, keys_dir, REFRESH_CLIENTS * (self.plan.rounds + 1)
+        )
+        self.stop_seeders()
         # Named after the server, as the sqlite and the PostgreSQL runs each have one.
-        sign = self.start_peer("sign", f"{server.name}-sign", peer_env_for(server, settings))
+        sign = self.start_peer("sign", f"{server.name}-sign", peer_env_for(server, keys_dir))
         try:
-            return self._refresh(server, sign, settings)
+            return self._refresh(server, sign, families)
         finally:
             self.stop(sign)
 
-    def _refresh(self, server: Server, sign: Server, settings: Settings) -> dict[str, Any]:
+    def _refresh(self, server: Server, sign: Server, families: list[str]) -> dict[str, Any]:
         plan = self.plan
-        families = data.seed_families(settings, REFRESH_CLIENTS * (plan.rounds + 1))
         batches = [
             families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
         ]
@@ -463,9 +487,9 @@ class Bench:
     def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:
         """Refresh throughput of 1, 2, 4 worker processes sharing one PostgreSQL database."""
         plan = self.plan
-        settings = data.bench_settings(url, keys_dir)
         runs = len(servers) * (plan.scaling_rounds + 1)
-        families = data.seed_families(settings, REFRESH_CLIENTS * runs)
+        families = self.seed_families(url, keys_dir, REFRESH_CLIENTS * runs)
+        self.stop_seeders()
         batches = iter(
             families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
         )
@@ -501,7 +525,6 @@ class Bench:
     def memory(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """RSS after N refreshes, and its growth over the second half of them."""
         plan = self.plan
-        settings = data.bench_settings(database_url, keys_dir)
         target, half = plan.memory_refreshes, plan.memory_refreshes // 2
         samples = [(0, server.rss_bytes())]
         done = errors = 0
@@ -513,7 +536,7 @@ class Bench:
             duration = plan.memory_chunk
             if rate:
                 duration = max(1, min(plan.memory_chunk, math.ceil((mark - done) / rate)))
-            tokens = data.seed_families(settings, REFRESH_CLIENTS)
+            tokens = self.seed_families(database_url, keys_dir, REFRESH_CLIENTS)
             run = run_load(
                 server.url,
                 Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=tokens),
@@ -531,7 +554,8 @@ class Bench:
                 raise RuntimeError(f"no refresh succeeded:\n{server.tail()}")
         end = samples[-1]
         assert half_sample is not None
-        rows = data.count_rows(settings, "refresh_tokens", "refresh_families", "audit_events")
+        self.stop_seeders()
+        rows = data.count_rows(database_url, "refresh_tokens", "refresh_families", "audit_events")
         growth = (end[1] - half_sample[1]) / half_sample[1]
         self.say(
             f"  RSS {half_sample[1] / MB:.1f} MB after {half_sample[0]} refreshes, "
@@ -572,23 +596,23 @@ class Bench:
         self.servers.append(server)
         try:
             server.wait_healthy()
-            short = data.bench_settings(database_url, keys_dir, refresh_token_ttl=ttl)
-            expiring = data.seed_families(short, 10)
-            live = data.bench_settings(database_url, keys_dir)
-            data.seed_families(live, 3)
+            # The live ones first: the expiring ones must be refreshed before they expire.
+            self.seed_families(database_url, keys_dir, 3)
+            expiring = self.seed_families(database_url, keys_dir, 10, refresh_ttl=ttl)
             for token in expiring:  # each family gets a spent row and an active one
                 self._post_json(server.url + "/refresh", {"refresh_token": token})
             tables = ("refresh_tokens", "refresh_families")
-            before = data.count_rows(short, *tables)
+            before = data.count_rows(database_url, *tables)
             deadline = time.monotonic() + ttl + 8
             after = before
             while time.monotonic() < deadline:
                 time.sleep(0.5)
-                after = data.count_rows(short, *tables)
+                after = data.count_rows(database_url, *tables)
                 if after["refresh_families"] == 3:
                     break
         finally:
             self.stop(server)
+            self.stop_seeders()
         periodic = {
             "before": before,
             "after": after,
@@ -596,10 +620,10 @@ class Bench:
         }
 
         database_url, keys_dir = self.sqlite_target("purge-cli")
-        short = data.bench_settings(database_url, keys_dir, refresh_token_ttl=1)
-        data.seed_families(short, 10)
-        data.seed_families(data.bench_settings(database_url, keys_dir), 3)
-        cli_before = data.count_rows(short, *tables)
+        self.seed_families(database_url, keys_dir, 10, refresh_ttl=1)
+        self.seed_families(database_url, keys_dir, 3)
+        self.stop_seeders()
+        cli_before = data.count_rows(database_url, *tables)
         time.sleep(1.2)
         cli_env = server_env(database_url=database_url, keys_dir=keys_dir, port=0)
         run = subprocess.run(
@@ -611,7 +635,7 @@ class Bench:
             timeout=60,
             check=False,
         )
-        cli_after = data.count_rows(short, *tables)
+        cli_after = data.count_rows(database_url, *tables)
         cli = {
             "command": "authserver db purge",
             "exit": run.returncode,
@@ -644,9 +668,9 @@ class Bench:
         """Seconds from `authserver serve` to the first 200 from /health, keys on disk."""
         work = self.workspace("startup")
         keys_dir = work / "keys"
-        data.make_keys(keys_dir, 3)
         database_url = f"sqlite:///{work / 'authserver.db'}"
-        data.ensure_user(data.bench_settings(database_url, keys_dir), data.BENCH_USER)
+        data.make_keys(keys_dir, database_url, 3)
+        data.add_user(database_url, keys_dir, data.BENCH_USER, rounds=data.LOGIN_BCRYPT_ROUNDS)
         runs: list[dict[str, float]] = []
         for index in range(self.plan.startup_runs):
             port = free_port()

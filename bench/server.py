@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What every authserver of a run is configured with, and the peers sign: set, not left
+# to authserver's defaults, so both sides agree by construction.
+AUDIENCE = "authserver"
+SCOPE = "read write"
+ACCESS_TOKEN_TTL = 900
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -50,6 +55,9 @@ def server_env(*, database_url: str, keys_dir: Path, port: int, **extra: str) ->
         AUTHSERVER_DATABASE_URL=database_url,
         AUTHSERVER_KEYS_DIR=str(keys_dir),
         AUTHSERVER_ISSUER=f"http://127.0.0.1:{port}",
+        AUTHSERVER_AUDIENCE=AUDIENCE,
+        AUTHSERVER_SCOPES=SCOPE,
+        AUTHSERVER_ACCESS_TOKEN_TTL=str(ACCESS_TOKEN_TTL),
         AUTHSERVER_LOG_FORMAT="json",
         **extra,
     )
