@@ -21,7 +21,6 @@ from typing import Any
 from bench import report
 from bench.load import wrk_path
 from bench.runs import FULL, QUICK, Bench, Plan, cores
-from bench.server import Server
 
 SECTIONS = ("startup", "protected", "login", "refresh", "memory", "scaling", "purge")
 DEFAULT_OUT = Path(__file__).resolve().parent
@@ -30,7 +29,8 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="Benchmark authserver against same-run baselines."
+        prog="python -m bench",
+        description="Benchmark authserver against baseline apps measured in the same run.",
     )
     parser.add_argument("--quick", action="store_true", help="short runs (< 2 minutes)")
     parser.add_argument("--rounds", type=int, help="A/B rounds per comparison")
@@ -102,15 +102,6 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
-
-
-def loaded_modules(server: Server) -> dict[str, bool]:
-    """Whether the server process really runs on uvloop and httptools (their .so are mapped)."""
-    try:
-        maps = Path(f"/proc/{server.pids()[-1]}/maps").read_text()
-    except OSError:
-        return {}
-    return {"uvloop": "uvloop" in maps, "httptools": "httptools" in maps}
 
 
 class Runner:
@@ -186,8 +177,8 @@ class Runner:
             self.section("startup", bench.startup)
         if self.only & {"protected", "login", "refresh"}:
             url, keys_dir = bench.sqlite_target("sqlite")
-            server = bench.start_bench_app("sqlite", url, keys_dir)
-            self.results["meta"]["server_runs_on"] = loaded_modules(server)
+            server = bench.start_authserver("sqlite", url, keys_dir)
+            self.results["meta"]["server_runs_on"] = server.runs_on()
             if "protected" in self.only:
                 self.section("protected", lambda: bench.protected(server, keys_dir))
             if "login" in self.only:
@@ -201,7 +192,7 @@ class Runner:
 
             def memory() -> dict[str, Any]:
                 url, keys_dir = bench.sqlite_target("memory")
-                server = bench.start_bench_app("memory", url, keys_dir)
+                server = bench.start_authserver("memory", url, keys_dir)
                 try:
                     return bench.memory(server, url, keys_dir)
                 finally:
@@ -228,11 +219,11 @@ class Runner:
             return
         url = bench.pg_database()
         keys_dir = bench.workspace("postgresql") / "keys"
-        data.make_keys(keys_dir)
+        data.make_keys(keys_dir, url)
         workers = self.plan.workers if "scaling" in self.only else (1,)
         servers = {}
         for n in workers:
-            servers[n] = bench.start_bench_app(f"pg-{n}", url, keys_dir, workers=n)
+            servers[n] = bench.start_authserver(f"pg-{n}", url, keys_dir, workers=n)
         try:
             if "refresh" in self.only:
                 self.section(

@@ -1,163 +1,137 @@
-"""What the runs need in place: keys, databases, users, refresh families, access tokens.
+"""What the runs need in place: keys, users, access tokens, databases, row counts.
 
-Everything is made with authserver's own code (`generate_key`, `SqlStore`,
-`refresh.start_family`, `tokens.mint_access_token`), so a seeded family or a
-minted token is exactly what a login would have produced.
+Only authserver's public entry points make them: keys and users come from its
+command line (`authserver keys generate`, `authserver users add`), refresh
+families from real logins (bench/seeding.py). Access tokens are signed by the
+sign-only peer's `Signer`, which reads the key file itself: authserver's
+/protected accepting them (the runs count every refusal as an error) shows the
+peer signs what authserver signs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import sqlite3
+import subprocess
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import asyncpg
-import bcrypt
 
-from authserver.audit import Auditor, RequestContext
-from authserver.config import Settings
-from authserver.keys import KeyRing, generate_key
-from authserver.refresh import Lifetimes, start_family
-from authserver.store.migrate import upgrade_async
-from authserver.store.sql import SqlStore
-from authserver.tokens import AccessTokenVerifier, KeyRingSource, mint_access_token
+from bench.peers.signer import Signer
+from bench.server import AUDIENCE, SCOPE, authserver_command, server_env
 
 BENCH_USER = "benchuser"
 BENCH_PASSWORD = "bench-password-0123"
-_SEED_CONTEXT = RequestContext(client_addr="bench-seed")
+CLIENT_ID = "authserver"  # what /login issues to when the client names none
+LOGIN_BCRYPT_ROUNDS = 12  # the cost the /login target is stated for
+CACHE_SIZE_IF_UNKNOWN = 10_000
 
 
-def make_keys(keys_dir: Path, count: int = 1) -> None:
+def cli(database_url: str, keys_dir: Path, *args: str, stdin: str = "", **env: str) -> str:
+    """Run `authserver ARGS` against a database and keys directory; its output."""
+    done = subprocess.run(
+        [*authserver_command(), *args],
+        input=stdin,
+        env=server_env(database_url=database_url, keys_dir=keys_dir, port=0, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"authserver {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
+def make_keys(keys_dir: Path, database_url: str, count: int = 1) -> None:
     for _ in range(count):
-        generate_key(keys_dir, "RS256")
+        cli(database_url, keys_dir, "keys", "generate", "--alg", "RS256")
         time.sleep(0.001)  # file names are UTC times: keep them distinct
 
 
+def add_user(
+    database_url: str, keys_dir: Path, username: str, *, rounds: int, password: str = BENCH_PASSWORD
+) -> None:
+    cli(
+        database_url,
+        keys_dir,
+        "users",
+        "add",
+        username,
+        "--password-stdin",
+        stdin=password + "\n",
+        AUTHSERVER_BCRYPT_ROUNDS=str(rounds),
+    )
+
+
 def verifier_cache_size() -> int:
-    """How many verified tokens the server remembers (AccessTokenVerifier's default)."""
-    parameter = inspect.signature(AccessTokenVerifier.__init__).parameters.get("cache_size")
-    default = parameter.default if parameter is not None else None
-    return default if isinstance(default, int) else 10_000
+    """How many verified tokens the server remembers, so fresh tokens can outnumber them.
+
+    The one look inside authserver: no public interface tells the cache's size, and
+    guessing it low would let cache hits into the fresh-token figure unnoticed.
+    """
+    try:
+        from authserver.tokens import AccessTokenVerifier
+
+        parameters = inspect.signature(AccessTokenVerifier.__init__).parameters
+    except (ImportError, AttributeError, ValueError):
+        return CACHE_SIZE_IF_UNKNOWN
+    default = parameters["cache_size"].default if "cache_size" in parameters else None
+    return default if isinstance(default, int) else CACHE_SIZE_IF_UNKNOWN
 
 
 # -- access tokens ---------------------------------------------------------------
 
 
-def _mint_batch(keys_dir: str, issuer: str, audience: str, count: int) -> list[str]:
-    ring = KeyRing(Path(keys_dir))
-    ring.load()
-    kid, alg, key = KeyRingSource(ring).signing_key()
+def _mint_batch(keys_dir: str, issuer: str, count: int) -> list[str]:
+    signer = Signer.from_keys_dir(Path(keys_dir))
     return [
-        mint_access_token(
-            key=key,
-            kid=kid,
-            alg=alg,
+        signer.mint(
             issuer=issuer,
-            audience=audience,
+            audience=AUDIENCE,
             subject=BENCH_USER,
-            scope="read write",
-            client_id="authserver",
+            scope=SCOPE,
+            client_id=CLIENT_ID,
             ttl=3600,
-        )[0]
+        )
         for _ in range(count)
     ]
 
 
-def mint_access_tokens(
-    keys_dir: Path, *, issuer: str, audience: str, count: int, processes: int = 2
-) -> list[str]:
+def mint_access_tokens(keys_dir: Path, *, issuer: str, count: int, processes: int = 2) -> list[str]:
     """`count` distinct access tokens signed by the current key, in parallel processes."""
     if count <= 200 or processes <= 1:
-        return _mint_batch(str(keys_dir), issuer, audience, count)
+        return _mint_batch(str(keys_dir), issuer, count)
     share = -(-count // processes)
     with ProcessPoolExecutor(processes) as pool:
         batches = pool.map(
-            _mint_batch,
-            [str(keys_dir)] * processes,
-            [issuer] * processes,
-            [audience] * processes,
-            [share] * processes,
+            _mint_batch, [str(keys_dir)] * processes, [issuer] * processes, [share] * processes
         )
         tokens = [t for batch in batches for t in batch]
     return tokens[:count]
 
 
-# -- database ----------------------------------------------------------------------
+# -- databases ---------------------------------------------------------------------
 
 
-def bench_settings(database_url: str, keys_dir: Path, **overrides: object) -> Settings:
-    return Settings(database_url=database_url, keys_dir=keys_dir, **overrides)  # type: ignore[arg-type]
+def count_rows(database_url: str, *tables: str) -> dict[str, int]:
+    """Rows per table, read with the database's own driver."""
+    if database_url.startswith("sqlite:///"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
 
+    async def count() -> dict[str, int]:
+        conn = await asyncpg.connect(database_url, timeout=5)
+        try:
+            return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
+        finally:
+            await conn.close()
 
-async def _ensure_user(store: SqlStore, username: str, rounds: int) -> None:
-    if await store.get_user(username) is None:
-        hashed = bcrypt.hashpw(BENCH_PASSWORD.encode(), bcrypt.gensalt(rounds)).decode()
-        await store.add_user(username, hashed, at=time.time())
-
-
-async def _seed(settings: Settings, families: int, username: str) -> list[str]:
-    store = SqlStore.from_settings(settings)
-    try:
-        await upgrade_async(store.engine)
-        await _ensure_user(store, username, settings.bcrypt_rounds)
-        user = await store.get_user(username)
-        assert user is not None
-        lifetimes = Lifetimes(
-            refresh_ttl=settings.refresh_token_ttl,
-            session_max_age=settings.session_max_age,
-            reuse_grace=settings.refresh_reuse_grace,
-        )
-        auditor = Auditor(store)
-        tokens = []
-        for _ in range(families):
-            issued = await start_family(
-                store,
-                auditor,
-                _SEED_CONTEXT,
-                user=user,
-                scope=" ".join(settings.scopes),
-                client_id="authserver",
-                lifetimes=lifetimes,
-                now=time.time(),
-            )
-            assert issued is not None
-            tokens.append(issued.refresh_token)
-        return tokens
-    finally:
-        await store.close()
-
-
-def seed_families(settings: Settings, families: int, username: str = BENCH_USER) -> list[str]:
-    """Start `families` refresh families for `username` (created if absent); their tokens."""
-    return asyncio.run(_seed(settings, families, username))
-
-
-def ensure_user(settings: Settings, username: str) -> None:
-    asyncio.run(_seed(settings, 0, username))
-
-
-async def _count(settings: Settings, tables: tuple[str, ...]) -> dict[str, int]:
-    import sqlalchemy as sa
-
-    store = SqlStore.from_settings(settings)
-    try:
-        async with store.engine.connect() as conn:
-            return {
-                t: int((await conn.execute(sa.text(f"SELECT count(*) FROM {t}"))).scalar_one())
-                for t in tables
-            }
-    finally:
-        await store.close()
-
-
-def count_rows(settings: Settings, *tables: str) -> dict[str, int]:
-    return asyncio.run(_count(settings, tables))
-
-
-# -- PostgreSQL --------------------------------------------------------------------
+    return asyncio.run(count())
 
 
 async def _pg_execute(admin_url: str, sql: str) -> None:

@@ -47,8 +47,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
             Target(tid, name, f"{value:.2f}x", f"{'<=' if most else '>='} {limit:.2f}x", passed)
         )
 
-    ratio("1a", "/protected, reused token / bare", ("protected", "reused_ratio"), 0.80)
-    ratio("1b", "/protected, fresh token / bare", ("protected", "fresh_ratio"), 0.55)
+    ratio("1a", "/protected, reused token / bare FastAPI", ("protected", "reused_ratio"), 0.80)
+    ratio("1b", "/protected, fresh token / bare FastAPI", ("protected", "fresh_ratio"), 0.55)
     ratio("2a", "/login (bcrypt 12) / bcrypt bound", ("login", "login_ratio"), 0.85)
     ratio("2b", "/protected p99 under logins / idle", ("login", "p99_ratio"), 2.0, most=True)
     for backend in ("sqlite", "postgresql"):
@@ -56,12 +56,13 @@ def targets(results: dict[str, Any]) -> list[Target]:
         errors = _get(results, "refresh", backend, "errors")
         if not _ok(value):
             reason = _get(results, "refresh", backend, "skipped") or "not measured"
-            out.append(Target("3", f"/refresh / sign-only, {backend}", reason, ">= 0.50x", None))
+            name = f"/refresh / sign-only app, {backend}"
+            out.append(Target("3", name, reason, ">= 0.50x", None))
             continue
         out.append(
             Target(
                 "3",
-                f"/refresh / sign-only, {backend}, 32 clients",
+                f"/refresh / sign-only app, {backend}, 32 clients",
                 f"{value:.2f}x, {errors} errors",
                 ">= 0.50x, 0 errors",
                 value >= 0.50 and errors == 0,
@@ -191,7 +192,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     mode = results.get("meta", {}).get("mode", "")
-    fig.suptitle(f"authserver benchmark ({mode} mode): ratios to same-run baselines, medians")
+    fig.suptitle(
+        f"authserver benchmark ({mode} mode): ratios to baselines measured in the same run, medians"
+    )
 
     def bars(
         ax: Any,
@@ -222,7 +225,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             ["reused token", "fresh token"],
             [p["reused_ratio"], p["fresh_ratio"]],
             [0.80, 0.55],
-            "1. /protected throughput / bare (dashed: target)",
+            "1. /protected throughput / bare FastAPI (dashed: target)",
         )
         axes[0][0].set_ylim(0, 1.15)
     lg = results.get("login") or {}
@@ -243,11 +246,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
             labels,
             [refresh[b]["ratio"] for b in labels],
             [0.5] * len(labels),
-            "3. /refresh / sign-only (32 clients)",
+            "3. /refresh / sign-only app (32 clients)",
         )
     cpu_labels, cpu_values = [], []
     for k, v in (p.get("cpu_us_per_request") or {}).items():
-        cpu_labels.append(f"protected\n{k}" if k != "bare" else "bare")
+        cpu_labels.append(f"protected\n{k}" if k != "bare" else "bare\nFastAPI")
         cpu_values.append(v)
     for b in labels:
         short = "pg" if b == "postgresql" else b
@@ -261,7 +264,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.bar(range(len(cpu_values)), cpu_values, color="tab:blue")
         ax.set_xticks(range(len(cpu_values)), cpu_labels, fontsize=8)
         ax.set_ylabel("server CPU µs per request")
-        ax.set_title("server CPU time per request (/proc utime+stime)")
+        ax.set_title("CPU time per request of the serving process (/proc)")
     s = results.get("scaling") or {}
     if s.get("refresh_per_s"):
         ax = axes[1][1]

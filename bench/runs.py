@@ -1,9 +1,11 @@
 """The measurements, one method per target of issue 5.
 
-Each compares against a baseline measured in the same run, in alternating
-rounds (A B A B ...), and quotes medians of the per-round ratios; each also
-reports the server's CPU time per request (utime + stime from /proc), which
-other load on the machine disturbs far less than throughput.
+authserver runs as `authserver serve` runs it. Each figure compares it with a
+baseline measured in the same run: a peer in its own process (bench/peers: a
+bare FastAPI app, a sign-only app), or bcrypt's own speed. Rounds alternate
+(A B A B ...), and the figure is the median of the per-round ratios; each run
+also records the CPU time per request of the process serving it (utime + stime
+from /proc), which other load on the machine disturbs far less than throughput.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ import bcrypt
 
 from bench import data
 from bench.load import Load, LoadResult, run_load
+from bench.peers.settings import peer_env
+from bench.seeding import SEED_BCRYPT_ROUNDS, login_families
 from bench.server import (
+    ACCESS_TOKEN_TTL,
+    AUDIENCE,
+    SCOPE,
     Server,
     authserver_command,
-    bench_app_command,
+    authserver_serve_command,
+    base_env,
     free_port,
+    peer_command,
     server_env,
 )
 
@@ -79,6 +88,18 @@ FULL = Plan(
     startup_runs=5,
     scaling_rounds=3,
 )
+
+
+def peer_env_for(server: Server, keys_dir: Path) -> dict[str, str]:
+    """A peer signs with `server`'s keys and claims, so its tokens are as long as the server's."""
+    return peer_env(
+        keys_dir=keys_dir,
+        issuer=server.url,
+        audience=AUDIENCE,
+        scope=SCOPE,
+        ttl=ACCESS_TOKEN_TTL,
+        subject=data.BENCH_USER,
+    )
 
 
 def median(values: Sequence[float]) -> float:
@@ -130,6 +151,8 @@ class Bench:
         self.say = say
         self.servers: list[Server] = []
         self.pg_databases: list[str] = []
+        self._seeders: dict[tuple[str, int | None], Server] = {}
+        self._seeded_databases: set[str] = set()
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -138,17 +161,28 @@ class Bench:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start_bench_app(
+    def start_authserver(
         self, name: str, database_url: str, keys_dir: Path, *, workers: int = 1, **env: str
     ) -> Server:
         port = free_port()
         server = Server.start(
             name,
-            bench_app_command(port, workers),
+            authserver_serve_command(port, workers),
             server_env(database_url=database_url, keys_dir=keys_dir, port=port, **env),
             cwd=self.workspace(name),
             port=port,
         )
+        return self._started(server)
+
+    def start_peer(self, module: str, name: str, env: dict[str, str]) -> Server:
+        """A baseline of bench/peers in its own process."""
+        port = free_port()
+        server = Server.start(
+            name, peer_command(module, port), base_env(**env), cwd=self.workspace(name), port=port
+        )
+        return self._started(server)
+
+    def _started(self, server: Server) -> Server:
         self.servers.append(server)
         server.wait_healthy()
         return server
@@ -157,6 +191,30 @@ class Bench:
         server.stop()
         if server in self.servers:
             self.servers.remove(server)
+
+    def seed_families(
+        self, database_url: str, keys_dir: Path, count: int, *, refresh_ttl: int | None = None
+    ) -> list[str]:
+        """`count` new refresh families of the bench user, by logins to a seeding server."""
+        seeder = self._seeders.get((database_url, refresh_ttl))
+        if seeder is None:
+            if database_url not in self._seeded_databases:
+                # Hashed at the seeding cost, so no login rehashes it.
+                data.add_user(database_url, keys_dir, data.BENCH_USER, rounds=SEED_BCRYPT_ROUNDS)
+                self._seeded_databases.add(database_url)
+            env = {"AUTHSERVER_BCRYPT_ROUNDS": str(SEED_BCRYPT_ROUNDS)}
+            if refresh_ttl is not None:
+                env["AUTHSERVER_REFRESH_TOKEN_TTL"] = str(refresh_ttl)
+            name = f"seed-{len(self._seeders) + 1}"
+            seeder = self.start_authserver(name, database_url, keys_dir, **env)
+            self._seeders[database_url, refresh_ttl] = seeder
+        return login_families(seeder.url, count)
+
+    def stop_seeders(self) -> None:
+        """Seeding servers stop with their section: idle, they still hold memory and connections."""
+        for seeder in self._seeders.values():
+            self.stop(seeder)
+        self._seeders.clear()
 
     def close(self) -> None:
         for server in list(self.servers):
@@ -176,9 +234,10 @@ class Bench:
     def sqlite_target(self, name: str) -> tuple[str, Path]:
         work = self.workspace(name)
         keys_dir = work / "keys"
+        url = f"sqlite:///{work / 'authserver.db'}"
         if not keys_dir.exists():
-            data.make_keys(keys_dir)
-        return f"sqlite:///{work / 'authserver.db'}", keys_dir
+            data.make_keys(keys_dir, url)
+        return url, keys_dir
 
     def pg_database(self) -> str:
         assert self.postgres_url
@@ -191,39 +250,45 @@ class Bench:
     def protected(self, server: Server, keys_dir: Path) -> dict[str, Any]:
         """/protected with one reused token, and with a fresh token per request, vs bare.
 
+        "bare" is the bare FastAPI peer, in its own process, answering the same path.
         All three send the same request (a GET with a bearer token, produced by the
         same Lua function), so the load generator costs the same for each; the
-        bare endpoint ignores the token.
+        bare peer ignores the token.
         """
+        bare = self.start_peer("bare", "bare", peer_env_for(server, keys_dir))
+        try:
+            return self._protected(server, bare, keys_dir)
+        finally:
+            self.stop(bare)
+
+    def _protected(self, server: Server, bare: Server, keys_dir: Path) -> dict[str, Any]:
         plan = self.plan
         # More tokens than the server's verified-token cache holds, taken in a cycle:
         # by the time a token comes round again the cache has long forgotten it.
         count = plan.fresh_tokens or int(data.verifier_cache_size() * 1.1) + 100
         self.say(f"  minting {count} access tokens for the fresh-token runs")
-        fresh = data.mint_access_tokens(
-            keys_dir, issuer=server.url, audience="authserver", count=count
-        )
-        (reused,) = data.mint_access_tokens(
-            keys_dir, issuer=server.url, audience="authserver", count=1
-        )
+        fresh = data.mint_access_tokens(keys_dir, issuer=server.url, count=count)
+        (reused,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
         offset = 0
+        targets = {"bare": bare, "reused": server, "fresh": server}
 
         def load(variant: str, duration: int) -> Load:
-            path = "/bench/bare" if variant == "bare" else "/protected"
             tokens = [reused] if variant == "reused" else fresh
             start = offset if variant == "fresh" else 0
-            return Load("tokens", path, duration, GET_CONNECTIONS, tokens=tokens, offset=start)
+            return Load(
+                "tokens", "/protected", duration, GET_CONNECTIONS, tokens=tokens, offset=start
+            )
 
         variants = ("bare", "reused", "fresh")
         for variant in variants:
-            warm = self.measure(server, load(variant, plan.warmup))
+            warm = self.measure(targets[variant], load(variant, plan.warmup))
             offset += warm.load.requests if variant == "fresh" else 0
             self._check_errors(f"/protected warm-up ({variant})", warm)
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
             row: dict[str, Any] = {}
             for variant in variants:
-                measured = self.measure(server, load(variant, plan.duration))
+                measured = self.measure(targets[variant], load(variant, plan.duration))
                 if variant == "fresh":
                     offset += measured.load.requests
                 row[variant] = measured.as_dict()
@@ -256,6 +321,7 @@ class Bench:
             "fresh_tokens": count,
             "fresh_requests": offset,
             "fresh_cache_hits_possible": cache_hits_possible,
+            "bare_peer_runs_on": bare.runs_on(),
             "connections": GET_CONNECTIONS,
         }
 
@@ -264,15 +330,12 @@ class Bench:
     def login(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """/login at the configured bcrypt cost vs the bcrypt bound; /protected p99 under it."""
         plan = self.plan
-        settings = data.bench_settings(database_url, keys_dir)
-        rounds_cost = settings.bcrypt_rounds
+        rounds_cost = data.LOGIN_BCRYPT_ROUNDS
         username = "loginuser"
-        data.ensure_user(settings, username)
+        data.add_user(database_url, keys_dir, username, rounds=rounds_cost)
         password = data.BENCH_PASSWORD.encode()
         reference = bcrypt.hashpw(password, bcrypt.gensalt(rounds_cost))
-        (token,) = data.mint_access_tokens(
-            keys_dir, issuer=server.url, audience="authserver", count=1
-        )
+        (token,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
         n = cores()
         body = json.dumps({"username": username, "password": data.BENCH_PASSWORD})
         # Twice as many clients as hashing threads: the pool is never idle.
@@ -359,25 +422,40 @@ class Bench:
 
     # -- 3. /refresh -----------------------------------------------------------------
 
-    def refresh(self, server: Server, settings_url: str, keys_dir: Path) -> dict[str, Any]:
-        """/refresh, 32 clients each rotating its own family, vs the sign-only endpoint."""
+    def refresh(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """/refresh, 32 clients each rotating its own family, vs the sign-only peer."""
+        families = self.seed_families(
+            database_url, keys_dir, REFRESH_CLIENTS * (self.plan.rounds + 1)
+        )
+        self.stop_seeders()
+        # Named after the server, as the sqlite and the PostgreSQL runs each have one.
+        sign = self.start_peer("sign", f"{server.name}-sign", peer_env_for(server, keys_dir))
+        try:
+            return self._refresh(server, sign, families)
+        finally:
+            self.stop(sign)
+
+    def _refresh(self, server: Server, sign: Server, families: list[str]) -> dict[str, Any]:
         plan = self.plan
-        settings = data.bench_settings(settings_url, keys_dir)
-        families = data.seed_families(settings, REFRESH_CLIENTS * (plan.rounds + 1))
         batches = [
             families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
         ]
-        body = json.dumps({"refresh_token": secrets.token_urlsafe(32)})
-        sign = Load("post", "/bench/sign", plan.duration, REFRESH_CLIENTS, body=body)
+        # The sign-only app is loaded exactly as authserver is: the same script sends each
+        # client's next request with the refresh token of its last answer (random ones
+        # there), so the load generator does the same work for both.
+        starts = [secrets.token_urlsafe(32) for _ in range(REFRESH_CLIENTS)]
+
+        def signing(duration: int) -> Load:
+            return Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=starts)
 
         def refresh(tokens: list[str], duration: int) -> Load:
             return Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=tokens)
 
-        self.measure(server, Load("post", "/bench/sign", plan.warmup, REFRESH_CLIENTS, body=body))
+        self._check_errors("sign-only warm-up", self.measure(sign, signing(plan.warmup)))
         warm = self.measure(server, refresh(batches[0], plan.warmup))
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
-            signed = self.measure(server, sign)
+            signed = self.measure(sign, signing(plan.duration))
             refreshed = self.measure(server, refresh(batches[index + 1], plan.duration))
             row = {
                 "sign": signed.as_dict(),
@@ -403,14 +481,15 @@ class Bench:
             "p99_ms": median([r["refresh"]["p99_ms"] for r in rounds]),
             "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
             "sign_errors": sum(r["sign"]["errors"] for r in rounds),
+            "sign_peer_runs_on": sign.runs_on(),
         }
 
     def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:
         """Refresh throughput of 1, 2, 4 worker processes sharing one PostgreSQL database."""
         plan = self.plan
-        settings = data.bench_settings(url, keys_dir)
         runs = len(servers) * (plan.scaling_rounds + 1)
-        families = data.seed_families(settings, REFRESH_CLIENTS * runs)
+        families = self.seed_families(url, keys_dir, REFRESH_CLIENTS * runs)
+        self.stop_seeders()
         batches = iter(
             families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
         )
@@ -446,7 +525,6 @@ class Bench:
     def memory(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """RSS after N refreshes, and its growth over the second half of them."""
         plan = self.plan
-        settings = data.bench_settings(database_url, keys_dir)
         target, half = plan.memory_refreshes, plan.memory_refreshes // 2
         samples = [(0, server.rss_bytes())]
         done = errors = 0
@@ -458,7 +536,7 @@ class Bench:
             duration = plan.memory_chunk
             if rate:
                 duration = max(1, min(plan.memory_chunk, math.ceil((mark - done) / rate)))
-            tokens = data.seed_families(settings, REFRESH_CLIENTS)
+            tokens = self.seed_families(database_url, keys_dir, REFRESH_CLIENTS)
             run = run_load(
                 server.url,
                 Load("refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=tokens),
@@ -476,7 +554,8 @@ class Bench:
                 raise RuntimeError(f"no refresh succeeded:\n{server.tail()}")
         end = samples[-1]
         assert half_sample is not None
-        rows = data.count_rows(settings, "refresh_tokens", "refresh_families", "audit_events")
+        self.stop_seeders()
+        rows = data.count_rows(database_url, "refresh_tokens", "refresh_families", "audit_events")
         growth = (end[1] - half_sample[1]) / half_sample[1]
         self.say(
             f"  RSS {half_sample[1] / MB:.1f} MB after {half_sample[0]} refreshes, "
@@ -509,7 +588,7 @@ class Bench:
         )
         server = Server.start(
             "purge-serve",
-            [*authserver_command(), "serve", "--port", str(port)],
+            authserver_serve_command(port),
             env,
             cwd=self.workspace("purge-periodic"),
             port=port,
@@ -517,23 +596,23 @@ class Bench:
         self.servers.append(server)
         try:
             server.wait_healthy()
-            short = data.bench_settings(database_url, keys_dir, refresh_token_ttl=ttl)
-            expiring = data.seed_families(short, 10)
-            live = data.bench_settings(database_url, keys_dir)
-            data.seed_families(live, 3)
+            # The live ones first: the expiring ones must be refreshed before they expire.
+            self.seed_families(database_url, keys_dir, 3)
+            expiring = self.seed_families(database_url, keys_dir, 10, refresh_ttl=ttl)
             for token in expiring:  # each family gets a spent row and an active one
                 self._post_json(server.url + "/refresh", {"refresh_token": token})
             tables = ("refresh_tokens", "refresh_families")
-            before = data.count_rows(short, *tables)
+            before = data.count_rows(database_url, *tables)
             deadline = time.monotonic() + ttl + 8
             after = before
             while time.monotonic() < deadline:
                 time.sleep(0.5)
-                after = data.count_rows(short, *tables)
+                after = data.count_rows(database_url, *tables)
                 if after["refresh_families"] == 3:
                     break
         finally:
             self.stop(server)
+            self.stop_seeders()
         periodic = {
             "before": before,
             "after": after,
@@ -541,10 +620,10 @@ class Bench:
         }
 
         database_url, keys_dir = self.sqlite_target("purge-cli")
-        short = data.bench_settings(database_url, keys_dir, refresh_token_ttl=1)
-        data.seed_families(short, 10)
-        data.seed_families(data.bench_settings(database_url, keys_dir), 3)
-        cli_before = data.count_rows(short, *tables)
+        self.seed_families(database_url, keys_dir, 10, refresh_ttl=1)
+        self.seed_families(database_url, keys_dir, 3)
+        self.stop_seeders()
+        cli_before = data.count_rows(database_url, *tables)
         time.sleep(1.2)
         cli_env = server_env(database_url=database_url, keys_dir=keys_dir, port=0)
         run = subprocess.run(
@@ -556,7 +635,7 @@ class Bench:
             timeout=60,
             check=False,
         )
-        cli_after = data.count_rows(short, *tables)
+        cli_after = data.count_rows(database_url, *tables)
         cli = {
             "command": "authserver db purge",
             "exit": run.returncode,
@@ -589,15 +668,15 @@ class Bench:
         """Seconds from `authserver serve` to the first 200 from /health, keys on disk."""
         work = self.workspace("startup")
         keys_dir = work / "keys"
-        data.make_keys(keys_dir, 3)
         database_url = f"sqlite:///{work / 'authserver.db'}"
-        data.ensure_user(data.bench_settings(database_url, keys_dir), data.BENCH_USER)
+        data.make_keys(keys_dir, database_url, 3)
+        data.add_user(database_url, keys_dir, data.BENCH_USER, rounds=data.LOGIN_BCRYPT_ROUNDS)
         runs: list[dict[str, float]] = []
         for index in range(self.plan.startup_runs):
             port = free_port()
             server = Server.start(
                 "startup",
-                [*authserver_command(), "serve", "--port", str(port)],
+                authserver_serve_command(port),
                 server_env(database_url=database_url, keys_dir=keys_dir, port=port),
                 cwd=work,
                 port=port,

@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What every authserver of a run is configured with, and the peers sign: set, not left
+# to authserver's defaults, so both sides agree by construction.
+AUDIENCE = "authserver"
+SCOPE = "read write"
+ACCESS_TOKEN_TTL = 900
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -28,14 +33,13 @@ def free_port() -> int:
         return port
 
 
-def server_env(*, database_url: str, keys_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    """The caller's environment minus its AUTHSERVER_* variables, plus the server's."""
+def base_env(**extra: str) -> dict[str, str]:
+    """The caller's environment minus its AUTHSERVER_* variables, plus `extra`.
+
+    Dropping AUTHSERVER_* keeps a developer's own configuration out of the runs.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSERVER_")}
     env.update(
-        AUTHSERVER_DATABASE_URL=database_url,
-        AUTHSERVER_KEYS_DIR=str(keys_dir),
-        AUTHSERVER_ISSUER=f"http://127.0.0.1:{port}",
-        AUTHSERVER_LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -45,33 +49,58 @@ def server_env(*, database_url: str, keys_dir: Path, port: int, **extra: str) ->
     return env
 
 
+def server_env(*, database_url: str, keys_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    """An authserver's environment: its database, keys and issuer, plus `extra`."""
+    return base_env(
+        AUTHSERVER_DATABASE_URL=database_url,
+        AUTHSERVER_KEYS_DIR=str(keys_dir),
+        AUTHSERVER_ISSUER=f"http://127.0.0.1:{port}",
+        AUTHSERVER_AUDIENCE=AUDIENCE,
+        AUTHSERVER_SCOPES=SCOPE,
+        AUTHSERVER_ACCESS_TOKEN_TTL=str(ACCESS_TOKEN_TTL),
+        AUTHSERVER_LOG_FORMAT="json",
+        **extra,
+    )
+
+
 def authserver_command() -> list[str]:
     """The installed `authserver` script beside this interpreter, else `python -m authserver`."""
     script = Path(sys.executable).parent / "authserver"
     return [str(script)] if script.exists() else [sys.executable, "-m", "authserver"]
 
 
-def bench_app_command(port: int, workers: int) -> list[str]:
-    # What `authserver serve` passes to uvicorn, for the bench factory.
+def authserver_serve_command(port: int, workers: int = 1) -> list[str]:
+    """authserver exactly as operators run it: the same factory, middleware and uvicorn flags."""
+    return [*authserver_command(), "serve", "--port", str(port), "--workers", str(workers)]
+
+
+def peer_command(module: str, port: int) -> list[str]:
+    """A baseline app of bench/peers, served as authserver serves with one worker.
+
+    uvloop and httptools are named rather than left to uvicorn's "auto", so a peer
+    cannot silently run on the slower pure-Python pieces.
+    """
     return [
         sys.executable,
         "-m",
         "uvicorn",
         "--factory",
-        "bench.app:bench_app",
+        f"bench.peers.{module}:app_factory",
         "--app-dir",
         str(REPO_ROOT),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        "--workers",
-        str(workers),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
         "--no-access-log",
         "--no-server-header",
         "--no-proxy-headers",
-        "--timeout-graceful-shutdown",
-        "5",
+        "--log-level",
+        "warning",
     ]
 
 
@@ -184,6 +213,14 @@ class Server:
         pids = self.pids()
         workers = pids[1:] if len(pids) > 1 else pids
         return sum(proc_rss_bytes(pid) for pid in workers)
+
+    def runs_on(self) -> dict[str, bool]:
+        """Whether the serving process runs on uvloop and httptools (their .so are mapped)."""
+        try:
+            maps = Path(f"/proc/{self.pids()[-1]}/maps").read_text()
+        except OSError:
+            return {}
+        return {"uvloop": "uvloop" in maps, "httptools": "httptools" in maps}
 
     def tail(self, lines: int = 30) -> str:
         try:
