@@ -29,10 +29,10 @@ from authserver.audit import Auditor, RequestContext
 from authserver.errors import InvalidClientError, InvalidTokenError
 from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, public_key_of
 from authserver.store.protocol import AuditEvent, Client, Conflict, RefreshTransaction, Store
+from authserver.store.schema import BUILTIN_CLIENT_ID as BUILTIN_CLIENT_ID
 from authserver.throttle import LoginThrottle
 from authserver.tokens import VerificationKey, prepare_key, verify_assertion
 
-BUILTIN_CLIENT_ID = "authserver"
 PASSWORD = "password"
 REFRESH_TOKEN = "refresh_token"
 CLIENT_CREDENTIALS = "client_credentials"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
-from authserver.clients import CLIENT_CREDENTIALS, PASSWORD, REFRESH_TOKEN
+from authserver.clients import BUILTIN_CLIENT, CLIENT_CREDENTIALS, PASSWORD, REFRESH_TOKEN
 from authserver.errors import (
     InvalidGrantError,
     InvalidRequestError,
@@ -206,10 +206,21 @@ class AuthService:
         return self._token_response(issued, granted, client, now)
 
     async def refresh_grant(
-        self, ctx: RequestContext, *, refresh_token: str, scope: str | None, client: Client
+        self,
+        ctx: RequestContext,
+        *,
+        refresh_token: str,
+        scope: str | None,
+        client: Client | None,
     ) -> dict[str, Any]:
-        """Rotate a refresh token (RFC 6749 §6); a narrower scope may be asked for."""
-        self._check_grant(client, REFRESH_TOKEN)
+        """Rotate a refresh token (RFC 6749 §6); a narrower scope may be asked for.
+
+        `client` is the authenticated client, to which the token must have been issued;
+        None where the request names none (the seed's /refresh), for the tokens of
+        public clients only.
+        """
+        if client is not None:
+            self._check_grant(client, REFRESH_TOKEN)
         requested = parse_scope(scope)
         # Fail before spending the token if nothing could sign its successor's pair.
         self.keys.signing_key()
@@ -222,14 +233,26 @@ class AuthService:
             lifetimes=self.policy.lifetimes,
             now=now,
             requested_scope=frozenset(requested) if requested else None,
+            client_id=client.client_id if client is not None else None,
         )
         if isinstance(outcome, Refused):
             if outcome.reason is Refusal.INVALID_SCOPE:
                 raise InvalidScopeError(outcome.reason.description)
             raise InvalidGrantError(outcome.reason.description)
+        if client is None:
+            client = await self._client_of(outcome)
         granted = outcome.granted_scope.split()
         effective = [s for s in (requested or granted) if s in self._allowed_scopes(client)]
         return self._token_response(outcome, " ".join(effective), client, now)
+
+    async def _client_of(self, issued: Issued) -> Client:
+        """The (public) client a token was issued to: its audience and scopes shape the
+        new access token. The built-in client, the seed's, costs no query."""
+        if issued.client_id == BUILTIN_CLIENT.client_id:
+            return BUILTIN_CLIENT
+        client = await self.store.get_client(issued.client_id)
+        # The rotation just checked it is registered; removed meanwhile, it gets defaults.
+        return client or replace(BUILTIN_CLIENT, client_id=issued.client_id)
 
     async def revoke(self, ctx: RequestContext, *, token: str) -> None:
         """RFC 7009: revoke a refresh token's family; unknown tokens are silently fine."""

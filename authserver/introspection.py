@@ -4,17 +4,20 @@ A resource server that must see a logout or a reuse detection at once asks here
 instead of (or besides) verifying tokens itself. An access token is active
 while it verifies, has not expired, and its session (`sid`, the refresh family)
 has not been revoked; a client's own token (no `sid`) while its client is
-registered and enabled. Anything else is `{"active": false}` and nothing more,
-never a hint why (RFC 7662 §2.2).
+registered and enabled. A refresh token is active while it could still be
+exchanged (the rotation's own rule, `store/rotation.py`). Anything else is
+`{"active": false}` and nothing more, never a hint why (RFC 7662 §2.2).
 https://www.rfc-editor.org/rfc/rfc7662
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from authserver.clients import ClientService
 from authserver.errors import InvalidTokenError
+from authserver.refresh import MAX_REFRESH_TOKEN_LENGTH, digest
 from authserver.store.protocol import Store
 from authserver.tokens import AccessTokenVerifier
 
@@ -31,11 +34,11 @@ class Introspector:
         self.clients = clients
 
     async def introspect(self, token: str) -> dict[str, Any]:
-        """The RFC 7662 §2.2 answer for `token`."""
+        """The RFC 7662 §2.2 answer for `token`, an access or a refresh token."""
         try:
             claims = self.verifier.verify(token)
         except InvalidTokenError:
-            return INACTIVE
+            return await self._refresh_token(token)
         sid = claims.raw.get("sid")
         if isinstance(sid, str):
             if not await self.store.session_live(sid):
@@ -60,3 +63,21 @@ class Introspector:
             answer["username"] = claims.sub
             answer["sid"] = sid
         return answer
+
+    async def _refresh_token(self, token: str) -> dict[str, Any]:
+        if not token or len(token) > MAX_REFRESH_TOKEN_LENGTH:
+            return INACTIVE
+        rec = await self.store.find_refresh(digest(token), now=time.time())
+        if rec is None or rec.status != "active" or rec.refusal is not None:
+            return INACTIVE
+        return {
+            "active": True,
+            "token_type": "refresh_token",
+            "scope": rec.scope,
+            "client_id": rec.client_id,
+            "username": rec.username,
+            "sub": rec.username,
+            "exp": int(rec.expires_at),
+            "iat": int(rec.created_at),
+            "sid": rec.family_id,
+        }

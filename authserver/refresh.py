@@ -70,6 +70,7 @@ class Refusal(StrEnum):
 
     UNKNOWN = "unknown"
     MALFORMED = "malformed"
+    WRONG_CLIENT = "wrong_client"
     REVOKED = "revoked"
     REUSE = "reuse"
     EXPIRED = "expired"
@@ -85,6 +86,8 @@ class Refusal(StrEnum):
 _DESCRIPTIONS = {
     Refusal.UNKNOWN: "The refresh token is invalid.",
     Refusal.MALFORMED: "The refresh token is invalid.",
+    # RFC 6749 §6: only the client it was issued to may use it; the token is not spent.
+    Refusal.WRONG_CLIENT: "The refresh token was issued to another client.",
     Refusal.REVOKED: "The refresh token has been revoked.",
     Refusal.REUSE: "The refresh token was already used; the session has been revoked.",
     Refusal.EXPIRED: "The refresh token has expired.",
@@ -168,17 +171,18 @@ class _Rotation:
     lifetimes: Lifetimes
     now: float
     requested_scope: frozenset[str] | None
+    client_id: str | None
     new_token: str
     new_hash: str
     events: list[AuditEvent] = field(default_factory=list)
 
     async def decide(self, tx: RefreshTransaction, token_hash: str) -> Issued | Refused:
         self.events.clear()  # a retried transaction starts over
-        rec = await tx.get_refresh(token_hash, now=self.now)
+        rec = await tx.get_refresh(token_hash, now=self.now, client_id=self.client_id)
         if rec is None:
             return Refused(Refusal.UNKNOWN)
-        # Revoked, disabled, too old or idle too long: decided by the store, in the
-        # same SQL the fast path filters on.
+        # Another client's, revoked, disabled, too old or idle too long: decided by the
+        # store, in the same SQL the fast path filters on.
         if rec.refusal is not None:
             return Refused(Refusal(rec.refusal), rec.username, rec.family_id)
         if rec.status == "active":
@@ -251,9 +255,14 @@ async def rotate(
     lifetimes: Lifetimes,
     now: float,
     requested_scope: frozenset[str] | None = None,
+    client_id: str | None,
     fast_path: bool = True,
 ) -> Issued | Refused:
     """Exchange a refresh token for its successor, detecting reuse.
+
+    `client_id` is the authenticated client's, which must be the one the token was
+    issued to; None where the request names no client (the seed's /refresh), which
+    only a public client's token allows.
 
     Returns `Refused` (after committing any revocation it caused) rather than
     raising, so that a reuse detection is never rolled back with the error.
@@ -272,13 +281,16 @@ async def rotate(
             now=now,
             refresh_ttl=lifetimes.refresh_ttl,
             event=event,
+            client_id=client_id,
         )
         if done is not None:
             auditor.emit(
                 replace(event, username=done.username, details={"family_id": done.family_id})
             )
             return Issued(new_token, done.family_id, done.username, done.scope, done.client_id)
-    rotation = _Rotation(auditor, ctx, lifetimes, now, requested_scope, new_token, new_hash)
+    rotation = _Rotation(
+        auditor, ctx, lifetimes, now, requested_scope, client_id, new_token, new_hash
+    )
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
     for event in rotation.events:
         auditor.emit(event)  # after the commit: a rolled-back attempt logs nothing
@@ -300,7 +312,7 @@ async def _within_grace(
         return False
     if now >= rec.spent_at + lifetimes.reuse_grace:
         return False
-    successor = await tx.get_refresh(rec.successor_hash, now=now)
+    successor = await tx.get_refresh(rec.successor_hash, now=now, client_id=None)
     # Only the immediately previous token: its successor must still be unused.
     return successor is not None and successor.status == "active"
 
@@ -316,7 +328,7 @@ async def revoke_family(
 
     async def work(tx: RefreshTransaction) -> bool:
         revoked.clear()
-        rec = await tx.get_refresh(token_hash, now=now)
+        rec = await tx.get_refresh(token_hash, now=now, client_id=None)
         if rec is None:
             return False
         if await tx.revoke_family(rec.family_id, at=now, reason=event):

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwk, jwt
 
+from authserver.audit import RequestContext
 from authserver.tokens import ASSERTION_TYPE
 from tests.helpers.app import Running, StartApp
 from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
@@ -199,8 +200,6 @@ async def test_a_rotated_secret_works_for_its_grace_period(app: Running) -> None
     _, old = await make_client(app.store, "svc")
     assert old is not None
     clients = app.app.state.services.clients
-    from authserver.audit import RequestContext
-
     new = await clients.rotate_secret(RequestContext(), "svc", grace=60)
     for secret in (old, new):
         r = await app.client.post("/token", data=CC, headers=basic("svc", secret))
@@ -360,3 +359,68 @@ def test_a_disabled_or_removed_client_stops_on_every_process_at_once(
         assert statuses(servers) == [401, 401]
         for server in servers:
             assert server_errors(server.log()) == []
+
+
+async def _password_login(app: Running, **auth: Any) -> dict[str, Any]:
+    form = {"grant_type": "password", "username": "alice", "password": DEFAULT_PASSWORD}
+    r = await app.client.post(
+        "/token", data={**form, **auth.get("data", {})}, headers=auth.get("headers", {})
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def test_a_refresh_token_is_bound_to_its_client(app: Running) -> None:
+    await make_user(app.store, "alice")
+    await make_client(app.store, "app", public=True)
+    await make_client(app.store, "other", public=True)
+    token = (await _password_login(app, data={"client_id": "app"}))["refresh_token"]
+    refresh = {"grant_type": "refresh_token", "refresh_token": token}
+    for other in ({"client_id": "other"}, {}):  # another client; no client (the built-in one)
+        r = await app.client.post("/token", data={**refresh, **other})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "invalid_grant"
+    # Not spent by those: its own client still exchanges it, once.
+    r = await app.client.post("/token", data={**refresh, "client_id": "app"})
+    assert r.status_code == 200, r.text
+    _, claims = jwt_parts(r.json()["access_token"])
+    assert claims["client_id"] == "app"
+    # The seed's /refresh names no client: fine for a public client's token.
+    r = await app.client.post("/refresh", json={"refresh_token": r.json()["refresh_token"]})
+    assert r.status_code == 200, r.text
+    assert jwt_parts(r.json()["access_token"])[1]["client_id"] == "app"
+
+
+async def test_a_confidential_clients_refresh_token_needs_its_credentials(app: Running) -> None:
+    await make_user(app.store, "alice")
+    _, secret = await make_client(app.store, "portal", grants=("password", "refresh_token"))
+    assert secret is not None
+    tokens = await _password_login(app, headers=basic("portal", secret))
+    refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+    r = await app.client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_grant"
+    r = await app.client.post("/token", data=refresh)
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_grant"
+    r = await app.client.post("/token", data=refresh, headers=basic("portal", secret))
+    assert r.status_code == 200, r.text
+
+
+async def test_a_disabled_clients_refresh_tokens_are_refused(app: Running) -> None:
+    await make_user(app.store, "alice")
+    await make_client(app.store, "app", public=True)
+    token = (await _password_login(app, data={"client_id": "app"}))["refresh_token"]
+    clients = app.app.state.services.clients
+    await clients.set_disabled(RequestContext(), "app", True)
+    r = await app.client.post("/refresh", json={"refresh_token": token})
+    assert r.status_code == 401
+    r = await app.client.post(
+        "/token", data={"grant_type": "refresh_token", "refresh_token": token, "client_id": "app"}
+    )
+    assert r.status_code == 401  # the client itself no longer authenticates
+    assert r.json()["error"] == "invalid_client"
+    await clients.set_disabled(RequestContext(), "app", False)
+    r = await app.client.post("/refresh", json={"refresh_token": token})
+    assert r.status_code == 200, r.text

@@ -11,6 +11,7 @@ import pytest
 from authserver.audit import RequestContext
 from tests.helpers.app import Running, StartApp
 from tests.helpers.factories import make_client, make_user
+from tests.helpers.tokens import jwt_parts
 
 ACCESS_FIELDS = {
     "active",
@@ -156,3 +157,26 @@ async def test_metadata_lists_the_endpoint(app: Running) -> None:
     assert meta["introspection_endpoint"] == "http://testserver/introspect"
     assert "none" not in meta["introspection_endpoint_auth_methods_supported"]
     assert "private_key_jwt" in meta["introspection_endpoint_auth_methods_supported"]
+
+
+async def test_a_refresh_token_is_active_while_it_can_be_exchanged(
+    app: Running, introspect: Introspect
+) -> None:
+    tokens = await app.login()
+    body = (await introspect(tokens["refresh_token"], token_type_hint="refresh_token")).json()
+    assert body["active"] is True
+    assert body["token_type"] == "refresh_token"
+    assert body["username"] == body["sub"] == "alice"
+    assert body["client_id"] == "authserver"
+    assert body["scope"] == "read write"
+    assert body["exp"] > body["iat"]
+    _, claims = jwt_parts(tokens["access_token"])
+    assert body["sid"] == claims["sid"]
+    assert "jti" not in body
+    # Rotated: the old one is spent, the new one active.
+    r = await app.client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
+    new = r.json()["refresh_token"]
+    assert (await introspect(tokens["refresh_token"])).json() == {"active": False}
+    assert (await introspect(new)).json()["active"] is True
+    await app.client.post("/logout", json={"refresh_token": new})
+    assert (await introspect(new)).json() == {"active": False}

@@ -33,10 +33,16 @@ from authserver.refresh import (
     start_family,
 )
 from authserver.store.protocol import Rotated
-from authserver.store.schema import audit_events, refresh_families, refresh_tokens, users
+from authserver.store.schema import (
+    audit_events,
+    clients,
+    refresh_families,
+    refresh_tokens,
+    users,
+)
 from authserver.store.sql import SqlStore
 from tests.helpers.app import StartApp
-from tests.helpers.factories import make_user
+from tests.helpers.factories import make_client, make_user
 
 CTX = RequestContext(client_addr="203.0.113.7", request_id="rotation-request")
 GRANTED = "read write"
@@ -61,6 +67,8 @@ class World:
     store: SqlStore
     lifetimes: Lifetimes
     clock: Clock
+    client: str | None  # the client presenting the token (None: the request names none)
+    issued_to: str  # the client of every family it logs in
     tokens: list[str] = field(default_factory=list)  # in the order they were issued
     families: list[str] = field(default_factory=list)
     user_ids: dict[int, str] = field(default_factory=dict)
@@ -78,7 +86,7 @@ class World:
             CTX,
             user=user,
             scope=GRANTED,
-            client_id="app",
+            client_id=self.issued_to,
             lifetimes=self.lifetimes,
             now=self.clock.now,
         )
@@ -87,7 +95,10 @@ class World:
         self.tokens.append(issued.refresh_token)
         return issued.refresh_token
 
-    async def rotate(self, token: str, *, fast_path: bool = True, **kw: Any) -> Issued | Refused:
+    async def rotate(
+        self, token: str, *, fast_path: bool = True, owner: bool = False, **kw: Any
+    ) -> Issued | Refused:
+        """Present `token` as the case's client, or (`owner`) as the one it was issued to."""
         outcome = await rotate(
             self.store,
             self.auditor,
@@ -96,6 +107,7 @@ class World:
             lifetimes=self.lifetimes,
             now=self.clock.now,
             fast_path=fast_path,
+            client_id=self.issued_to if owner else self.client,
             **kw,
         )
         if isinstance(outcome, Issued):
@@ -103,7 +115,7 @@ class World:
         return outcome
 
     async def rotated(self, token: str) -> str:
-        outcome = await self.rotate(token)
+        outcome = await self.rotate(token, owner=True)
         assert isinstance(outcome, Issued), outcome
         return outcome.refresh_token
 
@@ -181,6 +193,9 @@ class Case:
     scope: frozenset[str] | None = None  # the scope the exchange asks for
     one_step: bool = False  # the store's one step takes this state
     successor_expires_in: float | None = None  # after the exchange, when one is issued
+    client: str | None = "app"  # the client presenting the token; None: none is named
+    issued_to: str = "app"  # the client the token's family was issued to
+    registered: tuple[tuple[str, bool, bool], ...] = ()  # (id, public, disabled) clients
 
 
 async def plain(world: World) -> str:
@@ -308,19 +323,48 @@ CASES = {
     "session max age reached, token unexpired": Case(session_over_only, Refusal.SESSION_EXPIRED),
     "disabled user": Case(disabled_user, Refusal.USER_DISABLED),
     "unknown token": Case(unknown, Refusal.UNKNOWN),
+    "another client": Case(plain, Refusal.WRONG_CLIENT, client="other"),
+    "another client, a spent token: no reuse detection": Case(
+        lambda w: spent_then(w, 1), Refusal.WRONG_CLIENT, client="other"
+    ),
+    "another client, the token of a disabled user": Case(
+        disabled_user, Refusal.WRONG_CLIENT, client="other"
+    ),
+    "no client named, the built-in client's token": Case(
+        plain, None, one_step=True, successor_expires_in=TTL, client=None, issued_to="authserver"
+    ),
+    "no client named, a public client's token": Case(
+        plain,
+        None,
+        one_step=True,
+        successor_expires_in=TTL,
+        client=None,
+        registered=(("app", True, False),),
+    ),
+    "no client named, a confidential client's token": Case(
+        plain, Refusal.WRONG_CLIENT, client=None, registered=(("app", False, False),)
+    ),
+    "no client named, a disabled public client's token": Case(
+        plain, Refusal.WRONG_CLIENT, client=None, registered=(("app", True, True),)
+    ),
+    "no client named, an unregistered client's token": Case(
+        plain, Refusal.WRONG_CLIENT, client=None
+    ),
     "malformed token": Case(malformed, Refusal.MALFORMED),
 }
 
 
 async def _empty(store: SqlStore) -> None:
     async with store.engine.begin() as conn:
-        for table in (audit_events, refresh_tokens, refresh_families, users):
+        for table in (audit_events, refresh_tokens, refresh_families, users, clients):
             await conn.execute(table.delete())
 
 
 async def _arrange(store: SqlStore, case: Case, t0: float) -> tuple[World, str]:
     await _empty(store)
-    world = World(store, case.lifetimes, Clock(t0))
+    world = World(store, case.lifetimes, Clock(t0), case.client, case.issued_to)
+    for client_id, public, disabled in case.registered:
+        await make_client(store, client_id, public=public, disabled=disabled)
     user = await make_user(store, "alice")
     world.user_ids[user.id] = "alice"
     return world, await case.arrange(world)
@@ -399,6 +443,7 @@ async def _one_step(
         now=world.clock.now,
         refresh_ttl=world.lifetimes.refresh_ttl,
         event=world.auditor.build(audit.REFRESHED, CTX),
+        client_id=case.client,
     )
     if not case.one_step:
         assert done is None

@@ -48,10 +48,12 @@ async def test_deadlock_is_retried(store: SqlStore) -> None:
     def crossing(first: str, second: str) -> Callable[[RefreshTransaction], Awaitable[str]]:
         async def work(tx: RefreshTransaction) -> str:
             attempts[first] += 1
-            assert await tx.get_refresh(first, now=now) is not None  # SELECT ... FOR UPDATE
+            assert (
+                await tx.get_refresh(first, now=now, client_id=None) is not None
+            )  # SELECT ... FOR UPDATE
             locked[first].set()
             await locked[second].wait()
-            assert await tx.get_refresh(second, now=now) is not None
+            assert await tx.get_refresh(second, now=now, client_id=None) is not None
             return first
 
         return work

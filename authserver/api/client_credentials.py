@@ -1,9 +1,10 @@
 """How a request says which client it is: HTTP Basic, form fields, or an assertion.
 
-One function, `credentials_of`, for every endpoint that authenticates clients
-(/token, /revoke, /introspect); `clients.ClientAuthenticator` then checks what
-it found. RFC 6749 §2.3.1 (Basic and the form's client_secret), RFC 7523 §2.2
-(client_assertion), and §2.3: a client uses one method per request.
+One function, `client_of`, for every endpoint that authenticates clients
+(/token, /revoke, /introspect): `credentials_of` reads what the request presents,
+and `clients.ClientAuthenticator` checks it. RFC 6749 §2.3.1 (Basic and the
+form's client_secret), RFC 7523 §2.2 (client_assertion), and §2.3: a client
+uses one method per request.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from urllib.parse import unquote
 
 from starlette.requests import Request
 
+from authserver.api.deps import services_of
+from authserver.audit import RequestContext
 from authserver.clients import ClientCredentials, is_client_id
 from authserver.errors import InvalidClientError, InvalidRequestError
+from authserver.store.protocol import Client
 from authserver.tokens import ASSERTION_TYPE
 
 
@@ -58,4 +62,14 @@ def credentials_of(request: Request, form: Mapping[str, str]) -> ClientCredentia
         secret=basic_secret or form_secret or None,
         assertion=assertion or None,
         basic=bool(basic_secret),
+    )
+
+
+async def client_of(
+    request: Request, form: Mapping[str, str], ctx: RequestContext, *, endpoint: str
+) -> Client:
+    """The client a request to `endpoint` authenticates as (the built-in one if it names
+    none); 401 `invalid_client` if it cannot."""
+    return await services_of(request).client_auth.authenticate(
+        ctx, credentials_of(request, form), endpoint=endpoint
     )

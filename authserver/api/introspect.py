@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from authserver.api.client_credentials import credentials_of
+from authserver.api.client_credentials import client_of
 from authserver.api.deps import request_context, services_of
 from authserver.api.parsing import read_form
 from authserver.api.schemas import body_schema, errors
@@ -45,9 +45,7 @@ class IntrospectionResponse(BaseModel):
 async def introspect(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
-    client = await services.client_auth.authenticate(
-        ctx, credentials_of(request, form), endpoint="/introspect"
-    )
+    client = await client_of(request, form, ctx, endpoint="/introspect")
     if client.public:
         # RFC 7662 §2.1: the endpoint is for the resource servers an operator registered.
         raise InvalidClientError("Introspection is for confidential clients.")

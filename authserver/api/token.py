@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from authserver.api.client_credentials import credentials_of
+from authserver.api.client_credentials import client_of
 from authserver.api.deps import request_context, services_of
 from authserver.api.parsing import read_form, read_json_or_form
 from authserver.api.schemas import (
@@ -21,7 +21,6 @@ from authserver.api.schemas import (
 )
 from authserver.audit import RequestContext
 from authserver.clients import (
-    BUILTIN_CLIENT,
     CLIENT_CREDENTIALS,
     PASSWORD,
     REFRESH_TOKEN,
@@ -135,7 +134,7 @@ async def refresh(request: Request) -> JSON:
     body = await read_json_or_form(request, RefreshRequest)
     try:
         tokens = await services.auth.refresh_grant(
-            ctx, refresh_token=body.refresh_token, scope=body.scope, client=BUILTIN_CLIENT
+            ctx, refresh_token=body.refresh_token, scope=body.scope, client=None
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -147,14 +146,12 @@ async def refresh(request: Request) -> JSON:
     response_model=TokenResponse,
     responses=errors(400, 401, 429, 503),
     openapi_extra=body_schema(TokenForm, json=False, form=True),
-    summary="RFC 6749 token endpoint (password and refresh_token grants)",
+    summary="RFC 6749 token endpoint (password, refresh_token and client_credentials grants)",
 )
 async def token(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
-    client = await services.client_auth.authenticate(
-        ctx, credentials_of(request, form), endpoint="/token"
-    )
+    client = await client_of(request, form, ctx, endpoint="/token")
     return token_response(await token_request(services.auth, ctx, form, client=client))
 
 
@@ -170,7 +167,7 @@ async def revoke(request: Request) -> Response:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
     # RFC 7009 §2.1: the client authenticates as at /token.
-    await services.client_auth.authenticate(ctx, credentials_of(request, form), endpoint="/revoke")
+    await client_of(request, form, ctx, endpoint="/revoke")
     token = form.get("token")
     if not token:
         raise InvalidRequestError("The 'token' parameter is missing.")

@@ -50,6 +50,7 @@ class Exchange:
     now: float
     refresh_ttl: int
     event: AuditEvent
+    client_id: str | None  # the requesting client; None: any public one (see rotation.py)
 
 
 # -- the statements, built from the schema and the shared rules ------------------
@@ -102,7 +103,9 @@ def _pg_rotate() -> sa.Select[Any]:
     now = sa.bindparam("b_at", type_=Time)
     spent = (
         rotation.SPEND.where(
-            _t.family_id == _f.id, _f.user_id == _u.id, rotation.refusal(now).is_(None)
+            _t.family_id == _f.id,
+            _f.user_id == _u.id,
+            rotation.refusal(now, rotation.CLIENT).is_(None),
         )
         .returning(_t.token_hash, _t.family_id, _t.scope, _f.client_id, _u.username)
         .cte("spent")
@@ -176,6 +179,7 @@ class PgRotator:
             b_successor=exchange.successor_hash,
             b_at=exchange.now,
             b_ttl=exchange.refresh_ttl,
+            b_client=exchange.client_id,
             **_event_values(exchange),
         )
         async with pool.acquire(timeout=self._wait) as conn:
@@ -203,7 +207,7 @@ _SQLITE_FIND = _compile(
     .where(
         _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
         _t.status == "active",
-        rotation.refusal(sa.bindparam("b_now", type_=Time)).is_(None),
+        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT).is_(None),
     ),
     _sqlite,
 )
@@ -233,7 +237,8 @@ def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | Non
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = conn.execute(
-            _SQLITE_FIND.sql, _SQLITE_FIND.args(b_hash=token_hash, b_now=now)
+            _SQLITE_FIND.sql,
+            _SQLITE_FIND.args(b_hash=token_hash, b_now=now, b_client=exchange.client_id),
         ).fetchone()
         if found is None:
             conn.execute("ROLLBACK")

@@ -10,7 +10,7 @@ T = TypeVar("T")
 
 TokenStatus = Literal["active", "spent", "revoked"]
 # Why a stored token cannot be exchanged, whatever the request (`rotation.refusal`).
-TokenRefusal = Literal["revoked", "user_disabled", "session_expired", "expired"]
+TokenRefusal = Literal["wrong_client", "revoked", "user_disabled", "session_expired", "expired"]
 
 
 class StoreError(Exception):
@@ -110,9 +110,12 @@ class AuditEvent:
 class RefreshTransaction(Protocol):
     """The refresh-token operations that must run together in one transaction."""
 
-    async def get_refresh(self, token_hash: str, *, now: float) -> RefreshRecord | None:
+    async def get_refresh(
+        self, token_hash: str, *, now: float, client_id: str | None
+    ) -> RefreshRecord | None:
         """Read a token and lock it against concurrent writers until commit; its
-        `refusal` is the one it has at `now`."""
+        `refusal` is the one it has at `now` for the client `client_id` (None: a request
+        that names no client, which only a public client's token allows)."""
 
     async def get_user(self, username: str) -> User | None: ...
 
@@ -193,6 +196,7 @@ class Store(Protocol):
         now: float,
         refresh_ttl: int,
         event: AuditEvent,
+        client_id: str | None,
     ) -> Rotated | None:
         """The common exchange as one atomic step, where the backend has one.
 
@@ -241,6 +245,10 @@ class Store(Protocol):
     async def get_client(self, client_id: str) -> Client | None: ...
 
     async def list_clients(self) -> Sequence[Client]: ...
+
+    async def find_refresh(self, token_hash: str, *, now: float) -> RefreshRecord | None:
+        """Read a token without locking it; its `refusal` as for the client it was issued
+        to (for introspection)."""
 
     async def session_live(self, family_id: str) -> bool:
         """Whether the session (refresh family) exists and has not been revoked."""

@@ -8,11 +8,20 @@ alone, and the two paths cannot drift apart.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
-from authserver.store.schema import Time, refresh_families, refresh_tokens, users
+from authserver.store.schema import (
+    BUILTIN_CLIENT_ID,
+    Time,
+    clients,
+    refresh_families,
+    refresh_tokens,
+    users,
+)
 
-_t, _f, _u = refresh_tokens.c, refresh_families.c, users.c
+_t, _f, _u, _c = refresh_tokens.c, refresh_families.c, users.c, clients.c
 
 # A token with its family and its user: what every rule below reads.
 TOKEN_FAMILY_USER = refresh_tokens.join(refresh_families, _f.id == _t.family_id).join(
@@ -20,14 +29,31 @@ TOKEN_FAMILY_USER = refresh_tokens.join(refresh_families, _f.id == _t.family_id)
 )
 
 
-def refusal(now: sa.ColumnElement[float]) -> sa.ColumnElement[str | None]:
-    """Why the token (over `TOKEN_FAMILY_USER`) cannot be exchanged at `now`, whatever
-    the request: one of `protocol.TokenRefusal`, in this order of precedence.
+def _client_may_present(client: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """RFC 6749 §6: only the client a token was issued to may exchange it. `client` is
+    the authenticated client's id, or NULL where a request names none (the seed's
+    /refresh), which any public client may send: the built-in one, or a registered,
+    enabled public client."""
+    public = sa.exists().where(_c.client_id == _f.client_id, _c.public, sa.not_(_c.disabled))
+    return sa.or_(
+        sa.and_(client.is_not(None), _f.client_id == client),
+        sa.and_(client.is_(None), sa.or_(_f.client_id == BUILTIN_CLIENT_ID, public)),
+    )
+
+
+def refusal(
+    now: sa.ColumnElement[float], client: sa.ColumnElement[Any]
+) -> sa.ColumnElement[str | None]:
+    """Why the token (over `TOKEN_FAMILY_USER`) cannot be exchanged at `now` by `client`
+    (see `_client_may_present`): one of `protocol.TokenRefusal`, in this order of
+    precedence. Another client's request comes first: it learns nothing of the token,
+    and spends and revokes nothing.
 
     NULL for an active token that can, and for a spent one, whose fate (the grace
     window or reuse detection, RFC 6819 §5.2.2.3) depends on more than its own row.
     """
     return sa.case(
+        (sa.not_(_client_may_present(client)), "wrong_client"),
         (_f.revoked_at.is_not(None), "revoked"),
         (_u.disabled, "user_disabled"),
         (_f.expires_at <= now, "session_expired"),  # the session's maximum age
@@ -36,6 +62,9 @@ def refusal(now: sa.ColumnElement[float]) -> sa.ColumnElement[str | None]:
         else_=sa.null(),
     )
 
+
+# The requesting client: see `_client_may_present`.
+CLIENT = sa.bindparam("b_client", type_=sa.String)
 
 # Compare-and-set: spend the token only if it is still in the `b_expected` state, so of
 # concurrent exchanges of one token exactly one wins.

@@ -102,6 +102,10 @@ audit_events = sa.Table(
     sa.Index("ix_audit_events_event_at", "event", "at"),
 )
 
+# The built-in public client: never stored, it always exists (`clients.py`), and it is
+# the client of every request that names none.
+BUILTIN_CLIENT_ID = "authserver"
+
 # The client registry (RFC 6749 §2). A confidential client's secret is stored as a
 # SHA-256 digest only: it is 256 random bits, which no dictionary reaches, so a fast
 # digest is as good as a slow hash and costs microseconds to check.

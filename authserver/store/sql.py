@@ -316,11 +316,25 @@ _GET_REFRESH = (
         refresh_families.c.client_id,
         refresh_families.c.user_id,
         users.c.username,
-        rotation.refusal(sa.bindparam("b_now", type_=Time)).label("refusal"),
+        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT).label("refusal"),
     )
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
     .with_for_update(of=refresh_tokens)
+)
+# The same row as `_GET_REFRESH`, unlocked, and refused (or not) as for its own client.
+_FIND_REFRESH = (
+    sa.select(
+        refresh_tokens,
+        refresh_families.c.client_id,
+        refresh_families.c.user_id,
+        users.c.username,
+        rotation.refusal(sa.bindparam("b_now", type_=Time), refresh_families.c.client_id).label(
+            "refusal"
+        ),
+    )
+    .select_from(rotation.TOKEN_FAMILY_USER)
+    .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
 )
 _PING = sa.select(users.c.id).limit(1)
 _GET_USER = sa.select(users).where(users.c.username == sa.bindparam("b_username"))
@@ -354,8 +368,11 @@ class SqlTransaction:
     def __init__(self, conn: Executor) -> None:
         self._conn = conn
 
-    async def get_refresh(self, token_hash: str, *, now: float) -> RefreshRecord | None:
-        row = (await self._conn.execute(_GET_REFRESH, {"b_hash": token_hash, "b_now": now})).first()
+    async def get_refresh(
+        self, token_hash: str, *, now: float, client_id: str | None
+    ) -> RefreshRecord | None:
+        params = {"b_hash": token_hash, "b_now": now, "b_client": client_id}
+        row = (await self._conn.execute(_GET_REFRESH, params)).first()
         return _record(row) if row is not None else None
 
     async def get_user(self, username: str) -> User | None:
@@ -683,8 +700,9 @@ class SqlStore:
         now: float,
         refresh_ttl: int,
         event: AuditEvent,
+        client_id: str | None,
     ) -> Rotated | None:
-        exchange = Exchange(token_hash, successor_hash, now, refresh_ttl, event)
+        exchange = Exchange(token_hash, successor_hash, now, refresh_ttl, event, client_id)
         rotator, write_lock = self._rotator, self._write_lock
         if rotator is not None:
             return await self._retrying(lambda: rotator.rotate(exchange))
@@ -866,6 +884,11 @@ class SqlStore:
         async with self._read() as conn:
             rows = (await conn.execute(sa.select(clients).order_by(clients.c.client_id))).all()
         return [_client(row) for row in rows]
+
+    async def find_refresh(self, token_hash: str, *, now: float) -> RefreshRecord | None:
+        async with self._read() as conn:
+            row = (await conn.execute(_FIND_REFRESH, {"b_hash": token_hash, "b_now": now})).first()
+        return _record(row) if row is not None else None
 
     async def session_live(self, family_id: str) -> bool:
         async with self._read() as conn:
