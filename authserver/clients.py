@@ -31,7 +31,7 @@ from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, public_key_of
 from authserver.store.protocol import AuditEvent, Client, Conflict, RefreshTransaction, Store
 from authserver.store.schema import BUILTIN_CLIENT_ID as BUILTIN_CLIENT_ID
 from authserver.throttle import LoginThrottle
-from authserver.tokens import VerificationKey, prepare_key, verify_assertion
+from authserver.tokens import MAX_TOKEN_LENGTH, VerificationKey, prepare_key, verify_assertion
 
 PASSWORD = "password"
 REFRESH_TOKEN = "refresh_token"
@@ -388,10 +388,12 @@ _REFUSED = "Client authentication failed."
 def _assertion_subject(assertion: str) -> str | None:
     """The `sub` an assertion claims, read before its signature is checked: only to find
     whose keys check it."""
+    if len(assertion) > MAX_TOKEN_LENGTH:
+        return None
     try:
         payload = assertion.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+    except (IndexError, ValueError, RecursionError):
         return None
     sub = claims.get("sub") if isinstance(claims, dict) else None
     return sub if isinstance(sub, str) else None
@@ -504,4 +506,6 @@ class ClientAuthenticator:
         if isinstance(nbf, (int, float)) and nbf > now + _CLOCK_SKEW:
             return False
         key = "jwt:" + hashlib.sha256(f"{client.client_id}\0{jti}".encode()).hexdigest()
-        return await self.clients.store.use_jti(key, expires_at=float(exp), now=now)
+        # Kept for as long as the assertion would still be accepted (`exp` plus the skew).
+        expires_at = float(exp) + _CLOCK_SKEW
+        return await self.clients.store.use_jti(key, expires_at=expires_at, now=now)

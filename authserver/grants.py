@@ -254,13 +254,23 @@ class AuthService:
         # The rotation just checked it is registered; removed meanwhile, it gets defaults.
         return client or replace(BUILTIN_CLIENT, client_id=issued.client_id)
 
-    async def revoke(self, ctx: RequestContext, *, token: str) -> None:
-        """RFC 7009: revoke a refresh token's family; unknown tokens are silently fine."""
+    async def revoke(self, ctx: RequestContext, *, token: str, client: Client | None) -> None:
+        """RFC 7009: revoke a refresh token's family, if it was issued to `client` (None:
+        a request naming none, for public clients' tokens); anything else is silently
+        fine (§2.2: the answer does not say)."""
         await revoke_family(
-            self.store, self.auditor, ctx, token=token, now=self.clock(), event=audit.REVOKED
+            self.store,
+            self.auditor,
+            ctx,
+            token=token,
+            now=self.clock(),
+            event=audit.REVOKED,
+            client_id=client.client_id if client is not None else None,
         )
 
-    async def logout(self, ctx: RequestContext, *, refresh_token: str) -> None:
+    async def logout(
+        self, ctx: RequestContext, *, refresh_token: str, client: Client | None
+    ) -> None:
         if not refresh_token:
             raise InvalidRequestError("The refresh_token is missing.")
         await revoke_family(
@@ -270,6 +280,7 @@ class AuthService:
             token=refresh_token,
             now=self.clock(),
             event=audit.LOGGED_OUT,
+            client_id=client.client_id if client is not None else None,
         )
 
 

@@ -71,6 +71,7 @@ class Refusal(StrEnum):
     UNKNOWN = "unknown"
     MALFORMED = "malformed"
     WRONG_CLIENT = "wrong_client"
+    CLIENT_DISABLED = "client_disabled"
     REVOKED = "revoked"
     REUSE = "reuse"
     EXPIRED = "expired"
@@ -88,6 +89,7 @@ _DESCRIPTIONS = {
     Refusal.MALFORMED: "The refresh token is invalid.",
     # RFC 6749 §6: only the client it was issued to may use it; the token is not spent.
     Refusal.WRONG_CLIENT: "The refresh token was issued to another client.",
+    Refusal.CLIENT_DISABLED: "The refresh token has been revoked.",
     Refusal.REVOKED: "The refresh token has been revoked.",
     Refusal.REUSE: "The refresh token was already used; the session has been revoked.",
     Refusal.EXPIRED: "The refresh token has expired.",
@@ -318,9 +320,18 @@ async def _within_grace(
 
 
 async def revoke_family(
-    store: Store, auditor: Auditor, ctx: RequestContext, *, token: str, now: float, event: str
+    store: Store,
+    auditor: Auditor,
+    ctx: RequestContext,
+    *,
+    token: str,
+    now: float,
+    event: str,
+    client_id: str | None,
 ) -> bool:
-    """Revoke the family of a refresh token; False if the token is unknown."""
+    """Revoke the family of a refresh token; False if the token is unknown, or was issued
+    to another client than `client_id` (None: any public client, as at /refresh): RFC
+    7009 §2.1 lets only its own client revoke a token."""
     if not token or len(token) > MAX_REFRESH_TOKEN_LENGTH:
         return False
     token_hash = digest(token)
@@ -328,8 +339,8 @@ async def revoke_family(
 
     async def work(tx: RefreshTransaction) -> bool:
         revoked.clear()
-        rec = await tx.get_refresh(token_hash, now=now, client_id=None)
-        if rec is None:
+        rec = await tx.get_refresh(token_hash, now=now, client_id=client_id)
+        if rec is None or rec.refusal == "wrong_client":
             return False
         if await tx.revoke_family(rec.family_id, at=now, reason=event):
             built = auditor.build(event, ctx, username=rec.username, family_id=rec.family_id)

@@ -5,8 +5,9 @@ uvicorn closes a connection that stays idle *between* requests
 a request's headers: a client that trickles one byte every few seconds
 (slowloris) holds its connection, and a socket, for ever. `HeaderTimeoutProtocol`
 is uvicorn's own httptools protocol with that one timer added: from the moment
-a connection opens, or a new request on it begins, the headers must be complete
-within `header_timeout` seconds, or the connection is closed. The number of
+a connection opens, or a new request on it begins, the request (its headers and
+its body, which here is small) must be complete within `header_timeout`
+seconds, or the connection is closed. The number of
 connections a process serves at once is bounded by uvicorn's
 `limit_concurrency` (beyond it, a request is answered 503 at once).
 """
@@ -43,9 +44,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._arm_header_timer()
 
-    def on_headers_complete(self) -> None:
+    def on_message_complete(self) -> None:
+        # Headers and body both: a body trickled in byte by byte holds a connection as well.
         self._disarm_header_timer()
-        super().on_headers_complete()
+        super().on_message_complete()
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:

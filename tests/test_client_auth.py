@@ -424,3 +424,73 @@ async def test_a_disabled_clients_refresh_tokens_are_refused(app: Running) -> No
     await clients.set_disabled(RequestContext(), "app", False)
     r = await app.client.post("/refresh", json={"refresh_token": token})
     assert r.status_code == 200, r.text
+
+
+async def test_only_its_own_client_revokes_or_logs_out_a_token(app: Running) -> None:
+    await make_user(app.store, "alice")
+    _, secret = await make_client(app.store, "portal", grants=("password", "refresh_token"))
+    _, other = await make_client(app.store, "other", grants=("password",))
+    assert secret is not None and other is not None
+    token = (await _password_login(app, headers=basic("portal", secret)))["refresh_token"]
+    refresh = {"grant_type": "refresh_token", "refresh_token": token}
+    # RFC 7009 §2.1: another client, or none, revokes nothing (and is told nothing).
+    r = await app.client.post("/revoke", data={"token": token}, headers=basic("other", other))
+    assert r.status_code == 200
+    assert (await app.client.post("/revoke", data={"token": token})).status_code == 200
+    assert (await app.client.post("/logout", json={"refresh_token": token})).status_code == 204
+    r = await app.client.post("/token", data=refresh, headers=basic("portal", secret))
+    assert r.status_code == 200, "a token revoked by someone else's request"
+    token = r.json()["refresh_token"]
+    r = await app.client.post("/revoke", data={"token": token}, headers=basic("portal", secret))
+    assert r.status_code == 200
+    r = await app.client.post(
+        "/token", data={**refresh, "refresh_token": token}, headers=basic("portal", secret)
+    )
+    assert r.status_code == 400
+
+
+async def test_a_client_named_at_the_seed_endpoints_must_be_registered(app: Running) -> None:
+    await make_user(app.store, "alice")
+    await make_client(app.store, "app", public=True)
+    login = {"username": "alice", "password": DEFAULT_PASSWORD, "client_id": "app"}
+    token = (await app.client.post("/login", json=login)).json()["refresh_token"]
+    for path in ("/refresh", "/logout"):
+        r = await app.client.post(path, json={"refresh_token": token, "client_id": "nobody"})
+        assert_invalid_client(r)
+    r = await app.client.post("/refresh", json={"refresh_token": token, "client_id": "app"})
+    assert r.status_code == 200, r.text
+    new = r.json()["refresh_token"]
+    r = await app.client.post("/logout", json={"refresh_token": new, "client_id": "app"})
+    assert r.status_code == 204
+    assert (await app.client.post("/refresh", json={"refresh_token": new})).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["Basic \u00e9\u00e9\u00e9\u00e9", "Basic !!", "Basic " + "x" * 5000, "Basic bm9jb2xvbg=="],
+)
+async def test_malformed_basic_credentials_are_invalid_client(
+    app: Running, authorization: str
+) -> None:
+    r = await app.client.post(
+        "/token", data=CC, headers=[(b"authorization", authorization.encode("latin-1"))]
+    )
+    assert r.status_code == 401, r.text
+    assert r.json()["error"] == "invalid_client"
+
+
+async def test_a_deeply_nested_assertion_is_refused_not_a_crash(app: Running) -> None:
+    payload = base64.urlsafe_b64encode(b"[" * 200_000).rstrip(b"=").decode()
+    r = await app.client.post("/token", data=assertion_form(f"e30.{payload}.c2ln"))
+    assert r.status_code == 401, r.text
+    assert r.json()["error"] == "invalid_client"
+
+
+async def test_an_assertion_is_single_use_for_as_long_as_it_is_accepted(app: Running) -> None:
+    key, jwks = signing_key()
+    await make_client(app.store, "signer", jwks=jwks)
+    # Expired ten seconds ago, yet within the allowed clock skew: accepted once.
+    signed = assertion(key, "signer", exp=int(time.time()) - 10)
+    r = await app.client.post("/token", data=assertion_form(signed))
+    assert r.status_code == 200, r.text
+    assert_invalid_client(await app.client.post("/token", data=assertion_form(signed)))

@@ -180,3 +180,14 @@ async def test_a_refresh_token_is_active_while_it_can_be_exchanged(
     assert (await introspect(new)).json()["active"] is True
     await app.client.post("/logout", json={"refresh_token": new})
     assert (await introspect(new)).json() == {"active": False}
+
+
+async def test_a_disabled_clients_refresh_token_is_inactive(
+    app: Running, introspect: Introspect
+) -> None:
+    await make_client(app.store, "app", public=True)
+    login = {"username": "alice", "password": "correct horse battery", "client_id": "app"}
+    token = (await app.client.post("/login", json=login)).json()["refresh_token"]
+    assert (await introspect(token)).json()["active"] is True
+    await app.app.state.services.clients.set_disabled(RequestContext(), "app", True)
+    assert (await introspect(token)).json() == {"active": False}

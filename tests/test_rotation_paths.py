@@ -195,7 +195,8 @@ class Case:
     successor_expires_in: float | None = None  # after the exchange, when one is issued
     client: str | None = "app"  # the client presenting the token; None: none is named
     issued_to: str = "app"  # the client the token's family was issued to
-    registered: tuple[tuple[str, bool, bool], ...] = ()  # (id, public, disabled) clients
+    # The registered clients, (id, public, disabled): by default the confidential "app".
+    registered: tuple[tuple[str, bool, bool], ...] = (("app", False, False),)
 
 
 async def plain(world: World) -> str:
@@ -222,6 +223,7 @@ async def revoked_family(world: World) -> str:
         token=token,
         now=world.clock.now,
         event=audit.LOGGED_OUT,
+        client_id=world.issued_to,
     )
     world.clock.now += 1
     return token
@@ -345,11 +347,15 @@ CASES = {
         plain, Refusal.WRONG_CLIENT, client=None, registered=(("app", False, False),)
     ),
     "no client named, a disabled public client's token": Case(
-        plain, Refusal.WRONG_CLIENT, client=None, registered=(("app", True, True),)
+        plain, Refusal.CLIENT_DISABLED, client=None, registered=(("app", True, True),)
+    ),
+    "its own client, disabled": Case(
+        plain, Refusal.CLIENT_DISABLED, registered=(("app", False, True),)
     ),
     "no client named, an unregistered client's token": Case(
-        plain, Refusal.WRONG_CLIENT, client=None
+        plain, Refusal.WRONG_CLIENT, client=None, registered=()
     ),
+    "its own client, since removed": Case(plain, Refusal.CLIENT_DISABLED, registered=()),
     "malformed token": Case(malformed, Refusal.MALFORMED),
 }
 

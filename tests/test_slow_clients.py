@@ -119,3 +119,27 @@ def test_connections_beyond_the_bound_are_answered_503(tmp_path: Path, keys_dir:
             r = httpx.get(f"{server.url}/health", timeout=10)
             assert r.status_code == 503
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_a_body_trickled_in_does_not_keep_a_connection(tmp_path: Path, keys_dir: Path) -> None:
+    with ServerPool(tmp_path) as pool:
+        server = pool.start(sqlite_env(tmp_path, keys_dir))
+        head = (
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        with connections(server, 1, head) as (sock,):
+            started = time.monotonic()
+            closed = False
+            for _ in range(40):
+                try:
+                    sock.sendall(b" ")
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                if closed_by_server(sock, 0.2):
+                    closed = True
+                    break
+            assert closed
+            assert time.monotonic() - started < HEADER_TIMEOUT + 3
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

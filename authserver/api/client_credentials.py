@@ -10,9 +10,8 @@ uses one method per request.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Mapping
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 from starlette.requests import Request
 
@@ -31,12 +30,12 @@ def _basic(request: Request) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # binascii.Error, UnicodeDecodeError, non-ASCII text
         raise InvalidClientError("Malformed HTTP Basic credentials.") from exc
     client_id, sep, secret = decoded.partition(":")
     if not sep:
         raise InvalidClientError("Malformed HTTP Basic credentials.")
-    return unquote(client_id), unquote(secret)
+    return unquote_plus(client_id), unquote_plus(secret)
 
 
 def credentials_of(request: Request, form: Mapping[str, str]) -> ClientCredentials:

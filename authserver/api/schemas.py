@@ -22,10 +22,12 @@ class LoginRequest(_Request):
 class RefreshRequest(_Request):
     refresh_token: str = Field(min_length=1)
     scope: str | None = None
+    client_id: str | None = None
 
 
 class LogoutRequest(_Request):
     refresh_token: str = Field(min_length=1)
+    client_id: str | None = None
 
 
 class TokenResponse(BaseModel):

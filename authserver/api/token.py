@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from authserver.api.client_credentials import client_of
-from authserver.api.deps import request_context, services_of
+from authserver.api.deps import Services, request_context, services_of
 from authserver.api.parsing import read_form, read_json_or_form
 from authserver.api.schemas import (
     LoginRequest,
@@ -21,6 +21,7 @@ from authserver.api.schemas import (
 )
 from authserver.audit import RequestContext
 from authserver.clients import (
+    BUILTIN_CLIENT,
     CLIENT_CREDENTIALS,
     PASSWORD,
     REFRESH_TOKEN,
@@ -88,6 +89,19 @@ async def token_request(
     raise UnsupportedGrantTypeError(f"Unsupported grant_type; use one of {', '.join(GRANT_TYPES)}.")
 
 
+async def _seed_client(
+    services: Services, ctx: RequestContext, client_id: str | None, *, endpoint: str
+) -> Client | None:
+    """The client a seed-style JSON request names, if it names one. No secret can come
+    with that JSON: only a public client may be named; an unknown one is 401."""
+    if not client_id:
+        return None
+    if not is_client_id(client_id):
+        raise InvalidRequestError("The client_id is malformed.")
+    named = ClientCredentials(client_id=client_id)
+    return await services.client_auth.authenticate(ctx, named, endpoint=endpoint)
+
+
 def _seed_refusal(exc: InvalidGrantError) -> InvalidGrantError:
     """The seed-compatible /login and /refresh answer a refused grant with 401, where
     /token answers RFC 6749 §5.2's 400."""
@@ -104,18 +118,14 @@ def _seed_refusal(exc: InvalidGrantError) -> InvalidGrantError:
 async def login(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, LoginRequest)
-    # No secret can come with the seed's JSON: only a public client may log in here.
-    named = ClientCredentials(client_id=body.client_id or None)
-    if named.client_id is not None and not is_client_id(named.client_id):
-        raise InvalidRequestError("The client_id is malformed.")
-    client = await services.client_auth.authenticate(ctx, named, endpoint="/login")
+    client = await _seed_client(services, ctx, body.client_id, endpoint="/login")
     try:
         tokens = await services.auth.password_grant(
             ctx,
             username=body.username,
             password=body.password,
             scope=body.scope,
-            client=client,
+            client=client or BUILTIN_CLIENT,
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -125,16 +135,17 @@ async def login(request: Request) -> JSON:
 @router.post(
     "/refresh",
     response_model=TokenResponse,
-    responses=errors(400, 401, 415, 503),
+    responses=errors(400, 401, 415, 429, 503),
     openapi_extra=body_schema(RefreshRequest, json=True, form=False),
     summary="Exchange a refresh token for a new token pair (rotation)",
 )
 async def refresh(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, RefreshRequest)
+    client = await _seed_client(services, ctx, body.client_id, endpoint="/refresh")
     try:
         tokens = await services.auth.refresh_grant(
-            ctx, refresh_token=body.refresh_token, scope=body.scope, client=None
+            ctx, refresh_token=body.refresh_token, scope=body.scope, client=client
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -159,7 +170,10 @@ async def token(request: Request) -> JSON:
     "/revoke",
     status_code=200,
     response_class=Response,  # an empty 200 body (RFC 7009 §2.2), not JSON
-    responses={200: {"description": "Revoked, or not a known token"}, **errors(400)},
+    responses={
+        200: {"description": "Revoked, or not a known token"},
+        **errors(400, 401, 429, 503),
+    },
     openapi_extra=body_schema(RevokeForm, json=False, form=True),
     summary="RFC 7009 token revocation",
 )
@@ -167,25 +181,28 @@ async def revoke(request: Request) -> Response:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
     # RFC 7009 §2.1: the client authenticates as at /token.
-    await client_of(request, form, ctx, endpoint="/revoke")
+    client = await client_of(request, form, ctx, endpoint="/revoke")
     token = form.get("token")
     if not token:
         raise InvalidRequestError("The 'token' parameter is missing.")
     # RFC 7009 §2.2: the answer is 200 whether or not the token was known. An
     # access token cannot be revoked (it is self-contained): it simply expires.
-    await services.auth.revoke(ctx, token=token)
+    await services.auth.revoke(
+        ctx, token=token, client=None if client is BUILTIN_CLIENT else client
+    )
     return Response(status_code=200, headers=NO_STORE)
 
 
 @router.post(
     "/logout",
     status_code=204,
-    responses={204: {"description": "The session is over"}, **errors(400, 415)},
+    responses={204: {"description": "The session is over"}, **errors(400, 401, 415, 429, 503)},
     openapi_extra=body_schema(LogoutRequest, json=True, form=False),
     summary="Revoke the session (refresh family) of a refresh token",
 )
 async def logout(request: Request) -> Response:
     services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, LogoutRequest)
-    await services.auth.logout(ctx, refresh_token=body.refresh_token)
+    client = await _seed_client(services, ctx, body.client_id, endpoint="/logout")
+    await services.auth.logout(ctx, refresh_token=body.refresh_token, client=client)
     return Response(status_code=204, headers=NO_STORE)

@@ -10,7 +10,9 @@ T = TypeVar("T")
 
 TokenStatus = Literal["active", "spent", "revoked"]
 # Why a stored token cannot be exchanged, whatever the request (`rotation.refusal`).
-TokenRefusal = Literal["wrong_client", "revoked", "user_disabled", "session_expired", "expired"]
+TokenRefusal = Literal[
+    "wrong_client", "client_disabled", "revoked", "user_disabled", "session_expired", "expired"
+]
 
 
 class StoreError(Exception):

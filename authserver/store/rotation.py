@@ -34,11 +34,18 @@ def _client_may_present(client: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]
     the authenticated client's id, or NULL where a request names none (the seed's
     /refresh), which any public client may send: the built-in one, or a registered,
     enabled public client."""
-    public = sa.exists().where(_c.client_id == _f.client_id, _c.public, sa.not_(_c.disabled))
+    public = sa.exists().where(_c.client_id == _f.client_id, _c.public)
     return sa.or_(
         sa.and_(client.is_not(None), _f.client_id == client),
         sa.and_(client.is_(None), sa.or_(_f.client_id == BUILTIN_CLIENT_ID, public)),
     )
+
+
+def _issued_to_a_live_client() -> sa.ColumnElement[bool]:
+    """The token's client still exists and is enabled (the built-in one always is): a
+    disabled or removed client's refresh tokens are refused, whoever presents them."""
+    enabled = sa.exists().where(_c.client_id == _f.client_id, sa.not_(_c.disabled))
+    return sa.or_(_f.client_id == BUILTIN_CLIENT_ID, enabled)
 
 
 def refusal(
@@ -54,6 +61,7 @@ def refusal(
     """
     return sa.case(
         (sa.not_(_client_may_present(client)), "wrong_client"),
+        (sa.not_(_issued_to_a_live_client()), "client_disabled"),
         (_f.revoked_at.is_not(None), "revoked"),
         (_u.disabled, "user_disabled"),
         (_f.expires_at <= now, "session_expired"),  # the session's maximum age
