@@ -13,6 +13,7 @@ names where the final screenshot goes (default: the test's tmp_path).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -105,6 +106,24 @@ def _same_origin_only(route: Route, origin: str, outside: list[str]) -> None:
         route.abort()
 
 
+@contextlib.contextmanager
+def _docs_page(chromium: Path, origin: str, outside: list[str]) -> Iterator[Page]:
+    """A page of headless Chromium that may reach `origin` only (`outside` records the
+    rest), closed with its browser at the end."""
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.route("**/*", lambda route: _same_origin_only(route, origin, outside))
+            yield page
+        finally:
+            browser.close()
+
+
 def _authorize_and_call_protected(
     page: Page, origin: str, *, client: tuple[str, str] | None = None
 ) -> None:
@@ -160,38 +179,24 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
         if response.request.resource_type == "document":
             documents.append(response)
 
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+    with _docs_page(chromium, docs_server.url, outside) as page:
+        page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+        page.on(
+            "console",
+            lambda msg: (
+                csp_violations.append(msg.text) if "Content Security Policy" in msg.text else None
+            ),
         )
+        page.on("response", record)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.route("**/*", lambda route: _same_origin_only(route, docs_server.url, outside))
-            page.on("pageerror", lambda exc: page_errors.append(str(exc)))
-            page.on(
-                "console",
-                lambda msg: (
-                    csp_violations.append(msg.text)
-                    if "Content Security Policy" in msg.text
-                    else None
-                ),
-            )
-            page.on("response", record)
-            try:
-                _authorize_and_call_protected(page, docs_server.url)
-            finally:
-                page.screenshot(path=str(screenshot), full_page=True)
-            tokens = [
-                (r.status, parse_qs(r.request.post_data or ""), r.json()) for r in seen["/token"]
-            ]
-            protected = [
-                (r.status, r.request.headers.get("authorization", "")) for r in seen["/protected"]
-            ]
-            policies = [r.headers.get("content-security-policy", "") for r in documents]
+            _authorize_and_call_protected(page, docs_server.url)
         finally:
-            browser.close()
+            page.screenshot(path=str(screenshot), full_page=True)
+        tokens = [(r.status, parse_qs(r.request.post_data or ""), r.json()) for r in seen["/token"]]
+        protected = [
+            (r.status, r.request.headers.get("authorization", "")) for r in seen["/protected"]
+        ]
+        policies = [r.headers.get("content-security-policy", "") for r in documents]
 
     assert outside == [], "the page tried to reach beyond the server (a CDN?)"
     assert page_errors == []
@@ -216,23 +221,13 @@ def test_swagger_ui_authorizes_a_confidential_client_and_calls_protected(
     secret = (tmp_path / "robot-secret").read_text()
     outside: list[str] = []
     tokens: list[Response] = []
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+    with _docs_page(chromium, docs_server.url, outside) as page:
+        page.on(
+            "response",
+            lambda r: tokens.append(r) if urlsplit(r.url).path == "/token" else None,
         )
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.route("**/*", lambda route: _same_origin_only(route, docs_server.url, outside))
-            page.on(
-                "response",
-                lambda r: tokens.append(r) if urlsplit(r.url).path == "/token" else None,
-            )
-            _authorize_and_call_protected(page, docs_server.url, client=(ROBOT, secret))
-            sent = [(r.status, parse_qs(r.request.post_data or "")) for r in tokens]
-        finally:
-            browser.close()
+        _authorize_and_call_protected(page, docs_server.url, client=(ROBOT, secret))
+        sent = [(r.status, parse_qs(r.request.post_data or "")) for r in tokens]
     assert outside == []
     assert len(sent) == 1
     status, form = sent[0]

@@ -64,6 +64,20 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
     return False
 
 
+def seconds_until_closed(sock: socket.socket, pieces: list[bytes]) -> float:
+    """Send `pieces` one every 0.2 s or so; how long until the server closed the
+    connection (it must, before they run out)."""
+    started = time.monotonic()
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+        if closed_by_server(sock, 0.2):
+            return time.monotonic() - started
+    raise AssertionError("the server kept a trickling connection open")
+
+
 def test_a_thousand_idle_or_half_sent_connections_leave_health_answering(
     tmp_path: Path, keys_dir: Path
 ) -> None:
@@ -91,19 +105,8 @@ def test_headers_trickled_in_byte_by_byte_do_not_keep_a_connection(
     with ServerPool(tmp_path) as pool:
         server = pool.start(sqlite_env(tmp_path, keys_dir))
         with connections(server, 1, b"G") as (sock,):
-            started = time.monotonic()
-            closed = False
-            for byte in b"ET /health HTTP/1.1\r\nHost: x\r\n" * 20:
-                try:
-                    sock.sendall(bytes([byte]))
-                except (BrokenPipeError, ConnectionResetError):
-                    closed = True
-                    break
-                if closed_by_server(sock, 0.2):
-                    closed = True
-                    break
-            assert closed
-            assert time.monotonic() - started < HEADER_TIMEOUT + 3
+            trickled = b"ET /health HTTP/1.1\r\nHost: x\r\n" * 20
+            assert seconds_until_closed(sock, [bytes([b]) for b in trickled]) < HEADER_TIMEOUT + 3
         # A keep-alive connection gets the same timer for its next request.
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -129,17 +132,5 @@ def test_a_body_trickled_in_does_not_keep_a_connection(tmp_path: Path, keys_dir:
             b"Content-Length: 1000\r\n\r\n{"
         )
         with connections(server, 1, head) as (sock,):
-            started = time.monotonic()
-            closed = False
-            for _ in range(40):
-                try:
-                    sock.sendall(b" ")
-                except (BrokenPipeError, ConnectionResetError):
-                    closed = True
-                    break
-                if closed_by_server(sock, 0.2):
-                    closed = True
-                    break
-            assert closed
-            assert time.monotonic() - started < HEADER_TIMEOUT + 3
+            assert seconds_until_closed(sock, [b" "] * 40) < HEADER_TIMEOUT + 3
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
