@@ -203,7 +203,12 @@ class AuthService:
             )
             raise InvalidGrantError(_BAD_CREDENTIALS)
         await asyncio.sleep(0)
-        return self._token_response(issued, granted, client, now)
+        body = self._token_response(issued, granted, client, now)
+        if REFRESH_TOKEN not in client.grants:
+            # A refresh token the client may never use is one more secret to lose. The
+            # session (`sid`) stays: logout and introspection still need it.
+            del body["refresh_token"]
+        return body
 
     async def refresh_grant(
         self,

@@ -494,3 +494,13 @@ async def test_an_assertion_is_single_use_for_as_long_as_it_is_accepted(app: Run
     r = await app.client.post("/token", data=assertion_form(signed))
     assert r.status_code == 200, r.text
     assert_invalid_client(await app.client.post("/token", data=assertion_form(signed)))
+
+
+async def test_a_client_without_the_refresh_grant_gets_no_refresh_token(app: Running) -> None:
+    await make_user(app.store, "alice")
+    _, secret = await make_client(app.store, "kiosk", grants=("password",))
+    assert secret is not None
+    body = await _password_login(app, headers=basic("kiosk", secret))
+    assert "refresh_token" not in body
+    _, claims = jwt_parts(body["access_token"])
+    assert claims["client_id"] == "kiosk" and isinstance(claims["sid"], str)

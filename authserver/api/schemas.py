@@ -32,7 +32,8 @@ class LogoutRequest(_Request):
 
 class TokenResponse(BaseModel):
     access_token: str
-    refresh_token: str
+    # Not for client_credentials (RFC 6749 §4.4.3), nor for a client without that grant.
+    refresh_token: str | None = None
     token_type: str = Field(examples=["bearer"])
     expires_in: int
     scope: str
