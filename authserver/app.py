@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
-from authserver.api import docs, health, introspect, protected, token, wellknown
+from authserver.api import docs, health, introspect, protected, sessions, token, wellknown
 from authserver.api.deps import Services
 from authserver.api.errors import install_error_handlers
 from authserver.api.middleware import HeadAsGet, SecurityHeaders
@@ -32,6 +32,7 @@ from authserver.refresh import Lifetimes
 from authserver.resource import TokenValidator
 from authserver.responses import JSON
 from authserver.serving import set_header_timeout
+from authserver.sessions import SessionService
 from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
 from authserver.throttle import LoginThrottle, ThrottleLimits
@@ -84,6 +85,7 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
             store=store,
             clients=clients,
         ),
+        sessions=SessionService(store=store, auditor=auditor),
         store=store,
         keyring=keyring,
         verifier=verifier,
@@ -142,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         token.router,
         introspect.router,
         protected.router,
+        sessions.router,
         wellknown.router,
         health.router,
     ):

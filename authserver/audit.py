@@ -37,6 +37,7 @@ CLIENT_ENABLED = "client_enabled"
 CLIENT_REMOVED = "client_removed"
 CLIENT_AUTH_FAILED = "client_auth_failed"
 CLIENT_TOKEN_ISSUED = "client_token_issued"
+SESSION_ENDED = "session_ended"
 
 _WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
 
@@ -47,6 +48,7 @@ class RequestContext:
 
     client_addr: str | None = None
     request_id: str | None = None
+    user_agent: str | None = None  # kept with a session begun by this request
 
 
 CLI = RequestContext(client_addr="cli")

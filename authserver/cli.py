@@ -46,6 +46,7 @@ from authserver.keys import (
 )
 from authserver.logs import configure_logging
 from authserver.passwords import PasswordHasher, PasswordPolicyError
+from authserver.sessions import SessionService
 from authserver.store.protocol import StoreError, UpgradeRefused
 from authserver.store.sql import SqlStore
 from authserver.users import (
@@ -67,7 +68,9 @@ users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage signing keys.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the database.", no_args_is_help=True)
 clients_app = typer.Typer(help="Manage the client registry.", no_args_is_help=True)
+sessions_app = typer.Typer(help="List and end users' sessions.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+app.add_typer(sessions_app, name="sessions")
 app.add_typer(clients_app, name="clients")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
@@ -268,6 +271,61 @@ def users_list() -> None:
         created = datetime.fromtimestamp(user.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         status = "disabled" if user.disabled else "active"
         typer.echo(f"{user.username:<32} {status:<9} {created}")
+
+
+# -- sessions ------------------------------------------------------------------------
+
+
+def run_with_sessions(cfg: Settings, work: Callable[[SessionService], Awaitable[T]]) -> T:
+    async def with_sessions(store: SqlStore) -> T:
+        try:
+            return await work(SessionService(store=store, auditor=Auditor(store)))
+        except UserError as exc:
+            raise OperatorError(str(exc)) from exc
+
+    return run_with_store(cfg, with_sessions)
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@sessions_app.command("list")
+def sessions_list(user: str) -> None:
+    """List a user's live sessions: id, client, created, last used, expires, address, agent."""
+    with operator_errors():
+        sessions = run_with_sessions(settings(), lambda s: s.list_of(user))
+    typer.echo(
+        f"{'ID':<36} {'CLIENT':<20} {'CREATED':<20} {'LAST USED':<20} {'EXPIRES':<20} "
+        f"{'IP':<15} USER AGENT"
+    )
+    for s in sessions:
+        typer.echo(
+            f"{s.id:<36} {s.client_id:<20} {_utc(s.created_at):<20} {_utc(s.last_used_at):<20} "
+            f"{_utc(s.expires_at):<20} {s.ip or '-':<15} {s.user_agent or '-'}"
+        )
+
+
+@sessions_app.command("revoke")
+def sessions_revoke(
+    session_id: Annotated[str | None, typer.Argument(help="The session to end.")] = None,
+    user: Annotated[str | None, typer.Option(help="End every session of this user.")] = None,
+) -> None:
+    """End a session (SESSION_ID), or every session of a user (--user USER)."""
+    with operator_errors():
+        if (session_id is None) == (user is None):
+            raise OperatorError("name a session id or --user USER (one of them)")
+        cfg = settings()
+        if user is not None:
+            ended = run_with_sessions(cfg, lambda s: s.end_all(CLI, user))
+            message = f"ended {ended} sessions of {normalize_username(user) or user}"
+        else:
+            assert session_id is not None
+            session = run_with_sessions(cfg, lambda s: s.end(CLI, session_id))
+            if session is None:
+                raise OperatorError(f"no live session {session_id!r}")
+            message = f"ended session {session.id} of {session.username}"
+    typer.echo(message)
 
 
 # -- clients ---------------------------------------------------------------------

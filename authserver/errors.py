@@ -167,6 +167,15 @@ class NotServedError(OAuthError):
         return dict(self._headers)
 
 
+class SessionNotFoundError(OAuthError):
+    """No live session of the caller's has that id: another user's, an ended one and a
+    made-up one alike (so another user's session ids cannot be probed)."""
+
+    error = "invalid_request"
+    status_code = 404
+    description = "No live session of yours has this id."
+
+
 class BearerError(OAuthError):
     """Errors of a bearer-protected resource carry an RFC 6750 §3 challenge."""
 

@@ -146,6 +146,8 @@ async def start_family(
             client_id=client_id,
             created_at=now,
             expires_at=session_end,
+            ip=ctx.client_addr,
+            user_agent=ctx.user_agent,
         )
         await tx.add_refresh(
             token_hash=token_hash,

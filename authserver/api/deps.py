@@ -17,7 +17,9 @@ from authserver.grants import AuthService
 from authserver.introspection import Introspector
 from authserver.keys import KeyRing
 from authserver.resource import TokenValidator, Validator, require_token
+from authserver.sessions import SessionService
 from authserver.store.protocol import Store
+from authserver.store.schema import USER_AGENT_LENGTH
 from authserver.tokens import AccessClaims, AccessTokenVerifier
 from authserver.users import UserService
 
@@ -33,6 +35,7 @@ class Services:
     clients: ClientService
     client_auth: ClientAuthenticator
     introspector: Introspector
+    sessions: SessionService
     store: Store
     keyring: KeyRing
     verifier: AccessTokenVerifier
@@ -67,7 +70,12 @@ def request_context(request: Request) -> RequestContext:
     # Bounded like the audit column: behind a proxy trusted with "*", the host is any
     # text the client put in X-Forwarded-For.
     client_addr = client.host[:64] if client and client.host else None
-    return RequestContext(client_addr=client_addr, request_id=request_id)
+    user_agent = request.headers.get("user-agent")
+    return RequestContext(
+        client_addr=client_addr,
+        request_id=request_id,
+        user_agent=user_agent[:USER_AGENT_LENGTH] if user_agent else None,
+    )
 
 
 class _TokenEndpointFlows(OAuth2PasswordBearer):

@@ -49,6 +49,21 @@ class ProtectedResponse(BaseModel):
     username: str
 
 
+class SessionPublic(BaseModel):
+    id: str
+    client_id: str
+    created_at: int
+    last_used_at: int
+    expires_at: int
+    ip: str | None
+    user_agent: str | None
+    current: bool
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionPublic]
+
+
 class HealthResponse(BaseModel):
     status: str
 
@@ -74,6 +89,8 @@ _RETRY_AFTER = {
 _DESCRIPTIONS = {
     400: "A malformed request or a refused grant (RFC 6749 §5.2)",
     401: "Missing or invalid credentials",
+    403: "The access token may not do this: insufficient_scope",
+    404: "No such resource (of the caller's)",
     413: "The request body is too large",
     415: "The body is neither JSON nor form-encoded",
     429: "Too many failed logins: slow_down",

@@ -67,6 +67,20 @@ class RefreshRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Session:
+    """A live session (refresh family): one that can still be refreshed."""
+
+    id: str
+    username: str
+    client_id: str
+    created_at: float
+    last_used_at: float  # the login, or the last rotation
+    expires_at: float  # when it ends unless used again (never after its maximum age)
+    ip: str | None  # of the login that began it
+    user_agent: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Rotated:
     """What a one-step rotation spent: enough to answer and to log it."""
 
@@ -125,8 +139,17 @@ class RefreshTransaction(Protocol):
         """Read a user and hold it against a concurrent password change or disable."""
 
     async def create_family(
-        self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
-    ) -> None: ...
+        self,
+        *,
+        family_id: str,
+        user_id: int,
+        client_id: str,
+        created_at: float,
+        expires_at: float,
+        ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """Begin a session; `ip` and `user_agent` are those of the login that began it."""
 
     async def add_refresh(
         self,
@@ -150,6 +173,11 @@ class RefreshTransaction(Protocol):
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
         """Revoke the family and every token in it; False if it already was."""
+
+    async def live_sessions(
+        self, *, now: float, username: str | None = None, session_id: str | None = None
+    ) -> Sequence[Session]:
+        """The live sessions of `username`, or the one with id `session_id`, oldest first."""
 
     async def add_audit_event(self, event: AuditEvent) -> None:
         """Record an event in the same transaction as the change it describes."""
@@ -254,6 +282,11 @@ class Store(Protocol):
 
     async def session_live(self, family_id: str) -> bool:
         """Whether the session (refresh family) exists and has not been revoked."""
+
+    async def live_sessions(
+        self, *, now: float, username: str | None = None, session_id: str | None = None
+    ) -> Sequence[Session]:
+        """As `RefreshTransaction.live_sessions`, outside a transaction."""
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
         """Record a single-use id until `expires_at`; False if it is already recorded

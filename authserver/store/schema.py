@@ -19,6 +19,9 @@ metadata = sa.MetaData(
 
 Time = sa.Float(precision=53)
 
+# A login's User-Agent is kept up to this many characters.
+USER_AGENT_LENGTH = 256
+
 users = sa.Table(
     "users",
     metadata,
@@ -41,6 +44,11 @@ refresh_families = sa.Table(
     sa.Column("expires_at", Time, nullable=False),
     sa.Column("revoked_at", Time, nullable=True),
     sa.Column("revoked_reason", sa.String(32), nullable=True),
+    # Where the login that began the session came from, for the session list (NULL for
+    # sessions older than migration 0006). When it was last used is not stored here: it
+    # is the `created_at` of the family's active token, which each rotation writes anyway.
+    sa.Column("ip", sa.String(64), nullable=True),
+    sa.Column("user_agent", sa.String(USER_AGENT_LENGTH), nullable=True),
     sa.Index("ix_refresh_families_user_id", "user_id"),
 )
 

@@ -63,6 +63,7 @@ from authserver.store.protocol import (
     NotFound,
     RefreshRecord,
     Rotated,
+    Session,
     StoreUnavailable,
     TokenStatus,
     User,
@@ -355,6 +356,48 @@ _GET_CLIENT = sa.select(clients).where(clients.c.client_id == sa.bindparam("b_id
 _SESSION_LIVE = sa.select(refresh_families.c.id).where(
     refresh_families.c.id == sa.bindparam("b_id"), refresh_families.c.revoked_at.is_(None)
 )
+
+
+def _live_sessions(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """Sessions that can still be refreshed: each family's one active token that the
+    rotation's own rule (`rotation.refusal`, as for the family's client) does not refuse.
+    That token was issued by the login or the last rotation: its `created_at` is when the
+    session was last used, its `expires_at` when it ends unless used again."""
+    t, f = refresh_tokens.c, refresh_families.c
+    now = sa.bindparam("b_now", type_=Time)
+    return (
+        sa.select(
+            f.id,
+            users.c.username,
+            f.client_id,
+            f.created_at,
+            t.created_at.label("last_used_at"),
+            t.expires_at,
+            f.ip,
+            f.user_agent,
+        )
+        .select_from(rotation.TOKEN_FAMILY_USER)
+        .where(where, t.status == "active", rotation.refusal(now, f.client_id).is_(None))
+        .order_by(f.created_at, f.id)
+    )
+
+
+_SESSIONS_OF_USER = _live_sessions(users.c.username == sa.bindparam("b_username"))
+_SESSION_BY_ID = _live_sessions(refresh_families.c.id == sa.bindparam("b_id"))
+
+
+async def _sessions(
+    conn: Executor, *, now: float, username: str | None, session_id: str | None
+) -> list[Session]:
+    if (username is None) == (session_id is None):
+        raise ValueError("name either a user or a session")
+    if username is not None:
+        result = await conn.execute(_SESSIONS_OF_USER, {"b_username": username, "b_now": now})
+    else:
+        result = await conn.execute(_SESSION_BY_ID, {"b_id": session_id, "b_now": now})
+    return [Session(**row._mapping) for row in result]
+
+
 _KNOWN_ADDRESS = sa.select(login_addresses.c.user_id).where(
     login_addresses.c.user_id == sa.bindparam("b_user"),
     login_addresses.c.network_key == sa.bindparam("b_key"),
@@ -383,7 +426,15 @@ class SqlTransaction:
         return _user(row) if row is not None else None
 
     async def create_family(
-        self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
+        self,
+        *,
+        family_id: str,
+        user_id: int,
+        client_id: str,
+        created_at: float,
+        expires_at: float,
+        ip: str | None = None,
+        user_agent: str | None = None,
     ) -> None:
         await self._conn.execute(
             _INSERT_FAMILY,
@@ -393,6 +444,8 @@ class SqlTransaction:
                 "client_id": client_id,
                 "created_at": created_at,
                 "expires_at": expires_at,
+                "ip": ip,
+                "user_agent": user_agent,
             },
         )
 
@@ -452,6 +505,11 @@ class SqlTransaction:
             .values(revoked_at=at, revoked_reason=reason)
         )
         return result.rowcount == 1
+
+    async def live_sessions(
+        self, *, now: float, username: str | None = None, session_id: str | None = None
+    ) -> Sequence[Session]:
+        return await _sessions(self._conn, now=now, username=username, session_id=session_id)
 
     async def add_audit_event(self, event: AuditEvent) -> None:
         await _add_audit_event(self._conn, event)
@@ -894,6 +952,12 @@ class SqlStore:
         async with self._read() as conn:
             result = await conn.execute(_SESSION_LIVE, {"b_id": family_id})
             return result.first() is not None
+
+    async def live_sessions(
+        self, *, now: float, username: str | None = None, session_id: str | None = None
+    ) -> Sequence[Session]:
+        async with self._read() as conn:
+            return await _sessions(conn, now=now, username=username, session_id=session_id)
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
         async def work(conn: Executor) -> bool:
