@@ -59,9 +59,7 @@ class SessionService:
 
     async def list_of(self, username: str) -> Sequence[Session]:
         """A user's live sessions, oldest first; `UnknownUserError` for no such user."""
-        name = normalize_username(username)
-        if name is None or await self.store.get_user(name) is None:
-            raise UnknownUserError(f"unknown user {username!r}")
+        name = await self._existing(username)
         return await self.store.live_sessions(now=self.clock(), username=name)
 
     async def list_own(self, caller: Caller) -> Sequence[Session]:
@@ -102,10 +100,14 @@ class SessionService:
 
     async def end_all(self, ctx: RequestContext, username: str) -> int:
         """End every live session of a user (the operator's command); how many."""
+        return await self._end_all(ctx, await self._existing(username), caller=None)
+
+    async def _existing(self, username: str) -> str:
+        """The stored spelling of an existing user's name, or `UnknownUserError`."""
         name = normalize_username(username)
         if name is None or await self.store.get_user(name) is None:
             raise UnknownUserError(f"unknown user {username!r}")
-        return await self._end_all(ctx, name, caller=None)
+        return name
 
     async def _end_all(self, ctx: RequestContext, username: str, *, caller: Caller | None) -> int:
         now = self.clock()
@@ -136,14 +138,16 @@ class SessionService:
         for session in sessions:
             if not await tx.revoke_family(session.id, at=now, reason=ENDED):
                 continue  # ended meanwhile by someone else, who recorded it
+            by = {"by": "operator"}
+            if caller is not None:
+                by = {"by": "user", "from_session": caller.session_id}
             event = self.auditor.build(
                 audit.SESSION_ENDED,
                 ctx,
                 username=session.username,
                 family_id=session.id,
                 client_id=session.client_id,
-                by="user" if caller is not None else "operator",
-                from_session=caller.session_id if caller is not None else None,
+                **by,
             )
             await tx.add_audit_event(event)
             ended.append(event)
