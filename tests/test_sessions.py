@@ -85,6 +85,10 @@ async def test_list_shows_each_live_session_with_its_origin(server: Running) -> 
     assert first["expires_at"] == int(used + server.settings.refresh_token_ttl)
     # From the refreshed session's new token, it is that one that is current.
     assert [s["current"] for s in await sessions(server, phone)] == [True, False]
+    # A narrowed scope takes the general rotation path, which marks the use too.
+    clock.now += 5
+    laptop = (await refresh(server, laptop["refresh_token"], scope="read")).json()
+    assert (await sessions(server, phone))[1]["last_used_at"] == int(clock.now)
 
 
 async def test_ending_one_session_refuses_its_refresh_token_everywhere(
@@ -97,7 +101,12 @@ async def test_ending_one_session_refuses_its_refresh_token_everywhere(
     assert r.status_code == 204, r.text
     assert r.content == b""
     assert_invalid_grant(await refresh(server, stolen["refresh_token"]), stolen["refresh_token"])
-    assert not await server.store.session_live(sid(stolen))
+    # Introspection calls its access token inactive at once (it checks the sid).
+    _, secret = await make_client(server.store, "api")
+    assert secret is not None
+    for token, active in ((stolen["access_token"], False), (mine["access_token"], True)):
+        r = await server.client.post("/introspect", data={"token": token}, auth=("api", secret))
+        assert r.json()["active"] is active, r.text
     assert [s["id"] for s in await sessions(server, mine)] == [sid(mine)]
     # Ended once: the same id again is a session that is not live.
     again = await server.client.delete(f"/sessions/{sid(stolen)}", headers=bearer(mine))
