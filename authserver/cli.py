@@ -318,7 +318,8 @@ def sessions_revoke(
         cfg = settings()
         if user is not None:
             ended = run_with_sessions(cfg, lambda s: s.end_all(CLI, user))
-            message = f"ended {ended} sessions of {normalize_username(user) or user}"
+            plural = "" if ended == 1 else "s"
+            message = f"ended {ended} session{plural} of {normalize_username(user) or user}"
         else:
             assert session_id is not None
             session = run_with_sessions(cfg, lambda s: s.end(CLI, session_id))

@@ -195,7 +195,7 @@ async def test_cli_lists_and_ends_sessions(server: Running, database_url: str) -
 
     all_of_alice = await ainvoke(env, "sessions", "revoke", "--user", "alice")
     assert_ok(all_of_alice)
-    assert all_of_alice.stdout == "ended 1 sessions of alice\n"
+    assert all_of_alice.stdout == "ended 1 session of alice\n"
     assert_invalid_grant(await refresh(server, second["refresh_token"]), second["refresh_token"])
     assert (await refresh(server, bob["refresh_token"])).status_code == 200
     events = await server.store.list_audit_events(event=audit.SESSION_ENDED)
