@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,18 +19,24 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from authserver.config import Settings
 from authserver.metrics import WorkersCollector
 from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
 from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
-from tests.helpers.procs import ServerPool, ServerProcess, base_env, free_port, server_errors
+from tests.helpers.metrics import Samples, scrape, value
+from tests.helpers.procs import (
+    ServerPool,
+    ServerProcess,
+    base_env,
+    free_port,
+    run_cli,
+    server_errors,
+)
 
 pytestmark = pytest.mark.slow
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 ALICE = {"username": "alice", "password": DEFAULT_PASSWORD}
 TOKENS = "authserver_tokens_issued_total"
 HTTP_COUNT = "authserver_http_request_duration_seconds_count"
@@ -42,16 +49,7 @@ class Metered:
     client_secret: str
 
     def samples(self) -> Samples:
-        text = httpx.get(self.metrics_url, timeout=10).text
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+        return scrape(self.metrics_url)
 
 
 async def _seed(database_url: str) -> str:
@@ -214,3 +212,20 @@ def test_a_dead_workers_live_gauge_is_dropped(tmp_path: Path) -> None:
     names = [s.name for f in WorkersCollector(tmp_path).collect() for s in f.samples]
     assert "authserver_signing_keys_loaded" not in names
     assert not list(tmp_path.glob("gauge_livemin_*.db"))
+
+
+def test_a_taken_metrics_port_is_one_line_and_exit_1(tmp_path: Path, keys_dir: Path) -> None:
+    env = base_env(
+        AUTHSERVER_DATABASE_URL=f"sqlite:///{tmp_path / 'authserver.db'}",
+        AUTHSERVER_KEYS_DIR=str(keys_dir),
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--port", str(free_port()), "--metrics-port", str(port)]
+        done = run_cli(args, env, cwd=tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"authserver: error: cannot serve metrics on 127.0.0.1:{port}: ")
+    assert "Traceback" not in done.stderr
