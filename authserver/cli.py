@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -178,8 +179,6 @@ def serve(
     ] = None,
 ) -> None:
     """Run the server (uvicorn), after applying migrations and loading the keys."""
-    import os
-
     from authserver import serving
 
     if metrics_port is not None:
