@@ -83,6 +83,11 @@ class HttpMetrics:
     Pure ASGI (not `BaseHTTPMiddleware`): it wraps `send` to see the status and reads
     the route the router put in the scope, so a request costs two timer reads and one
     histogram observation. A path no route matches counts as `unmatched`.
+
+    Not prometheus-fastapi-instrumentator or starlette-exporter: both match the route a
+    second time and build Request objects for every request. In-process, on a FastAPI
+    app, that measured 30-190 µs of CPU per request against about 4 µs here, and
+    /protected costs about 200 µs in all.
     """
 
     def __init__(self, app: ASGIApp) -> None:
