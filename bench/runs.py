@@ -330,7 +330,7 @@ class Bench:
     def metrics_overhead(self, database_url: str, keys_dir: Path) -> dict[str, Any]:
         """/protected (reused token) on two servers alike but for `--metrics-port`.
 
-        Rounds alternate off, on, off, on ...; the figure is the median over rounds of
+        Rounds alternate off, on, then on, off; the figure is the median over rounds of
         the server CPU time per request, on / off (the supervising process of the
         metered server, which serves the listener, counted in). Throughput is reported
         too, but on a shared machine it moves with the neighbours' load.
@@ -358,9 +358,13 @@ class Bench:
                 self.measure(server, loads[variant](plan.warmup)),
             )
         rounds: list[dict[str, Any]] = []
+        order = list(servers)
         for index in range(plan.rounds):
             row: dict[str, Any] = {}
-            for variant, server in servers.items():
+            # off, on; then on, off: whatever favours the first (or second) run of a
+            # round favours each variant equally often.
+            for variant in order if index % 2 == 0 else order[::-1]:
+                server = servers[variant]
                 measured = self.measure(server, loads[variant](plan.duration))
                 self._check_errors(f"/protected (metrics {variant})", measured)
                 row[variant] = measured.as_dict()
