@@ -27,6 +27,7 @@ from authserver.introspection import Introspector
 from authserver.jobs import start_jobs, stop_jobs
 from authserver.keys import KeyRing, ensure_signing_key
 from authserver.logs import configure_logging
+from authserver.metrics import HttpMetrics
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
 from authserver.resource import TokenValidator
@@ -150,6 +151,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     docs.install_docs(app, scopes=settings.scopes)
+    if settings.metrics_port is not None:
+        # Innermost, so that the scope it reads the matched route from is the router's own.
+        app.add_middleware(HttpMetrics)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(HeadAsGet)
     if settings.trusted_proxies:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from authserver import metrics
 from authserver.store.protocol import AuditEvent, Store, StoreError
 
 log = logging.getLogger("authserver.audit")
@@ -40,6 +41,16 @@ CLIENT_TOKEN_ISSUED = "client_token_issued"
 SESSION_ENDED = "session_ended"
 
 _WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
+
+# The events the Prometheus metrics count (metrics.py), each once it is true: `emit` runs
+# after the change it describes has committed.
+_COUNTED = {
+    LOGIN_SUCCEEDED: metrics.LOGINS.labels("ok"),
+    LOGIN_FAILED: metrics.LOGINS.labels("bad_credentials"),
+    LOGIN_THROTTLED: metrics.LOGINS.labels("throttled"),
+    REFRESHED: metrics.REFRESH_ROTATIONS,
+    REUSE_DETECTED: metrics.REUSE_DETECTIONS,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +86,10 @@ class Auditor:
         )
 
     def emit(self, event: AuditEvent) -> None:
-        """Write the event's log line (once the change it describes has happened)."""
+        """Write the event's log line and count it (once the change it describes has happened)."""
+        counter = _COUNTED.get(event.event)
+        if counter is not None:
+            counter.inc()
         level = logging.WARNING if event.event in _WARNINGS else logging.INFO
         log.log(
             level,

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -170,10 +171,22 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
     demo: Annotated[bool, typer.Option(help="Create the demo user testuser/testpassword.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics at /metrics on this port, on AUTHSERVER_METRICS_HOST "
+            "(default 127.0.0.1). Default: AUTHSERVER_METRICS_PORT, else off.",
+        ),
+    ] = None,
 ) -> None:
     """Run the server (uvicorn), after applying migrations and loading the keys."""
     from authserver import serving
 
+    if metrics_port is not None:
+        # The workers read their settings from the environment, as this process does.
+        os.environ["AUTHSERVER_METRICS_PORT"] = str(metrics_port)
     with operator_errors():
         cfg = settings()
         configure_logging(cfg.log_format, cfg.log_level)
@@ -183,7 +196,21 @@ def serve(
             run_with_users(cfg, _create_demo_user)
         else:
             run_with_store(cfg, lambda store: store.ping())
-    serving.run(host=host, port=port, workers=workers, max_connections=cfg.max_connections)
+    metrics = (
+        serving.MetricsListener(host=cfg.metrics_host, port=cfg.metrics_port)
+        if cfg.metrics_port is not None
+        else None
+    )
+    try:
+        serving.run(
+            host=host,
+            port=port,
+            workers=workers,
+            max_connections=cfg.max_connections,
+            metrics=metrics,
+        )
+    except serving.MetricsListenerError as exc:
+        fail(str(exc))
 
 
 async def _create_demo_user(users: UserService) -> None:

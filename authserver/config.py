@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     purge_interval: float = Field(default=3600.0, gt=0)
     header_timeout: float = Field(default=5.0, gt=0, le=300)
     max_connections: int = Field(default=2048, ge=1)
+    # Prometheus metrics on a listener of their own (off unless a port is given), on
+    # loopback unless told otherwise: the public port never serves them.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("scopes", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from authserver import audit
+from authserver import audit, metrics
 from authserver.audit import Auditor, RequestContext
 from authserver.clients import BUILTIN_CLIENT, CLIENT_CREDENTIALS, PASSWORD, REFRESH_TOKEN
 from authserver.errors import (
@@ -74,7 +74,7 @@ class AuthService:
         self.clock = clock
 
     def _access_token(
-        self, *, subject: str, scope: str, client: Client, now: float, sid: str | None
+        self, *, grant: str, subject: str, scope: str, client: Client, now: float, sid: str | None
     ) -> dict[str, Any]:
         kid, alg, key = self.keys.signing_key()
         access_token, expires_in = mint_access_token(
@@ -90,6 +90,8 @@ class AuthService:
             now=now,
             sid=sid,
         )
+        # Only a registered client gets this far, so the label's values stay bounded.
+        metrics.TOKENS_ISSUED.labels(grant, client.client_id).inc()
         return {
             "access_token": access_token,
             "token_type": "bearer",
@@ -98,10 +100,15 @@ class AuthService:
         }
 
     def _token_response(
-        self, issued: Issued, scope: str, client: Client, now: float
+        self, grant: str, issued: Issued, scope: str, client: Client, now: float
     ) -> dict[str, Any]:
         body = self._access_token(
-            subject=issued.username, scope=scope, client=client, now=now, sid=issued.family_id
+            grant=grant,
+            subject=issued.username,
+            scope=scope,
+            client=client,
+            now=now,
+            sid=issued.family_id,
         )
         return {**body, "refresh_token": issued.refresh_token}
 
@@ -130,7 +137,12 @@ class AuthService:
         self._check_grant(client, CLIENT_CREDENTIALS)
         granted = self._granted_scope(client, scope)
         body = self._access_token(
-            subject=client.client_id, scope=granted, client=client, now=self.clock(), sid=None
+            grant=CLIENT_CREDENTIALS,
+            subject=client.client_id,
+            scope=granted,
+            client=client,
+            now=self.clock(),
+            sid=None,
         )
         # Logged, not stored: a service asks every few minutes, and the trail is for
         # events a person looks into (a failed client authentication is stored).
@@ -203,7 +215,7 @@ class AuthService:
             )
             raise InvalidGrantError(_BAD_CREDENTIALS)
         await asyncio.sleep(0)
-        body = self._token_response(issued, granted, client, now)
+        body = self._token_response(PASSWORD, issued, granted, client, now)
         if REFRESH_TOKEN not in client.grants:
             # A refresh token the client may never use is one more secret to lose. The
             # session (`sid`) stays: logout and introspection still need it.
@@ -248,7 +260,7 @@ class AuthService:
             client = await self._client_of(outcome)
         granted = outcome.granted_scope.split()
         effective = [s for s in (requested or granted) if s in self._allowed_scopes(client)]
-        return self._token_response(outcome, " ".join(effective), client, now)
+        return self._token_response(REFRESH_TOKEN, outcome, " ".join(effective), client, now)
 
     async def _client_of(self, issued: Issued) -> Client:
         """The (public) client a token was issued to: its audience and scopes shape the

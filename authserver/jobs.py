@@ -3,7 +3,8 @@
 - The timing guard's dummy hash costs one bcrypt (~0.3 s at cost 12): it is made
   in the background rather than before listening; a login needing it waits.
 - The keys directory is re-read every `keys_reload_interval` seconds, so keys
-  added or retired by `authserver keys` reach every running server.
+  added or retired by `authserver keys` reach every running server; the metric of
+  loaded keys follows.
 - Expired refresh families, old login failures and login networks unused for
   longer than they are remembered are purged every `purge_interval` (`purge`,
   which `authserver db purge` runs too).
@@ -21,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from authserver import metrics
 from authserver.keys import KeyRing
 from authserver.passwords import PasswordHasher
 from authserver.store.sql import SqlStore
@@ -41,12 +43,18 @@ def start_jobs(
     known_address_ttl: float,
 ) -> Jobs:
     """Start every background job; hand the result to `stop_jobs` at shutdown."""
+
+    def reload_keys() -> None:
+        keyring.reload_if_changed()
+        metrics.SIGNING_KEYS.set(len(keyring.jwks()["keys"]))
+
+    metrics.SIGNING_KEYS.set(len(keyring.jwks()["keys"]))
     return [
         asyncio.create_task(hasher.warm_up()),
         asyncio.create_task(
             _every(
                 keys_reload_interval,
-                keyring.reload_if_changed,
+                reload_keys,
                 "reloading the keys directory failed",
             )
         ),

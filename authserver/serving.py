@@ -10,6 +10,9 @@ its body, which here is small) must be complete within `header_timeout`
 seconds, or the connection is closed. The number of
 connections a process serves at once is bounded by uvicorn's
 `limit_concurrency` (beyond it, a request is answered 503 at once).
+
+With metrics on, the workers (even one) run under uvicorn's supervisor, which
+serves the metrics listener (see `authserver.metrics`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
+
+from authserver import metrics as prometheus
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -80,20 +88,54 @@ def _allow_open_files(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def run(*, host: str, port: int, workers: int, max_connections: int) -> None:
+@dataclass(frozen=True, slots=True)
+class MetricsListener:
+    host: str
+    port: int
+
+
+class MetricsListenerError(Exception):
+    """The metrics listener could not start; the message says where."""
+
+
+def run(
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    max_connections: int,
+    metrics: MetricsListener | None = None,
+) -> None:
     """Serve `authserver.app:app_factory` until stopped (blocking)."""
     _allow_open_files(max_connections + 256)  # the connections, and the files of the process
-    uvicorn.run(
-        "authserver.app:app_factory",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        http=HeaderTimeoutProtocol,
-        limit_concurrency=max_connections,
-        proxy_headers=False,  # AUTHSERVER_TRUSTED_PROXIES decides, in the app
-        server_header=False,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "http": HeaderTimeoutProtocol,
+        "limit_concurrency": max_connections,
+        "proxy_headers": False,  # AUTHSERVER_TRUSTED_PROXIES decides, in the app
+        "server_header": False,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if metrics is None:
+        uvicorn.run("authserver.app:app_factory", **options)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(prometheus.exported(host=metrics.host, port=metrics.port))
+        except OSError as exc:
+            where = f"{metrics.host}:{metrics.port}"
+            raise MetricsListenerError(
+                f"cannot serve metrics on {where}: {exc.strerror or exc}"
+            ) from exc
+        # What `uvicorn.run` does for several workers, for one as well: the workers
+        # start after the multiprocess directory is set, and this process sums them.
+        config = uvicorn.Config("authserver.app:app_factory", **options)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise SystemExit(STARTUP_FAILURE)

@@ -23,6 +23,8 @@ from bench.load import wrk_path
 from bench.runs import FULL, QUICK, Bench, Plan, cores
 
 SECTIONS = ("startup", "protected", "login", "refresh", "memory", "scaling", "purge")
+# Run only when named: what metrics cost /protected (issue 15).
+EXTRA_SECTIONS = ("metrics",)
 DEFAULT_OUT = Path(__file__).resolve().parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -44,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "caches; fewer makes that figure optimistic, which is fine for a smoke test)",
     )
     parser.add_argument(
-        "--only", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})"
+        "--only",
+        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}; "
+        "also metrics: /protected with --metrics-port off and on, in alternating rounds)",
     )
     parser.add_argument(
         "--client",
@@ -109,7 +113,7 @@ class Runner:
         self.args = args
         self.plan = make_plan(args)
         self.only = set(args.only.split(",")) if args.only else set(SECTIONS)
-        unknown = self.only - set(SECTIONS)
+        unknown = self.only - set(SECTIONS) - set(EXTRA_SECTIONS)
         if unknown:
             raise SystemExit(f"unknown sections: {', '.join(sorted(unknown))}")
         client = args.client
@@ -188,6 +192,9 @@ class Runner:
                     "refresh", lambda: bench.refresh(server, url, keys_dir), "refresh", "sqlite"
                 )
             bench.stop(server)
+        if "metrics" in self.only:
+            url, keys_dir = bench.sqlite_target("sqlite")
+            self.section("metrics", lambda: bench.metrics_overhead(url, keys_dir))
         if "memory" in self.only:
 
             def memory() -> dict[str, Any]:

@@ -113,6 +113,17 @@ def targets(results: dict[str, Any]) -> list[Target]:
             purge,
         )
     )
+    overhead = _get(results, "metrics", "overhead")
+    if _ok(overhead):
+        out.append(
+            Target(
+                "15",
+                "/protected server CPU/request, metrics on / off",
+                f"{overhead * 100:+.1f} %",
+                "<= +5 %",
+                overhead <= 0.05,
+            )
+        )
     startup = _get(results, "startup", "median_s")
     if _ok(startup):
         worst = _get(results, "startup", "max_s")
@@ -151,6 +162,13 @@ def details(results: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.0f}" for k, v in p["rps"].items())
             + "   server CPU us/req: "
             + ", ".join(f"{k} {v:.0f}" for k, v in p["cpu_us_per_request"].items())
+        )
+    mt = results.get("metrics")
+    if isinstance(mt, dict) and "cpu_ratio" in mt:
+        cpu, rps = mt["cpu_us_per_request"], mt["rps"]
+        lines.append(
+            f"metrics    /protected CPU us/req off {cpu['off']:.1f}, on {cpu['on']:.1f} "
+            f"({mt['cpu_ratio']:.3f}x); req/s off {rps['off']:.0f}, on {rps['on']:.0f}"
         )
     lg = results.get("login")
     if isinstance(lg, dict) and "login_per_s" in lg:

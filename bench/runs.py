@@ -325,6 +325,69 @@ class Bench:
             "connections": GET_CONNECTIONS,
         }
 
+    # -- metrics overhead (issue 15) --------------------------------------------------
+
+    def metrics_overhead(self, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """/protected (reused token) on two servers alike but for `--metrics-port`.
+
+        Rounds alternate off, on, then on, off; the figure is the median over rounds of
+        the server CPU time per request, on / off (the supervising process of the
+        metered server, which serves the listener, counted in). Throughput is reported
+        too, but on a shared machine it moves with the neighbours' load.
+        """
+        plain = self.start_authserver("metrics-off", database_url, keys_dir)
+        metered = self.start_authserver(
+            "metrics-on", database_url, keys_dir, AUTHSERVER_METRICS_PORT=str(free_port())
+        )
+        try:
+            return self._metrics_overhead({"off": plain, "on": metered}, keys_dir)
+        finally:
+            self.stop(plain)
+            self.stop(metered)
+
+    def _metrics_overhead(self, servers: dict[str, Server], keys_dir: Path) -> dict[str, Any]:
+        plan = self.plan
+        loads = {}
+        for variant, server in servers.items():
+            (token,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
+            loads[variant] = lambda duration, token=token: Load(
+                "tokens", "/protected", duration, GET_CONNECTIONS, tokens=[token]
+            )
+            self._check_errors(
+                f"/protected warm-up (metrics {variant})",
+                self.measure(server, loads[variant](plan.warmup)),
+            )
+        rounds: list[dict[str, Any]] = []
+        order = list(servers)
+        for index in range(plan.rounds):
+            row: dict[str, Any] = {}
+            # off, on; then on, off: whatever favours the first (or second) run of a
+            # round favours each variant equally often.
+            for variant in order if index % 2 == 0 else order[::-1]:
+                server = servers[variant]
+                measured = self.measure(server, loads[variant](plan.duration))
+                self._check_errors(f"/protected (metrics {variant})", measured)
+                row[variant] = measured.as_dict()
+            row["cpu_ratio"] = row["on"]["cpu_us_per_request"] / row["off"]["cpu_us_per_request"]
+            row["rps_ratio"] = row["on"]["rps"] / row["off"]["rps"]
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: CPU us/req off {row['off']['cpu_us_per_request']:.1f}, "
+                f"on {row['on']['cpu_us_per_request']:.1f} ({row['cpu_ratio']:.3f}x); "
+                f"req/s off {row['off']['rps']:.0f}, on {row['on']['rps']:.0f}"
+            )
+        cpu_ratio = median([r["cpu_ratio"] for r in rounds])
+        return {
+            "rounds": rounds,
+            "cpu_us_per_request": {
+                v: median([r[v]["cpu_us_per_request"] for r in rounds]) for v in servers
+            },
+            "rps": {v: median([r[v]["rps"] for r in rounds]) for v in servers},
+            "cpu_ratio": cpu_ratio,
+            "rps_ratio": median([r["rps_ratio"] for r in rounds]),
+            "overhead": cpu_ratio - 1,
+        }
+
     # -- 2. /login -------------------------------------------------------------------
 
     def login(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -31,11 +31,13 @@ from tests.helpers.databases import (
     needs_postgres,
 )
 from tests.helpers.factories import DEFAULT_PASSWORD, seed_user
+from tests.helpers.metrics import scrape, value
 from tests.helpers.procs import ServerPool, ServerProcess, base_env, free_port
 
 pytestmark = [pytest.mark.slow, needs_postgres]
 log = logging.getLogger(__name__)
 RECOVERY_DEADLINE = 30.0
+HTTP_COUNT = "authserver_http_request_duration_seconds_count"
 
 
 class TcpProxy:
@@ -166,7 +168,13 @@ def _assert_unavailable(response: httpx.Response) -> None:
 
 
 async def _start_behind_proxy(
-    pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path, *, name: str
+    pg_url: str,
+    proxy: TcpProxy,
+    pool: ServerPool,
+    keys_dir: Path,
+    *,
+    name: str,
+    args: Sequence[str] = (),
 ) -> ServerProcess:
     """Seed alice, then start a server whose database connections all go through `proxy`."""
     await seed_user(pg_url)
@@ -176,13 +184,16 @@ async def _start_behind_proxy(
         AUTHSERVER_KEYS_DIR=str(keys_dir),
     )
     # The proxy runs on this event loop, so start the server without blocking it.
-    return await asyncio.to_thread(pool.start, env, name=name)
+    return await asyncio.to_thread(pool.start, env, name=name, args=args)
 
 
 async def test_outage_answers_503_and_recovers_without_restart(
     pg_url: str, proxy: TcpProxy, pool: ServerPool, keys_dir: Path
 ) -> None:
-    server = await _start_behind_proxy(pg_url, proxy, pool, keys_dir, name="outage")
+    metrics_port = free_port()
+    server = await _start_behind_proxy(
+        pg_url, proxy, pool, keys_dir, name="outage", args=["--metrics-port", str(metrics_port)]
+    )
     credentials = {"username": "alice", "password": DEFAULT_PASSWORD}
 
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -195,6 +206,9 @@ async def test_outage_answers_503_and_recovers_without_restart(
         health = await _timed("/health", client.get("/health"))
         assert health.status_code == 503
         assert health.json()["status"] == "unavailable"
+        # Liveness touches nothing but the process: a database outage restarts nobody.
+        live = await _timed("/health/live", client.get("/health/live"))
+        assert live.status_code == 200, live.text
         _assert_unavailable(await _timed("/login", client.post("/login", json=credentials)))
         refresh_body = {"refresh_token": tokens["refresh_token"]}
         _assert_unavailable(await _timed("/refresh", client.post("/refresh", json=refresh_body)))
@@ -218,6 +232,13 @@ async def test_outage_answers_503_and_recovers_without_restart(
         again = await client.post("/login", json=credentials)
         assert again.status_code == 200, again.text
         assert (await client.get("/protected", headers=bearer)).status_code == 200
+
+    # /login, /refresh and /token (and /health) met the database down, and said 503.
+    samples = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+    assert value(samples, "authserver_database_errors_total") >= 3
+    for route in ("/health", "/login", "/refresh", "/token"):
+        count = value(samples, HTTP_COUNT, route=route, status="503")
+        assert count >= 1, route
 
     assert server.proc.poll() is None, "the server died during the outage"
     # Every failure above was answered by the StoreUnavailable handler, none by the 500 one.

@@ -1,4 +1,5 @@
-"""Liveness and readiness in one: the database answers and a signing key is loaded."""
+"""Readiness (`/health`: the database answers and a signing key is loaded) and liveness
+(`/health/live`: the process answers, touching nothing else)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ async def health(services: ServicesDep) -> JSON:
         return JSON({"status": "ok"}, headers={"Cache-Control": "no-store"})
     log.warning("health check failed: %s", problem)
     raise UnhealthyError(problem)
+
+
+@router.get("/health/live", response_model=HealthResponse)
+async def live() -> JSON:
+    # Nothing but the event loop: a database outage must not get a healthy process restarted.
+    return JSON({"status": "ok"}, headers={"Cache-Control": "no-store"})

@@ -53,6 +53,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from authserver import metrics
 from authserver.config import Settings
 from authserver.store import rotation
 from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
@@ -278,6 +279,12 @@ def _unavailable(exc: BaseException) -> bool:
     # 57014: a query the server cancelled (its own statement_timeout);
     # 25006: a read-only server, as an old primary is after a failover.
     return sqlstate.startswith(("08", "57P", "53", "3D", "28", "57014", "25006"))
+
+
+def _unavailable_error(exc: BaseException) -> StoreUnavailable:
+    """The one way a driver's failure leaves the store as unavailable, and is counted."""
+    metrics.DATABASE_ERRORS.inc()
+    return StoreUnavailable(type(exc).__name__)
 
 
 def _record(row: Row[Any]) -> RefreshRecord:
@@ -732,7 +739,7 @@ class SqlStore:
         except (TimeoutError, DBAPIError, PoolTimeout, OSError) as exc:
             if isinstance(exc, IntegrityError) or not _unavailable(exc):
                 raise
-            raise StoreUnavailable(str(type(exc).__name__)) from exc
+            raise _unavailable_error(exc) from exc
 
     @contextlib.asynccontextmanager
     async def _write_once(self) -> AsyncIterator[Executor]:
@@ -804,10 +811,10 @@ class SqlStore:
                     delay = min(delay * 2, 0.1 if self._sqlite else 0.5)
                     continue
                 if _retryable(exc) or _unavailable(exc):
-                    raise StoreUnavailable(type(exc).__name__) from exc
+                    raise _unavailable_error(exc) from exc
                 raise
             except (TimeoutError, PoolTimeout, OSError) as exc:
-                raise StoreUnavailable(type(exc).__name__) from exc
+                raise _unavailable_error(exc) from exc
 
     async def ping(self) -> None:
         # A table of ours, not `SELECT 1`: a database without the schema is no use either.
@@ -815,7 +822,7 @@ class SqlStore:
             async with self._read() as conn:
                 await conn.execute(_PING)
         except DBAPIError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise _unavailable_error(exc) from exc
 
     # -- users ---------------------------------------------------------------
 

@@ -117,9 +117,15 @@ class ServerPool:
         self.servers: list[ServerProcess] = []
 
     def spawn(
-        self, env: Mapping[str, str], *, name: str | None = None, workers: int = 1
+        self,
+        env: Mapping[str, str],
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        args: Sequence[str] = (),
     ) -> ServerProcess:
-        """Start a server without waiting for it (start several, then `wait_healthy`)."""
+        """Start a server without waiting for it (start several, then `wait_healthy`);
+        `args` are more options of `serve`."""
         name = name or f"server{len(self.servers)}"
         port = free_port()
         log_path = self.workdir / f"{name}.log"
@@ -136,6 +142,7 @@ class ServerPool:
                 str(port),
                 "--workers",
                 str(workers),
+                *args,
             ],
             env=dict(env),
             cwd=self.workdir,
@@ -149,9 +156,14 @@ class ServerPool:
         return server
 
     def start(
-        self, env: Mapping[str, str], *, name: str | None = None, workers: int = 1
+        self,
+        env: Mapping[str, str],
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        args: Sequence[str] = (),
     ) -> ServerProcess:
-        server = self.spawn(env, name=name, workers=workers)
+        server = self.spawn(env, name=name, workers=workers, args=args)
         server.wait_healthy()
         return server
 
