@@ -22,7 +22,7 @@ from bench import report
 from bench.load import wrk_path
 from bench.runs import FULL, QUICK, Bench, Plan, cores
 
-SECTIONS = ("startup", "protected", "login", "refresh", "memory", "scaling", "purge")
+SECTIONS = ("startup", "protected", "login", "refresh", "clients", "memory", "scaling", "purge")
 DEFAULT_OUT = Path(__file__).resolve().parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -175,7 +175,7 @@ class Runner:
     def _run_all(self, bench: Bench) -> None:
         if "startup" in self.only:
             self.section("startup", bench.startup)
-        if self.only & {"protected", "login", "refresh"}:
+        if self.only & {"protected", "login", "refresh", "clients"}:
             url, keys_dir = bench.sqlite_target("sqlite")
             server = bench.start_authserver("sqlite", url, keys_dir)
             self.results["meta"]["server_runs_on"] = server.runs_on()
@@ -186,6 +186,10 @@ class Runner:
             if "refresh" in self.only:
                 self.section(
                     "refresh", lambda: bench.refresh(server, url, keys_dir), "refresh", "sqlite"
+                )
+            if "clients" in self.only:
+                self.section(
+                    "clients", lambda: bench.clients(server, url, keys_dir), "clients", "sqlite"
                 )
             bench.stop(server)
         if "memory" in self.only:
@@ -199,7 +203,7 @@ class Runner:
                     bench.stop(server)
 
             self.section("memory", memory)
-        if self.only & {"refresh", "scaling"}:
+        if self.only & {"refresh", "scaling", "clients"}:
             self._postgres(bench)
         if "purge" in self.only:
             self.section("purge", bench.purge)
@@ -212,8 +216,9 @@ class Runner:
         )
         if why:
             self.say(f"PostgreSQL skipped: {why}")
-            if "refresh" in self.only:
-                self.results.setdefault("refresh", {})["postgresql"] = {"skipped": why}
+            for name in ("refresh", "clients"):
+                if name in self.only:
+                    self.results.setdefault(name, {})["postgresql"] = {"skipped": why}
             if "scaling" in self.only:
                 self.results["scaling"] = {"skipped": why}
             return
@@ -230,6 +235,13 @@ class Runner:
                     "refresh",
                     lambda: bench.refresh(servers[1], url, keys_dir),
                     "refresh",
+                    "postgresql",
+                )
+            if "clients" in self.only:
+                self.section(
+                    "clients",
+                    lambda: bench.clients(servers[1], url, keys_dir),
+                    "clients",
                     "postgresql",
                 )
             if "scaling" in self.only:
@@ -257,8 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {wrote} in {results['meta']['seconds']:.0f} s")
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     failed += [
-        f"refresh/{k}"
-        for k, v in (results.get("refresh") or {}).items()
+        f"{section}/{k}"
+        for section in ("refresh", "clients")
+        for k, v in (results.get(section) or {}).items()
         if isinstance(v, dict) and "error" in v
     ]
     if failed:

@@ -68,6 +68,27 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 value >= 0.50 and errors == 0,
             )
         )
+    for backend in ("sqlite", "postgresql"):
+        for key, name, limit in (
+            ("client_credentials", "client_credentials / sign-only /token", 0.85),
+            ("introspect", "introspection, valid token / bare", 0.60),
+        ):
+            value = _get(results, "clients", backend, f"{key}_ratio")
+            label = f"{name}, {backend}"
+            if not _ok(value):
+                reason = _get(results, "clients", backend, "skipped") or "not measured"
+                out.append(Target("6", label, reason, f">= {limit:.2f}x, 0 errors", None))
+                continue
+            errors = _get(results, "clients", backend, "errors", key)
+            out.append(
+                Target(
+                    "6",
+                    label,
+                    f"{value:.2f}x, {errors} errors",
+                    f">= {limit:.2f}x, 0 errors",
+                    value >= limit and errors == 0,
+                )
+            )
     speedup = _get(results, "scaling", "speedup")
     if isinstance(speedup, dict) and speedup:
         figure = ", ".join(
@@ -168,6 +189,15 @@ def details(results: dict[str, Any]) -> str:
                 f"vs sign {r['sign_per_s']:.0f}/s;"
                 f" server CPU us/req: refresh {cpu['refresh']:.0f}, sign {cpu['sign']:.0f}"
             )
+    for backend, c in (results.get("clients") or {}).items():
+        if isinstance(c, dict) and "rps" in c:
+            rps, cpu = c["rps"], c["cpu_us_per_request"]
+            lines.append(
+                f"/token cc   {backend}: {rps['client_credentials']:.0f}/s vs sign "
+                f"{rps['sign']:.0f}/s; /introspect {rps['introspect']:.0f}/s vs bare "
+                f"{rps['bare']:.0f}/s; server CPU us/req: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+            )
     m = results.get("memory")
     if isinstance(m, dict) and "rows" in m:
         lines.append(
@@ -184,13 +214,13 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
-    """Six panels: the ratios against their targets, CPU per request, scaling, memory."""
+    """The ratios against their targets, CPU per request, scaling, memory, clients."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12.5))
     mode = results.get("meta", {}).get("mode", "")
     fig.suptitle(
         f"authserver benchmark ({mode} mode): ratios to baselines measured in the same run, medians"
@@ -295,9 +325,44 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("server RSS, MB")
         ax.set_title("4. memory while refreshing (SQLite)")
         ax.legend()
+    _clients_panels(results, axes[2][0], axes[2][1], bars)
+    axes[2][2].axis("off")
     for ax in (a for row in axes for a in row):
-        if not ax.has_data():
+        if ax.axison and not ax.has_data():
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _clients_panels(results: dict[str, Any], ratios: Any, cpu: Any, bars: Any) -> None:
+    """Issue 12's two ratios per database, and the CPU per request behind them."""
+    clients = results.get("clients") or {}
+    measured = [b for b in ("sqlite", "postgresql") if "rps" in (clients.get(b) or {})]
+    if measured:
+        short = {"sqlite": "sqlite", "postgresql": "pg"}
+        bars(
+            ratios,
+            [
+                f"{kind}\n({short[b]})"
+                for b in measured
+                for kind in ("client_credentials", "introspect")
+            ],
+            [
+                clients[b][f"{k}_ratio"]
+                for b in measured
+                for k in ("client_credentials", "introspect")
+            ],
+            [goal for _ in measured for goal in (0.85, 0.60)],
+            "6. /token client_credentials / sign-only; /introspect / bare",
+        )
+        ax = cpu
+        labels, values = [], []
+        for b in measured:
+            for k, v in clients[b]["cpu_us_per_request"].items():
+                labels.append(f"{k.replace('client_credentials', 'cc')}\n({short[b]})")
+                values.append(v)
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_ylabel("server CPU µs per request")
+        ax.set_title("6. CPU time per request: clients and their peers")
