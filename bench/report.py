@@ -16,6 +16,21 @@ class Target:
     figure: str
     required: str
     passed: bool | None  # None: not measured
+    spread: str = ""  # lowest to highest over the rounds
+    cpu: str = ""  # server CPU per request, and the baseline's
+
+
+def _spread(rounds: Any, key: str, fmt: str = "{:.2f}x") -> str:
+    values = [r[key] for r in rounds or () if isinstance(r, dict) and _ok(r.get(key))]
+    if len(values) < 2:
+        return ""
+    return f"{fmt.format(min(values))} to {fmt.format(max(values))}"
+
+
+def _cpu(cpu: Any, *names: str) -> str:
+    if not isinstance(cpu, dict) or not all(_ok(cpu.get(n)) for n in names):
+        return ""
+    return ", ".join(f"{n.replace('_', ' ')} {cpu[n]:,.0f} µs" for n in names)
 
 
 def _get(results: dict[str, Any], *path: str) -> Any:
@@ -36,19 +51,38 @@ def targets(results: dict[str, Any]) -> list[Target]:
     out: list[Target] = []
 
     def ratio(
-        tid: str, name: str, path: tuple[str, ...], limit: float, *, most: bool = False
+        tid: str,
+        name: str,
+        path: tuple[str, ...],
+        limit: float,
+        *,
+        most: bool = False,
+        cpu: str = "",
     ) -> None:
         value = _get(results, *path)
         if not _ok(value):
             out.append(Target(tid, name, "not measured", f"{'<=' if most else '>='} {limit}", None))
             return
         passed = value <= limit if most else value >= limit
-        out.append(
-            Target(tid, name, f"{value:.2f}x", f"{'<=' if most else '>='} {limit:.2f}x", passed)
-        )
+        spread = _spread(_get(results, path[0], "rounds"), path[-1])
+        required = f"{'<=' if most else '>='} {limit:.2f}x"
+        out.append(Target(tid, name, f"{value:.2f}x", required, passed, spread, cpu))
 
-    ratio("1a", "/protected, reused token / bare FastAPI", ("protected", "reused_ratio"), 0.80)
-    ratio("1b", "/protected, fresh token / bare FastAPI", ("protected", "fresh_ratio"), 0.55)
+    protected_cpu = _get(results, "protected", "cpu_us_per_request")
+    ratio(
+        "1a",
+        "/protected, reused token / bare FastAPI",
+        ("protected", "reused_ratio"),
+        0.80,
+        cpu=_cpu(protected_cpu, "reused", "bare"),
+    )
+    ratio(
+        "1b",
+        "/protected, fresh token / bare FastAPI",
+        ("protected", "fresh_ratio"),
+        0.55,
+        cpu=_cpu(protected_cpu, "fresh", "bare"),
+    )
     ratio("2a", "/login (bcrypt 12) / bcrypt bound", ("login", "login_ratio"), 0.85)
     ratio("2b", "/protected p99 under logins / idle", ("login", "p99_ratio"), 2.0, most=True)
     for backend in ("sqlite", "postgresql"):
@@ -66,12 +100,14 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 f"{value:.2f}x, {errors} errors",
                 ">= 0.50x, 0 errors",
                 value >= 0.50 and errors == 0,
+                _spread(_get(results, "refresh", backend, "rounds"), "ratio"),
+                _cpu(_get(results, "refresh", backend, "cpu_us_per_request"), "refresh", "sign"),
             )
         )
     for backend in ("sqlite", "postgresql"):
-        for key, name, limit in (
-            ("client_credentials", "client_credentials / sign-only /token", 0.85),
-            ("introspect", "introspection, valid token / bare", 0.60),
+        for key, name, limit, peer in (
+            ("client_credentials", "client_credentials / sign-only /token", 0.85, "sign"),
+            ("introspect", "introspection, valid token / bare", 0.60, "bare"),
         ):
             value = _get(results, "clients", backend, f"{key}_ratio")
             label = f"{name}, {backend}"
@@ -87,6 +123,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
                     f"{value:.2f}x, {errors} errors",
                     f">= {limit:.2f}x, 0 errors",
                     value >= limit and errors == 0,
+                    _spread(_get(results, "clients", backend, "rounds"), f"{key}_ratio"),
+                    _cpu(_get(results, "clients", backend, "cpu_us_per_request"), key, peer),
                 )
             )
     speedup = _get(results, "scaling", "speedup")
@@ -206,6 +244,54 @@ def details(results: dict[str, Any]) -> str:
             f" rows after: {m['rows']}"
         )
     return "\n".join(lines)
+
+
+README_START = "<!-- bench:results (written by python -m bench; edits here are overwritten) -->"
+README_END = "<!-- /bench:results -->"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's results: how the run was made, on what, and the verdicts."""
+    meta = results.get("meta", {})
+    idle = meta.get("idle_share_before")
+    load = meta.get("loadavg_before") or [math.nan]
+    machine = (
+        f"{meta.get('cores', '?')} cores ({meta.get('machine', '?')}), Python "
+        f"{meta.get('python', '?')}, load generator {meta.get('client', '?')}"
+    )
+    lines = [
+        f"**Results** of `{meta.get('command', 'python -m bench')}` ({meta.get('mode', '?')} "
+        f"mode, {meta.get('date', '?')}, {meta.get('seconds', 0):.0f} s) on {machine}; "
+        "`bench/results.json` has every round.",
+        "",
+        "Machine idle before the run: "
+        + (f"**{idle:.0%}**" if _ok(idle) else "not measured")
+        + f" (load average {load[0]:.2f}). Figures are medians of the per-round ratios; "
+        "the spread is the lowest and highest round.",
+        "",
+        "| # | target | achieved | spread over rounds | server CPU per request | required | |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in targets(results):
+        verdict = "-" if t.passed is None else "pass" if t.passed else "**MISS**"
+        lines.append(
+            f"| {t.id} | {t.name} | {t.figure} | {t.spread} | {t.cpu} | {t.required} | {verdict} |"
+        )
+    detail = details(results)
+    if detail:
+        lines += ["", "```text", detail, "```"]
+    lines += ["", "![benchmark results](bench/results.png)"]
+    return "\n".join(lines)
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> None:
+    """Replace what stands between the README's results markers with this run's."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+    body = f"{README_START}\n{markdown(results)}\n"
+    readme.write_text(text[:start] + body + text[end:])
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
