@@ -343,7 +343,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             [0.80, 0.55],
             "1. /protected throughput / bare FastAPI (dashed: target)",
         )
-        axes[0][0].set_ylim(0, 1.15)
+        axes[0][0].set_ylim(0, max(1.15, p["reused_ratio"] * 1.1, p["fresh_ratio"] * 1.1))
     lg = results.get("login") or {}
     if "login_ratio" in lg:
         bars(
@@ -430,7 +430,7 @@ def _clients_panels(results: dict[str, Any], ratios: Any, cpu: Any, bars: Any) -
         bars(
             ratios,
             [
-                f"{kind}\n({short[b]})"
+                f"{kind.replace('client_credentials', 'client creds')}\n({short[b]})"
                 for b in measured
                 for kind in ("client_credentials", "introspect")
             ],
