@@ -141,10 +141,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_oauth2_redirect_url=None,
     )
     install_error_handlers(app)
+    # /protected first: routes are matched in order, and it is the hottest GET.
     for router in (
+        protected.router,
         token.router,
         introspect.router,
-        protected.router,
         sessions.router,
         wellknown.router,
         health.router,

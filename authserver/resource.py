@@ -35,7 +35,7 @@ import binascii
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
@@ -72,6 +72,7 @@ __all__ = [
     "error_response",
     "install_error_handler",
     "require_token",
+    "token_claims",
 ]
 
 log = logging.getLogger("authserver.resource")
@@ -529,23 +530,15 @@ ValidatorGetter = Callable[[Request], Validator]
 _bearer = HTTPBearer(auto_error=False, description="An access token from the auth server.")
 
 
-def require_token(
-    validator: Validator | ValidatorGetter,
-    scopes: Iterable[str] = (),
-    *,
-    scheme: Callable[..., Any] | None = None,
-) -> Callable[..., Any]:
-    """A FastAPI dependency that returns the `AccessClaims` of the request's bearer token.
+ClaimsOfRequest = Callable[[Request], Awaitable[AccessClaims]]
 
-    `validator` is a `TokenValidator` (or any `Validator`), or a function of the
-    request returning one (for a validator built in the app's lifespan). Every
-    scope in `scopes` must be granted, else 403 `insufficient_scope`. `scheme`
-    is what the OpenAPI document advertises (`HTTPBearer` by default; pass an
-    `OAuth2PasswordBearer` to give the Swagger UI a login form). The app needs
-    `install_error_handler(app)` so the errors become RFC 6750 responses.
-    """
-    required = tuple(scopes)
-    security = scheme or _bearer
+
+def _claims_checker(
+    validator: Validator | ValidatorGetter, required: tuple[str, ...]
+) -> Callable[[Request, Any], Awaitable[AccessClaims]]:
+    """The one check behind `require_token` and `token_claims`: the bearer token the
+    scheme found (`credentials`), exactly one Authorization header, the validator,
+    the required scopes."""
     get_validator: ValidatorGetter
     if isinstance(validator, Validator):
         fixed = validator
@@ -553,11 +546,7 @@ def require_token(
     else:
         get_validator = validator
 
-    # Annotations are strings here (`from __future__`), so the security
-    # dependency goes in the default, where FastAPI reads it as an object.
-    async def claims_dependency(
-        request: Request, credentials: Any = Security(security, scopes=list(required))
-    ) -> AccessClaims:
+    async def check(request: Request, credentials: Any) -> AccessClaims:
         token = (
             credentials.credentials
             if isinstance(credentials, HTTPAuthorizationCredentials)
@@ -577,4 +566,51 @@ def require_token(
                 )
         return claims
 
+    return check
+
+
+def require_token(
+    validator: Validator | ValidatorGetter,
+    scopes: Iterable[str] = (),
+    *,
+    scheme: Callable[..., Any] | None = None,
+) -> Callable[..., Any]:
+    """A FastAPI dependency that returns the `AccessClaims` of the request's bearer token.
+
+    `validator` is a `TokenValidator` (or any `Validator`), or a function of the
+    request returning one (for a validator built in the app's lifespan). Every
+    scope in `scopes` must be granted, else 403 `insufficient_scope`. `scheme`
+    is what the OpenAPI document advertises (`HTTPBearer` by default; pass an
+    `OAuth2PasswordBearer` to give the Swagger UI a login form). The app needs
+    `install_error_handler(app)` so the errors become RFC 6750 responses.
+    """
+    required = tuple(scopes)
+    security = scheme or _bearer
+    check = _claims_checker(validator, required)
+
+    # Annotations are strings here (`from __future__`), so the security
+    # dependency goes in the default, where FastAPI reads it as an object.
+    async def claims_dependency(
+        request: Request, credentials: Any = Security(security, scopes=list(required))
+    ) -> AccessClaims:
+        return await check(request, credentials)
+
     return claims_dependency
+
+
+def token_claims(
+    validator: Validator | ValidatorGetter,
+    scopes: Iterable[str] = (),
+    *,
+    scheme: Callable[..., Any] | None = None,
+) -> ClaimsOfRequest:
+    """`require_token`'s check as a plain function of the request, for a handler that
+    reads the request itself: the same scheme, the same answers, without FastAPI's
+    dependency resolution (which costs more than a cached token's check)."""
+    security = scheme or _bearer
+    check = _claims_checker(validator, tuple(scopes))
+
+    async def claims_of(request: Request) -> AccessClaims:
+        return await check(request, await security(request))
+
+    return claims_of

@@ -10,11 +10,10 @@ Every failure, whatever raised it, becomes `InvalidTokenError`.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,7 +31,10 @@ from authserver.keys import ALGORITHMS, KeyRing
 ACCESS_TOKEN_TYPE = "at+jwt"
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 MAX_TOKEN_LENGTH = 8192
-_B64URL = re.compile(rb"[A-Za-z0-9_-]+")
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+# A segment of 4n+2 characters ends in 4 unused bits, of 4n+3 in 2 (RFC 4648 §3.5).
+_UNUSED_BITS = {2: 0x0F, 3: 0x03}
 
 
 class UnknownKeyError(InvalidTokenError):
@@ -123,17 +125,20 @@ def mint_access_token(
 
 
 def _b64decode(segment: bytes) -> bytes:
-    # RFC 7515 §2: base64url without padding; reject any other spelling.
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    # RFC 7515 §2: base64url without padding; reject any other spelling. Checked
+    # with C-level byte operations: this runs three times per fresh token.
+    size = len(segment) % 4
+    if not segment or size == 1 or segment.translate(None, _B64URL_ALPHABET):
         raise InvalidTokenError("The access token is malformed.")
+    if size:
+        # Unused low bits in the last character would give one value many spellings.
+        if _B64URL_ALPHABET.index(segment[-1]) & _UNUSED_BITS[size]:
+            raise InvalidTokenError("The access token is malformed.")
+        segment += b"=" * (4 - size)
     try:
-        decoded = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError) as exc:
+        return binascii.a2b_base64(segment.translate(_URLSAFE_TO_STANDARD), strict_mode=True)
+    except binascii.Error as exc:
         raise InvalidTokenError("The access token is malformed.") from exc
-    # Unused low bits in the last character would give one value many spellings.
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != segment:
-        raise InvalidTokenError("The access token is malformed.")
-    return decoded
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -224,7 +229,10 @@ class AccessTokenVerifier:
     Verified tokens are remembered (keyed by the exact token string, until their
     `exp`, forgotten whenever the key set changes), so a client that reuses its
     token costs one dictionary lookup. Another spelling of the same token is a
-    miss and gets the full check.
+    miss and gets the full check. At most `cache_size` are kept, the least
+    recently used going first: an `OrderedDict`, whose eviction costs the same
+    however many entries came and went (a plain dict's `next(iter(...))` walks
+    over the holes its deletions leave: 10 µs a fresh token, measured).
     """
 
     def __init__(
@@ -243,7 +251,7 @@ class AccessTokenVerifier:
         self._leeway = leeway
         self._clock = clock
         self._cache_size = cache_size
-        self._cache: dict[str, AccessClaims] = {}
+        self._cache: OrderedDict[str, AccessClaims] = OrderedDict()
         self._generation = keys.generation
 
     def verify(self, token: str) -> AccessClaims:
@@ -255,13 +263,13 @@ class AccessTokenVerifier:
         cached = self._cache.get(token)
         if cached is not None:
             if now < cached.exp + self._leeway:
+                self._cache.move_to_end(token)
                 return cached
             del self._cache[token]
         claims = self._verify(token, now)
         if self._cache_size:
             if len(self._cache) >= self._cache_size:
-                # Drop the oldest entry (dicts keep insertion order).
-                self._cache.pop(next(iter(self._cache)))
+                self._cache.popitem(last=False)
             self._cache[token] = claims
         return claims
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -22,10 +23,11 @@ from bench import report
 from bench.load import wrk_path
 from bench.runs import FULL, QUICK, Bench, Plan, cores
 
-SECTIONS = ("startup", "protected", "login", "refresh", "memory", "scaling", "purge")
+SECTIONS = ("startup", "protected", "login", "refresh", "clients", "memory", "scaling", "purge")
 # Run only when named: what metrics cost /protected (issue 15).
 EXTRA_SECTIONS = ("metrics",)
 DEFAULT_OUT = Path(__file__).resolve().parent
+README = DEFAULT_OUT.parent / "README.md"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -66,7 +68,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--readme",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="write the figures into README.md's benchmark results (auto: after a full run "
+        "of every section to the default --out)",
+    )
+    parser.add_argument(
+        "--render-readme",
+        action="store_true",
+        help="run nothing: write --out's results.json into README.md's benchmark results",
+    )
     return parser.parse_args(argv)
+
+
+def idle_share(seconds: float = 3.0) -> float:
+    """The share of the machine's CPU time that was idle over `seconds` (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (idle1 - idle0) / max(1, total1 - total0)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -109,8 +139,9 @@ def versions() -> dict[str, str]:
 
 
 class Runner:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, argv: list[str] | None = None) -> None:
         self.args = args
+        self.argv = list(sys.argv[1:] if argv is None else argv)
         self.plan = make_plan(args)
         self.only = set(args.only.split(",")) if args.only else set(SECTIONS)
         unknown = self.only - set(SECTIONS) - set(EXTRA_SECTIONS)
@@ -161,6 +192,10 @@ class Runner:
             "python": platform.python_version(),
             "versions": versions(),
             "loadavg_before": os.getloadavg(),
+            "command": " ".join(["python -m bench", *self.argv]),
+            # How much of the machine was free before the run: figures from a machine
+            # that other jobs share are low and noisy (ratios much less so).
+            "idle_share_before": idle_share(1.0 if self.plan.name == "quick" else 3.0),
         }
         self.say(
             f"mode {self.plan.name}, client {self.client}, {cores()} cores, "
@@ -179,7 +214,7 @@ class Runner:
     def _run_all(self, bench: Bench) -> None:
         if "startup" in self.only:
             self.section("startup", bench.startup)
-        if self.only & {"protected", "login", "refresh"}:
+        if self.only & {"protected", "login", "refresh", "clients"}:
             url, keys_dir = bench.sqlite_target("sqlite")
             server = bench.start_authserver("sqlite", url, keys_dir)
             self.results["meta"]["server_runs_on"] = server.runs_on()
@@ -190,6 +225,10 @@ class Runner:
             if "refresh" in self.only:
                 self.section(
                     "refresh", lambda: bench.refresh(server, url, keys_dir), "refresh", "sqlite"
+                )
+            if "clients" in self.only:
+                self.section(
+                    "clients", lambda: bench.clients(server, url, keys_dir), "clients", "sqlite"
                 )
             bench.stop(server)
         if "metrics" in self.only:
@@ -206,7 +245,7 @@ class Runner:
                     bench.stop(server)
 
             self.section("memory", memory)
-        if self.only & {"refresh", "scaling"}:
+        if self.only & {"refresh", "scaling", "clients"}:
             self._postgres(bench)
         if "purge" in self.only:
             self.section("purge", bench.purge)
@@ -219,8 +258,9 @@ class Runner:
         )
         if why:
             self.say(f"PostgreSQL skipped: {why}")
-            if "refresh" in self.only:
-                self.results.setdefault("refresh", {})["postgresql"] = {"skipped": why}
+            for name in ("refresh", "clients"):
+                if name in self.only:
+                    self.results.setdefault(name, {})["postgresql"] = {"skipped": why}
             if "scaling" in self.only:
                 self.results["scaling"] = {"skipped": why}
             return
@@ -239,6 +279,13 @@ class Runner:
                     "refresh",
                     "postgresql",
                 )
+            if "clients" in self.only:
+                self.section(
+                    "clients",
+                    lambda: bench.clients(servers[1], url, keys_dir),
+                    "clients",
+                    "postgresql",
+                )
             if "scaling" in self.only:
                 self.section("scaling", lambda: bench.scaling(servers, url, keys_dir))
         finally:
@@ -248,7 +295,12 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    runner = Runner(args)
+    if args.render_readme:
+        results = json.loads((args.out / "results.json").read_text())
+        report.update_readme(results, README)
+        print(f"wrote {args.out / 'results.json'} into {README}")
+        return
+    runner = Runner(args, argv)
     results = runner.run()
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(results, args.out / "results.json")
@@ -262,10 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report.details(results))
     print(f"\nwrote {wrote} in {results['meta']['seconds']:.0f} s")
+    whole = args.out == DEFAULT_OUT and runner.only == set(SECTIONS) and not args.quick
+    if args.readme == "yes" or (args.readme == "auto" and whole):
+        report.update_readme(results, README)
+        print(f"wrote the figures into {README}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     failed += [
-        f"refresh/{k}"
-        for k, v in (results.get("refresh") or {}).items()
+        f"{section}/{k}"
+        for section in ("refresh", "clients")
+        for k, v in (results.get(section) or {}).items()
         if isinstance(v, dict) and "error" in v
     ]
     if failed:

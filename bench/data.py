@@ -31,7 +31,14 @@ LOGIN_BCRYPT_ROUNDS = 12  # the cost the /login target is stated for
 CACHE_SIZE_IF_UNKNOWN = 10_000
 
 
-def cli(database_url: str, keys_dir: Path, *args: str, stdin: str = "", **env: str) -> str:
+def cli(
+    database_url: str,
+    keys_dir: Path,
+    *args: str,
+    stdin: str = "",
+    stdout_only: bool = False,
+    **env: str,
+) -> str:
     """Run `authserver ARGS` against a database and keys directory; its output."""
     done = subprocess.run(
         [*authserver_command(), *args],
@@ -44,7 +51,7 @@ def cli(database_url: str, keys_dir: Path, *args: str, stdin: str = "", **env: s
     )
     if done.returncode != 0:
         raise RuntimeError(f"authserver {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-    return done.stdout + done.stderr
+    return done.stdout if stdout_only else done.stdout + done.stderr
 
 
 def make_keys(keys_dir: Path, database_url: str, count: int = 1) -> None:
@@ -66,6 +73,23 @@ def add_user(
         stdin=password + "\n",
         AUTHSERVER_BCRYPT_ROUNDS=str(rounds),
     )
+
+
+def add_confidential_client(database_url: str, keys_dir: Path, client_id: str) -> str:
+    """Register a confidential client (client_credentials, the read scope); its secret."""
+    out = cli(
+        database_url,
+        keys_dir,
+        "clients",
+        "add",
+        client_id,
+        "--grant",
+        "client_credentials",
+        "--scope",
+        "read",
+        stdout_only=True,
+    )
+    return out.strip().splitlines()[0]
 
 
 def verifier_cache_size() -> int:

@@ -5,7 +5,8 @@ Kinds:
 
 - `get`: GET `path` with fixed `headers`, as fast as `connections` allow;
 - `tokens`: GET `path` with a different access token from `tokens` per request;
-- `post`: POST `body` (JSON) to `path`;
+- `post`: POST `body` (JSON, unless `headers` name a Content-Type) to `path`; with
+  `expect_body`, an answer that does not contain it counts as an error;
 - `refresh`: POST /refresh, `tokens` being one refresh token per family; each
   family is rotated by one request at a time, its successor taken from the answer;
 - `probe`: like `get` on one connection, pausing `delay_ms` between requests.
@@ -39,6 +40,7 @@ class Load:
     offset: int = 0
     delay_ms: float = 0.0
     timeout: float = 10.0
+    expect_body: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def run_wrk(base_url: str, load: Load) -> LoadResult:
             tokens_file.write_text("\n".join(load.tokens) + "\n")
             args = [str(tokens_file), str(threads), str(load.offset // threads)]
         elif load.kind == "post":
-            args = [load.body]
+            args = [load.body, load.expect_body]
         elif load.kind == "probe":
             args = [str(max(0, round(load.delay_ms)))]
         command = [

@@ -72,7 +72,7 @@ class _Worker:
             headers["Authorization"] = f"Bearer {tokens[self.position]}"
             return _request("GET", self.hostport, spec["path"], headers, b"")
         if kind in ("post", "refresh"):
-            headers["Content-Type"] = "application/json"
+            headers.setdefault("Content-Type", "application/json")
             body = spec["body"]
             if kind == "refresh":
                 # Taken off the queue for good: an answer puts the successor back.
@@ -116,6 +116,9 @@ class _Worker:
                     self.queue.append(found.group(1).decode())
                 else:
                     good = False
+            expected = self.spec["expect_body"]
+            if expected and expected.encode() not in body:
+                good = False
             if not good:
                 self.errors += 1
             if close:
@@ -167,6 +170,7 @@ def run_python(base_url: str, load: Load) -> LoadResult:
                 "delay_ms": load.delay_ms if load.kind == "probe" else 0.0,
                 "timeout": load.timeout,
                 "expect": 200,
+                "expect_body": load.expect_body,
                 "connections": len(range(index, connections, processes)),
                 "start": start,
                 "duration": load.duration,

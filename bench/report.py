@@ -16,6 +16,21 @@ class Target:
     figure: str
     required: str
     passed: bool | None  # None: not measured
+    spread: str = ""  # lowest to highest over the rounds
+    cpu: str = ""  # server CPU per request, and the baseline's
+
+
+def _spread(rounds: Any, key: str, fmt: str = "{:.2f}x") -> str:
+    values = [r[key] for r in rounds or () if isinstance(r, dict) and _ok(r.get(key))]
+    if len(values) < 2:
+        return ""
+    return f"{fmt.format(min(values))} to {fmt.format(max(values))}"
+
+
+def _cpu(cpu: Any, *names: str) -> str:
+    if not isinstance(cpu, dict) or not all(_ok(cpu.get(n)) for n in names):
+        return ""
+    return ", ".join(f"{n.replace('_', ' ')} {cpu[n]:,.0f} µs" for n in names)
 
 
 def _get(results: dict[str, Any], *path: str) -> Any:
@@ -36,19 +51,38 @@ def targets(results: dict[str, Any]) -> list[Target]:
     out: list[Target] = []
 
     def ratio(
-        tid: str, name: str, path: tuple[str, ...], limit: float, *, most: bool = False
+        tid: str,
+        name: str,
+        path: tuple[str, ...],
+        limit: float,
+        *,
+        most: bool = False,
+        cpu: str = "",
     ) -> None:
         value = _get(results, *path)
         if not _ok(value):
             out.append(Target(tid, name, "not measured", f"{'<=' if most else '>='} {limit}", None))
             return
         passed = value <= limit if most else value >= limit
-        out.append(
-            Target(tid, name, f"{value:.2f}x", f"{'<=' if most else '>='} {limit:.2f}x", passed)
-        )
+        spread = _spread(_get(results, path[0], "rounds"), path[-1])
+        required = f"{'<=' if most else '>='} {limit:.2f}x"
+        out.append(Target(tid, name, f"{value:.2f}x", required, passed, spread, cpu))
 
-    ratio("1a", "/protected, reused token / bare FastAPI", ("protected", "reused_ratio"), 0.80)
-    ratio("1b", "/protected, fresh token / bare FastAPI", ("protected", "fresh_ratio"), 0.55)
+    protected_cpu = _get(results, "protected", "cpu_us_per_request")
+    ratio(
+        "1a",
+        "/protected, reused token / bare FastAPI",
+        ("protected", "reused_ratio"),
+        0.80,
+        cpu=_cpu(protected_cpu, "reused", "bare"),
+    )
+    ratio(
+        "1b",
+        "/protected, fresh token / bare FastAPI",
+        ("protected", "fresh_ratio"),
+        0.55,
+        cpu=_cpu(protected_cpu, "fresh", "bare"),
+    )
     ratio("2a", "/login (bcrypt 12) / bcrypt bound", ("login", "login_ratio"), 0.85)
     ratio("2b", "/protected p99 under logins / idle", ("login", "p99_ratio"), 2.0, most=True)
     for backend in ("sqlite", "postgresql"):
@@ -66,8 +100,33 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 f"{value:.2f}x, {errors} errors",
                 ">= 0.50x, 0 errors",
                 value >= 0.50 and errors == 0,
+                _spread(_get(results, "refresh", backend, "rounds"), "ratio"),
+                _cpu(_get(results, "refresh", backend, "cpu_us_per_request"), "refresh", "sign"),
             )
         )
+    for backend in ("sqlite", "postgresql"):
+        for key, name, limit, peer in (
+            ("client_credentials", "client_credentials / sign-only /token", 0.85, "sign"),
+            ("introspect", "introspection, valid token / bare", 0.60, "bare"),
+        ):
+            value = _get(results, "clients", backend, f"{key}_ratio")
+            label = f"{name}, {backend}"
+            if not _ok(value):
+                reason = _get(results, "clients", backend, "skipped") or "not measured"
+                out.append(Target("6", label, reason, f">= {limit:.2f}x, 0 errors", None))
+                continue
+            errors = _get(results, "clients", backend, "errors", key)
+            out.append(
+                Target(
+                    "6",
+                    label,
+                    f"{value:.2f}x, {errors} errors",
+                    f">= {limit:.2f}x, 0 errors",
+                    value >= limit and errors == 0,
+                    _spread(_get(results, "clients", backend, "rounds"), f"{key}_ratio"),
+                    _cpu(_get(results, "clients", backend, "cpu_us_per_request"), key, peer),
+                )
+            )
     speedup = _get(results, "scaling", "speedup")
     if isinstance(speedup, dict) and speedup:
         figure = ", ".join(
@@ -186,6 +245,15 @@ def details(results: dict[str, Any]) -> str:
                 f"vs sign {r['sign_per_s']:.0f}/s;"
                 f" server CPU us/req: refresh {cpu['refresh']:.0f}, sign {cpu['sign']:.0f}"
             )
+    for backend, c in (results.get("clients") or {}).items():
+        if isinstance(c, dict) and "rps" in c:
+            rps, cpu = c["rps"], c["cpu_us_per_request"]
+            lines.append(
+                f"/token cc   {backend}: {rps['client_credentials']:.0f}/s vs sign "
+                f"{rps['sign']:.0f}/s; /introspect {rps['introspect']:.0f}/s vs bare "
+                f"{rps['bare']:.0f}/s; server CPU us/req: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+            )
     m = results.get("memory")
     if isinstance(m, dict) and "rows" in m:
         lines.append(
@@ -196,19 +264,67 @@ def details(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+README_START = "<!-- bench:results (written by python -m bench; edits here are overwritten) -->"
+README_END = "<!-- /bench:results -->"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's results: how the run was made, on what, and the verdicts."""
+    meta = results.get("meta", {})
+    idle = meta.get("idle_share_before")
+    load = meta.get("loadavg_before") or [math.nan]
+    machine = (
+        f"{meta.get('cores', '?')} cores ({meta.get('machine', '?')}), Python "
+        f"{meta.get('python', '?')}, load generator {meta.get('client', '?')}"
+    )
+    lines = [
+        f"**Results** of `{meta.get('command', 'python -m bench')}` ({meta.get('mode', '?')} "
+        f"mode, {meta.get('date', '?')}, {meta.get('seconds', 0):.0f} s) on {machine}; "
+        "`bench/results.json` has every round.",
+        "",
+        "Machine idle before the run: "
+        + (f"**{idle:.0%}**" if _ok(idle) else "not measured")
+        + f" (load average {load[0]:.2f}). Figures are medians of the per-round ratios; "
+        "the spread is the lowest and highest round.",
+        "",
+        "| # | target | achieved | spread over rounds | server CPU per request | required | |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in targets(results):
+        verdict = "-" if t.passed is None else "pass" if t.passed else "**MISS**"
+        lines.append(
+            f"| {t.id} | {t.name} | {t.figure} | {t.spread} | {t.cpu} | {t.required} | {verdict} |"
+        )
+    detail = details(results)
+    if detail:
+        lines += ["", "```text", detail, "```"]
+    lines += ["", "![benchmark results](bench/results.png)"]
+    return "\n".join(lines)
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> None:
+    """Replace what stands between the README's results markers with this run's."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+    body = f"{README_START}\n{markdown(results)}\n"
+    readme.write_text(text[:start] + body + text[end:])
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
     document = {**results, "targets": [asdict(t) for t in targets(results)]}
     path.write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
-    """Six panels: the ratios against their targets, CPU per request, scaling, memory."""
+    """The ratios against their targets, CPU per request, scaling, memory, clients."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12.5))
     mode = results.get("meta", {}).get("mode", "")
     fig.suptitle(
         f"authserver benchmark ({mode} mode): ratios to baselines measured in the same run, medians"
@@ -245,7 +361,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             [0.80, 0.55],
             "1. /protected throughput / bare FastAPI (dashed: target)",
         )
-        axes[0][0].set_ylim(0, 1.15)
+        axes[0][0].set_ylim(0, max(1.15, p["reused_ratio"] * 1.1, p["fresh_ratio"] * 1.1))
     lg = results.get("login") or {}
     if "login_ratio" in lg:
         bars(
@@ -313,9 +429,44 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("server RSS, MB")
         ax.set_title("4. memory while refreshing (SQLite)")
         ax.legend()
+    _clients_panels(results, axes[2][0], axes[2][1], bars)
+    axes[2][2].axis("off")
     for ax in (a for row in axes for a in row):
-        if not ax.has_data():
+        if ax.axison and not ax.has_data():
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _clients_panels(results: dict[str, Any], ratios: Any, cpu: Any, bars: Any) -> None:
+    """Issue 12's two ratios per database, and the CPU per request behind them."""
+    clients = results.get("clients") or {}
+    measured = [b for b in ("sqlite", "postgresql") if "rps" in (clients.get(b) or {})]
+    if measured:
+        short = {"sqlite": "sqlite", "postgresql": "pg"}
+        bars(
+            ratios,
+            [
+                f"{kind.replace('client_credentials', 'client creds')}\n({short[b]})"
+                for b in measured
+                for kind in ("client_credentials", "introspect")
+            ],
+            [
+                clients[b][f"{k}_ratio"]
+                for b in measured
+                for k in ("client_credentials", "introspect")
+            ],
+            [goal for _ in measured for goal in (0.85, 0.60)],
+            "6. /token client_credentials / sign-only; /introspect / bare",
+        )
+        ax = cpu
+        labels, values = [], []
+        for b in measured:
+            for k, v in clients[b]["cpu_us_per_request"].items():
+                labels.append(f"{k.replace('client_credentials', 'cc')}\n({short[b]})")
+                values.append(v)
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_ylabel("server CPU µs per request")
+        ax.set_title("6. CPU time per request: clients and their peers")

@@ -10,6 +10,7 @@ from /proc), which other load on the machine disturbs far less than throughput.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import bcrypt
 from bench import data
 from bench.load import Load, LoadResult, run_load
 from bench.peers.settings import peer_env
-from bench.seeding import SEED_BCRYPT_ROUNDS, login_families
+from bench.seeding import SEED_BCRYPT_ROUNDS, login_access_token, login_families
 from bench.server import (
     ACCESS_TOKEN_TTL,
     AUDIENCE,
@@ -45,6 +46,7 @@ from bench.server import (
 
 REFRESH_CLIENTS = 32
 GET_CONNECTIONS = 32
+LOGIN_CLIENTS = 8
 MB = 1024 * 1024
 
 
@@ -82,7 +84,7 @@ FULL = Plan(
     duration=3,
     warmup=1,
     login_duration=8,
-    probe_delay_ms=5,
+    probe_delay_ms=10,
     memory_refreshes=100_000,
     memory_chunk=10,
     startup_runs=5,
@@ -401,8 +403,8 @@ class Bench:
         (token,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
         n = cores()
         body = json.dumps({"username": username, "password": data.BENCH_PASSWORD})
-        # Twice as many clients as hashing threads: the pool is never idle.
-        logins = Load("post", "/login", plan.login_duration, connections=2 * n, body=body)
+        # Issue 16's setting: 8 concurrent logins (more than the hashing pool: it never idles).
+        logins = Load("post", "/login", plan.login_duration, connections=LOGIN_CLIENTS, body=body)
         probe = Load(
             "probe",
             "/protected",
@@ -410,7 +412,7 @@ class Bench:
             headers={"Authorization": f"Bearer {token}"},
             delay_ms=plan.probe_delay_ms,
         )
-        warm = self.measure(server, Load("post", "/login", 1, connections=2 * n, body=body))
+        warm = self.measure(server, Load("post", "/login", 1, connections=LOGIN_CLIENTS, body=body))
         self._check_errors("/login warm-up", warm)
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
@@ -444,7 +446,7 @@ class Bench:
         return {
             "bcrypt_rounds": rounds_cost,
             "cores": n,
-            "login_clients": 2 * n,
+            "login_clients": LOGIN_CLIENTS,
             "probe_interval_ms": plan.probe_delay_ms,
             "rounds": rounds,
             "checkpw_ms": median([r["checkpw_s"] for r in rounds]) * 1000,
@@ -545,6 +547,111 @@ class Bench:
             "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
             "sign_errors": sum(r["sign"]["errors"] for r in rounds),
             "sign_peer_runs_on": sign.runs_on(),
+        }
+
+    # -- issue 12: client_credentials and introspection ------------------------------
+
+    def clients(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """client_credentials vs the sign-only peer's /token; introspection of a user's valid
+        access token vs the bare peer's /introspect. Both clients authenticate with HTTP
+        Basic, so every request looks its client up; every answer is checked."""
+        service_secret = data.add_confidential_client(database_url, keys_dir, "bench-service")
+        api_secret = data.add_confidential_client(database_url, keys_dir, "bench-api")
+        # A user's token, with the session (sid) introspection checks on every request,
+        # from the server measured (its issuer), before the measurement; a user of its
+        # own, hashed at the server's cost, so the login rehashes nothing.
+        user = "bench-introspected"
+        data.add_user(database_url, keys_dir, user, rounds=data.LOGIN_BCRYPT_ROUNDS)
+        access_token = login_access_token(server.url, username=user)
+        env = peer_env_for(server, keys_dir)
+        sign = self.start_peer("sign", f"{server.name}-clients-sign", env)
+        bare = self.start_peer("bare", f"{server.name}-clients-bare", env)
+        try:
+            return self._clients(server, sign, bare, service_secret, api_secret, access_token)
+        finally:
+            self.stop(sign)
+            self.stop(bare)
+
+    def _clients(
+        self,
+        server: Server,
+        sign: Server,
+        bare: Server,
+        service_secret: str,
+        api_secret: str,
+        access_token: str,
+    ) -> dict[str, Any]:
+        plan = self.plan
+
+        def basic(client_id: str, secret: str) -> dict[str, str]:
+            pair = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+            return {
+                "Authorization": f"Basic {pair}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            }
+
+        def token(duration: int) -> Load:
+            return Load(
+                "post",
+                "/token",
+                duration,
+                GET_CONNECTIONS,
+                headers=basic("bench-service", service_secret),
+                body="grant_type=client_credentials",
+                expect_body='"access_token"',
+            )
+
+        def introspect(duration: int) -> Load:
+            return Load(
+                "post",
+                "/introspect",
+                duration,
+                GET_CONNECTIONS,
+                headers=basic("bench-api", api_secret),
+                body=f"token={access_token}",
+                expect_body='"active":true',
+            )
+
+        runs = {
+            "sign": (sign, token),
+            "client_credentials": (server, token),
+            "bare": (bare, introspect),
+            "introspect": (server, introspect),
+        }
+        for name, (target, load) in runs.items():
+            self._check_errors(f"{name} warm-up", self.measure(target, load(plan.warmup)))
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.rounds):
+            row: dict[str, Any] = {
+                name: self.measure(target, load(plan.duration)).as_dict()
+                for name, (target, load) in runs.items()
+            }
+            row["client_credentials_ratio"] = row["client_credentials"]["rps"] / row["sign"]["rps"]
+            row["introspect_ratio"] = row["introspect"]["rps"] / row["bare"]["rps"]
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: sign {row['sign']['rps']:.0f}/s, client_credentials "
+                f"{row['client_credentials']['rps']:.0f}/s "
+                f"({row['client_credentials_ratio']:.2f}x); bare {row['bare']['rps']:.0f}/s, "
+                f"introspect {row['introspect']['rps']:.0f}/s ({row['introspect_ratio']:.2f}x)"
+            )
+        return {
+            "rounds": rounds,
+            "connections": GET_CONNECTIONS,
+            "rps": {n: median([r[n]["rps"] for r in rounds]) for n in runs},
+            "cpu_us_per_request": {
+                n: median([r[n]["cpu_us_per_request"] for r in rounds]) for n in runs
+            },
+            "client_credentials_ratio": median([r["client_credentials_ratio"] for r in rounds]),
+            "introspect_ratio": median([r["introspect_ratio"] for r in rounds]),
+            "spread": {
+                k: [min(r[k] for r in rounds), max(r[k] for r in rounds)]
+                for k in ("client_credentials_ratio", "introspect_ratio")
+            },
+            "errors": {
+                n: sum(r[n]["errors"] for r in rounds) for n in ("client_credentials", "introspect")
+            },
+            "peer_errors": sum(r[n]["errors"] for r in rounds for n in ("sign", "bare")),
         }
 
     def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:

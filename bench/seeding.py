@@ -39,6 +39,22 @@ async def _logins(base_url: str, count: int, username: str, password: str) -> li
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+async def _access_token(base_url: str, username: str, password: str) -> str:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        response = await client.post("/login", json={"username": username, "password": password})
+    if response.status_code != 200:
+        raise RuntimeError(f"seeding login: {response.status_code} {response.text[:300]}")
+    token: str = response.json()["access_token"]
+    return token
+
+
+def login_access_token(
+    base_url: str, username: str = BENCH_USER, password: str = BENCH_PASSWORD
+) -> str:
+    """The access token of one login at `base_url`: a user's token with a live session."""
+    return asyncio.run(_access_token(base_url, username, password))
+
+
 def login_families(
     base_url: str, count: int, username: str = BENCH_USER, password: str = BENCH_PASSWORD
 ) -> list[str]:

@@ -67,6 +67,13 @@ def test_every_section_is_measured(tmp_path: Path) -> None:
     assert results["memory"]["refreshes"] >= 300
     assert results["memory"]["errors"] == 0
     assert results["purge"]["ok"] is True
+    for backend in (
+        ("sqlite", "postgresql") if os.environ.get("AUTHSERVER_TEST_POSTGRES_URL") else ("sqlite",)
+    ):
+        clients = results["clients"][backend]
+        assert clients["errors"] == {"client_credentials": 0, "introspect": 0}, clients
+        assert clients["peer_errors"] == 0
+        assert all(v > 0 for v in clients["rps"].values())
     if os.environ.get("AUTHSERVER_TEST_POSTGRES_URL"):
         assert results["refresh"]["postgresql"]["errors"] == 0
         assert set(results["scaling"]["refresh_per_s"]) == {"1", "2", "4"}

@@ -408,8 +408,9 @@ async def test_cache_lifetime_follows_cache_control(cache_control: str, fresh_fo
 
 
 async def test_server_protected_route_uses_the_kit(server: Running) -> None:
-    # /protected is `require_token` over the server's own keys: the same answers.
+    # /protected is the kit's check over the server's own keys: the same answers.
     assert deps.get_claims.__qualname__.startswith("require_token")
+    assert deps.claims_of.__qualname__.startswith("token_claims")
     tokens = await server.login()
     ok = await server.client.get(
         "/protected", headers={"Authorization": f"Bearer {tokens['access_token']}"}

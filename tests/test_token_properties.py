@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import string
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,26 @@ def test_last_character_of_a_segment_must_be_canonical(keys: Keys, index: int, c
     mutated = ".".join(segments)
     assume(mutated != token)
     must_reject(keys.verifier(), mutated)
+
+
+def test_the_verified_token_cache_is_bounded_and_honest_about_expiry(keys: Keys) -> None:
+    now = [time.time()]
+    verifier = AccessTokenVerifier(
+        keys.source, issuer=ISSUER, audience=AUDIENCE, cache_size=3, clock=lambda: now[0]
+    )
+    hot, *others = [keys.mint(subject=f"user{i}") for i in range(6)]
+    verifier.verify(hot)
+    for token in others:
+        verifier.verify(token)
+        assert hot in verifier._cache  # in use: never the one evicted
+        assert verifier.verify(hot).sub == "user0"
+        assert len(verifier._cache) <= 3
+    assert set(verifier._cache) == {hot, *others[-2:]}
+    # A remembered token is refused once its exp has passed, and forgotten.
+    now[0] += 3601
+    with pytest.raises(InvalidTokenError, match="expired"):
+        verifier.verify(hot)
+    assert hot not in verifier._cache
 
 
 # -- the request parsers ----------------------------------------------------------------

@@ -16,7 +16,7 @@ from authserver.clients import ClientAuthenticator, ClientService
 from authserver.grants import AuthService
 from authserver.introspection import Introspector
 from authserver.keys import KeyRing
-from authserver.resource import TokenValidator, Validator, require_token
+from authserver.resource import TokenValidator, Validator, require_token, token_claims
 from authserver.sessions import SessionService
 from authserver.store.protocol import Store
 from authserver.store.schema import USER_AGENT_LENGTH
@@ -100,6 +100,8 @@ def get_validator(request: Request) -> Validator:
 # The very dependency a resource server builds with `authserver.resource`, over
 # the server's own keys: local, so the validator never awaits anything.
 get_claims = require_token(get_validator, scheme=oauth2_scheme)
+# The same check as a function of the request, for /protected's direct handler.
+claims_of = token_claims(get_validator, scheme=oauth2_scheme)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -8,11 +8,12 @@ from pydantic import BaseModel
 from authserver.api.client_credentials import client_of
 from authserver.api.deps import request_context, services_of
 from authserver.api.parsing import read_form
+from authserver.api.routing import DirectRoute
 from authserver.api.schemas import body_schema, errors
 from authserver.errors import InvalidClientError, InvalidRequestError
 from authserver.responses import JSON, NO_STORE
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], route_class=DirectRoute)
 
 
 class IntrospectForm(BaseModel):

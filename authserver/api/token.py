@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from authserver.api.client_credentials import client_of
 from authserver.api.deps import Services, request_context, services_of
 from authserver.api.parsing import read_form, read_json_or_form
+from authserver.api.routing import DirectRoute
 from authserver.api.schemas import (
     LoginRequest,
     LogoutRequest,
@@ -37,7 +38,7 @@ from authserver.grants import GRANT_TYPES, AuthService
 from authserver.responses import JSON, NO_STORE, token_response
 from authserver.store.protocol import Client
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], route_class=DirectRoute)
 
 
 class TokenForm(BaseModel):

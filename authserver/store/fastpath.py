@@ -17,6 +17,12 @@ dialect at import; only their execution skips SQLAlchemy:
 - SQLite: find, spend, issue and audit in one `BEGIN IMMEDIATE` transaction on
   the store's kept writer connection, through `sqlite3`.
 
+The two reads asked on every client-authenticated request run here too: a
+client by id (/token, /introspect, /revoke) and whether a session is live
+(introspection). They stay reads of the database on every request, so a
+client disabled or removed, or a session revoked, by any process is seen by
+the next request everywhere; only SQLAlchemy's execution layer is skipped.
+
 Anything unusual (reuse, expiry, revocation, a disabled user, a narrowed scope)
 finds no row, changes nothing, and takes the general path in `refresh.py`;
 `tests/test_rotation_paths.py` runs every case both ways and compares the rows.
@@ -38,7 +44,14 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from authserver.store import rotation
 from authserver.store.protocol import AuditEvent, Rotated
-from authserver.store.schema import Time, audit_events, refresh_families, refresh_tokens, users
+from authserver.store.schema import (
+    Time,
+    audit_events,
+    clients,
+    refresh_families,
+    refresh_tokens,
+    users,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +201,13 @@ class PgRotator:
             return None
         return Rotated(row["family_id"], row["username"], row["scope"], row["client_id"])
 
+    async def fetch_one(self, read: Read, **values: Any) -> dict[str, Any] | None:
+        """One row of a hot read (`GET_CLIENT`, `SESSION_LIVE`), or None."""
+        pool = await self._get_pool()
+        async with pool.acquire(timeout=self._wait) as conn:
+            row = await conn.fetchrow(read.pg.sql, *read.pg.args(**values))
+        return None if row is None else dict(row)
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
@@ -199,6 +219,45 @@ class PgRotator:
 
 
 _sqlite = _dialect("sqlite+pysqlite://")
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A hot read: the Core statement (for the general path) and its compiled forms."""
+
+    statement: sa.Select[Any]
+    pg: _Compiled
+    sqlite: _Compiled
+
+
+def _read(statement: sa.Select[Any]) -> Read:
+    return Read(
+        statement,
+        _compile(statement, _dialect("postgresql+asyncpg://")),
+        _compile(statement, _sqlite),
+    )
+
+
+GET_CLIENT = _read(
+    sa.select(clients).where(clients.c.client_id == sa.bindparam("b_id", type_=sa.String))
+)
+SESSION_LIVE = _read(
+    sa.select(refresh_families.c.id).where(
+        refresh_families.c.id == sa.bindparam("b_id", type_=sa.String),
+        refresh_families.c.revoked_at.is_(None),
+    )
+)
+
+
+def sqlite_fetch_one(raw: sqlite3.Connection, read: Read, **values: Any) -> dict[str, Any] | None:
+    """One row of a hot read on a `sqlite3` connection (autocommit: the latest commit)."""
+    cursor = raw.execute(read.sqlite.sql, read.sqlite.args(**values))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
 # Under BEGIN IMMEDIATE nothing changes between these statements, so the plain case is
 # found first, and then spent with the general path's own compare-and-set.
 _SQLITE_FIND = _compile(

@@ -55,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from authserver import metrics
 from authserver.config import Settings
-from authserver.store import rotation
+from authserver.store import fastpath, rotation
 from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
 from authserver.store.protocol import (
     AuditEvent,
@@ -359,10 +359,8 @@ _COUNT_FAILURES = sa.select(sa.func.count(), sa.func.min(login_failures.c.failed
 
 _CLIENT_FIELDS = tuple(c.name for c in clients.columns)
 _CLIENT_LISTS = ("grants", "scopes", "redirect_uris", "post_logout_redirect_uris")
-_GET_CLIENT = sa.select(clients).where(clients.c.client_id == sa.bindparam("b_id"))
-_SESSION_LIVE = sa.select(refresh_families.c.id).where(
-    refresh_families.c.id == sa.bindparam("b_id"), refresh_families.c.revoked_at.is_(None)
-)
+_GET_CLIENT = fastpath.GET_CLIENT.statement
+_SESSION_LIVE = fastpath.SESSION_LIVE.statement
 
 
 def _live_sessions(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
@@ -609,8 +607,8 @@ def _client_row(client: Client) -> dict[str, Any]:
     return row
 
 
-def _client(row: Row[Any]) -> Client:
-    m = dict(row._mapping)
+def _client(row: Row[Any] | dict[str, Any]) -> Client:
+    m = dict(row) if isinstance(row, dict) else dict(row._mapping)
     for name in _CLIENT_LISTS:
         m[name] = None if m[name] is None else tuple(json.loads(m[name]))
     for name in ("public", "third_party", "require_dpop", "disabled"):
@@ -706,6 +704,20 @@ class SqlStore:
             kept = reader
         with kept.begin():
             yield _InlineExecutor(kept)
+
+    def _raw_reader(self) -> sqlite3.Connection | None:
+        """The kept SQLite reader's `sqlite3` connection, if no transaction is open on it:
+        a statement outside one reads the latest commit of any process."""
+        assert self._inline is not None
+        reader = self._reader
+        if reader is None or reader.closed:
+            reader = self._reader = self._inline.connect()
+        if reader.in_transaction():
+            return None
+        raw = reader.connection.dbapi_connection
+        if not isinstance(raw, sqlite3.Connection) or raw.in_transaction:
+            return None
+        return raw
 
     def _kept_writer(self) -> Connection:
         """The process's one SQLite writer connection; call with `_write_lock` held."""
@@ -942,8 +954,8 @@ class SqlStore:
     # -- clients ---------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> Client | None:
-        async with self._read() as conn:
-            return await _get_client(conn, client_id)
+        row = await self._fast_read(fastpath.GET_CLIENT, b_id=client_id)
+        return _client(row) if row is not None else None
 
     async def list_clients(self) -> Sequence[Client]:
         async with self._read() as conn:
@@ -956,9 +968,24 @@ class SqlStore:
         return _record(row) if row is not None else None
 
     async def session_live(self, family_id: str) -> bool:
-        async with self._read() as conn:
-            result = await conn.execute(_SESSION_LIVE, {"b_id": family_id})
-            return result.first() is not None
+        return await self._fast_read(fastpath.SESSION_LIVE, b_id=family_id) is not None
+
+    async def _fast_read(self, read: fastpath.Read, **values: Any) -> dict[str, Any] | None:
+        """A hot read on the driver itself (`fastpath.py`): asyncpg's pool, or the
+        SQLite reader connection, inline like every SQLite read here."""
+        try:
+            if self._rotator is not None:
+                return await self._rotator.fetch_one(read, **values)
+            raw = self._raw_reader()
+            if raw is not None:
+                return fastpath.sqlite_fetch_one(raw, read, **values)
+            async with self._read() as conn:
+                row = (await conn.execute(read.statement, values)).first()
+                return None if row is None else dict(row._mapping)
+        except (TimeoutError, PoolTimeout, OSError, *_DRIVER_ERRORS) as exc:
+            if _unavailable(exc):
+                raise _unavailable_error(exc) from exc
+            raise
 
     async def live_sessions(
         self, *, now: float, username: str | None = None, session_id: str | None = None

@@ -2,11 +2,14 @@
 
 Framework defaults throughout (no middleware, the default JSON response), as
 anyone would write the endpoint; only the body is authserver's /protected body.
+`POST /introspect` reads the request body and answers with a fixed body of the
+shape of authserver's answer for an active access token: no client check, no
+token check.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from bench.peers.settings import setting
 
@@ -21,6 +24,26 @@ def app_factory() -> FastAPI:
     @app.get("/protected")
     async def protected():
         return body
+
+    active = {
+        "active": True,
+        "token_type": "access_token",
+        "scope": "read write",
+        "client_id": "authserver",
+        "sub": setting("SUBJECT"),
+        "aud": "authserver",
+        "iss": "http://127.0.0.1",
+        "exp": 2_000_000_000,
+        "iat": 1_900_000_000,
+        "jti": "0123456789abcdefghijkl",
+        "username": setting("SUBJECT"),
+        "sid": "00000000-0000-0000-0000-000000000000",
+    }
+
+    @app.post("/introspect")
+    async def introspect(request: Request):
+        await request.body()
+        return active
 
     @app.get("/health")
     async def health():

@@ -4,10 +4,16 @@
 with a `refresh_token`), signs one access token with the newest key of the keys
 directory, and answers with a body of /refresh's shape and its no-store
 headers. No database, no rotation, no audit: what is left when those are gone.
+
+`POST /token` is the same for the client-credentials grant: it reads the form
+(`grant_type=client_credentials`) and signs a token for the client named in the
+Basic header, without checking its secret or looking it up: a body of /token's
+shape, no refresh token.
 """
 
 from __future__ import annotations
 
+import base64
 import secrets
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ class ORJSON(JSONResponse):
         return orjson.dumps(content)
 
 
-async def refresh_token(request: Request) -> str | None:
+async def fields_of(request: Request) -> Any:
     body = await request.body()
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     try:
@@ -42,8 +48,24 @@ async def refresh_token(request: Request) -> str | None:
             fields = orjson.loads(body)
     except (UnicodeDecodeError, ValueError):
         return None
+    return fields
+
+
+async def refresh_token(request: Request) -> str | None:
+    fields = await fields_of(request)
     token = fields.get("refresh_token") if isinstance(fields, dict) else None
     return token if isinstance(token, str) and token else None
+
+
+def basic_client_id(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        client_id, sep, _secret = base64.b64decode(credentials).decode().partition(":")
+    except ValueError:
+        return None
+    return client_id if sep and client_id else None
 
 
 def app_factory() -> FastAPI:
@@ -68,6 +90,34 @@ def app_factory() -> FastAPI:
             {
                 "access_token": access_token,
                 "refresh_token": secrets.token_urlsafe(REFRESH_TOKEN_BYTES),
+                "token_type": "bearer",
+                "expires_in": ttl,
+                "scope": scope,
+            },
+            headers=NO_STORE,
+        )
+
+    @app.post("/token")
+    async def token(request: Request) -> Response:
+        fields = await fields_of(request)
+        client_id = basic_client_id(request)
+        if (
+            not isinstance(fields, dict)
+            or fields.get("grant_type") != "client_credentials"
+            or client_id is None
+        ):
+            return ORJSON({"error": "invalid_request"}, status_code=400, headers=NO_STORE)
+        access_token = signer.mint(
+            issuer=issuer,
+            audience=audience,
+            subject=client_id,
+            scope=scope,
+            client_id=client_id,
+            ttl=ttl,
+        )
+        return ORJSON(
+            {
+                "access_token": access_token,
                 "token_type": "bearer",
                 "expires_in": ttl,
                 "scope": scope,
