@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import re
 import sys
@@ -45,6 +46,7 @@ from authserver.keys import (
     key_files,
 )
 from authserver.logs import configure_logging
+from authserver.password_policy import PasswordPolicy
 from authserver.passwords import PasswordHasher, PasswordPolicyError
 from authserver.store.protocol import StoreError, UpgradeRefused
 from authserver.store.sql import SqlStore
@@ -57,6 +59,31 @@ from authserver.users import (
 )
 
 T = TypeVar("T")
+
+
+def _plain_help() -> None:
+    """typer 0.2x's help puts a type placeholder after every parameter (`<str>`, `<bool>`,
+    even after a flag that takes no value) and braces round a required argument (`{name}`).
+    People read `--port PORT` and `NAME` better: a value's name in capitals, a flag bare."""
+    from typer import core
+
+    def option_metavar(self: core.TyperOption, ctx: object) -> str | None:
+        del ctx
+        if self.is_flag or self.count:
+            return None
+        return self.metavar or (self.name or "value").upper()
+
+    def argument_usage(self: core.TyperArgument) -> str:
+        name = self.display_name_raw.upper()
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    core.TyperOption.display_type_rich = option_metavar  # type: ignore[method-assign]
+    core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+    core.TyperArgument._usage_display_name = argument_usage  # type: ignore[method-assign]
+
+
+_plain_help()
 app = typer.Typer(
     help="authserver: password login, rotating refresh tokens, JWT access tokens.",
     no_args_is_help=True,
@@ -74,12 +101,22 @@ app.add_typer(db_app, name="db")
 
 
 @app.callback()
-def _log_to_stderr() -> None:
-    """Security events a command causes (user disabled, key added) are logged like the server's."""
+def _log_to_stderr(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also log what went right (INFO lines).")
+    ] = False,
+) -> None:
+    """Commands print their answer on stdout; the log (stderr) shows only warnings and
+    errors unless --verbose. `serve` sets up its own log, at AUTHSERVER_LOG_LEVEL."""
     # A bad configuration is reported by the command itself, in one line.
     with contextlib.suppress(ValidationError, UnicodeDecodeError):
         cfg = Settings()
-        configure_logging(cfg.log_format, cfg.log_level)
+        level = cfg.log_level if verbose else _at_least_warning(cfg.log_level)
+        configure_logging(cfg.log_format, level)
+
+
+def _at_least_warning(level: str) -> str:
+    return level if logging.getLevelName(level) >= logging.WARNING else "WARNING"
 
 
 DEMO_USER, DEMO_PASSWORD = "testuser", "testpassword"
@@ -139,7 +176,9 @@ def run_with_users(cfg: Settings, work: Callable[[UserService], Awaitable[T]]) -
     async def with_users(store: SqlStore) -> T:
         hasher = PasswordHasher(rounds=cfg.bcrypt_rounds, threads=1)
         try:
-            return await work(UserService(store=store, hasher=hasher, auditor=Auditor(store)))
+            policy = PasswordPolicy(min_length=cfg.password_min_length)
+            service = UserService(store=store, hasher=hasher, auditor=Auditor(store), policy=policy)
+            return await work(service)
         except PasswordPolicyError as exc:
             raise OperatorError(f"password refused: {exc}") from exc
         except UserError as exc:
@@ -184,8 +223,6 @@ def serve(
 
 
 async def _create_demo_user(users: UserService) -> None:
-    import logging
-
     log = logging.getLogger("authserver")
     created = False
     if await users.get(DEMO_USER) is None:
