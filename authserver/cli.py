@@ -35,7 +35,7 @@ from authserver.clients import (
     parse_jwks,
 )
 from authserver.config import Settings
-from authserver.jobs import purge
+from authserver.jobs import Purged, purge
 from authserver.keys import (
     ALGORITHMS,
     KeyFileError,
@@ -536,11 +536,12 @@ def db_upgrade() -> None:
 
 @db_app.command("purge")
 def db_purge() -> None:
-    """Delete refresh families that can no longer be used, and stale login failures."""
+    """Delete what can no longer matter: dead refresh families, old login failures, networks
+    and client-assertion ids."""
     with operator_errors():
         cfg = settings()
 
-        def work(store: SqlStore) -> Awaitable[int]:
+        def work(store: SqlStore) -> Awaitable[Purged]:
             return purge(
                 store,
                 now=time.time(),
@@ -549,7 +550,8 @@ def db_purge() -> None:
             )
 
         purged = run_with_store(cfg, work)
-    typer.echo(f"purged {purged} refresh families")
+    for line in purged.describe():
+        typer.echo(line)
 
 
 # -- audit -------------------------------------------------------------------------
@@ -582,13 +584,17 @@ def parse_when(value: str) -> float:
 @app.command("audit")
 def audit_list(
     user: Annotated[str | None, typer.Option(help="Only this user's events.")] = None,
-    event: Annotated[str | None, typer.Option(help="Only this event.")] = None,
+    event: Annotated[
+        str | None, typer.Option(help="Only this event (the README lists them).")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="ISO time, Unix time or 30m/2h/7d.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many (the newest).")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List security events, newest last."""
     with operator_errors():
+        if event is not None and event not in audit.EVENTS:
+            raise OperatorError(f"unknown event {event!r}; the events: {', '.join(audit.EVENTS)}")
         cfg = settings()
         since_ts = parse_when(since) if since else None
         events = run_with_store(

@@ -118,8 +118,8 @@ async def test_password_stdin_takes_the_line_without_its_crlf(
 
 
 def test_users_add_duplicate_is_one_line_error(env: dict[str, str]) -> None:
-    assert_ok(invoke(env, "users", "add", "erin", "--password-stdin", input="pw one\n"))
-    result = invoke(env, "users", "add", "erin", "--password-stdin", input="pw two\n")
+    assert_ok(invoke(env, "users", "add", "erin", "--password-stdin", input="pw one one\n"))
+    result = invoke(env, "users", "add", "erin", "--password-stdin", input="pw two two\n")
     assert_operator_error(result, "erin", "already exists")
     assert "pw two" not in result.output
 
@@ -369,6 +369,13 @@ async def test_db_purge_removes_dead_families(env: dict[str, str], start_app: St
     result = await ainvoke(env, "db", "purge")
     assert_ok(result)
     assert "purged 1 refresh famil" in result.stdout
+    # Every kind of row it deletes is reported, each on its own line.
+    assert [line.split()[2:4] for line in result.stdout.splitlines()] == [
+        ["refresh", "families"],
+        ["login", "failures"],
+        ["known", "login"],
+        ["client-assertion", "ids"],
+    ]
     r = await running.client.post("/refresh", json={"refresh_token": live["refresh_token"]})
     assert r.status_code == 200
     result = await ainvoke(env, "db", "purge")
