@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from authserver import audit
@@ -156,12 +158,60 @@ def operator_errors() -> Iterator[None]:
         fail(f"database error: {detail[0] if detail else type(exc).__name__}")
 
 
+def _check_sqlite_path(cfg: Settings) -> None:
+    """SQLite's own words for a missing or read-only directory ("unable to open database
+    file") name no path: name it, and what to do."""
+    database = make_url(cfg.database_url).database
+    if not cfg.is_sqlite or not database:
+        return
+    path = Path(database)
+    where = path.resolve().parent
+    if not where.is_dir():
+        raise OperatorError(
+            f"the database directory {where} does not exist: create it, or point "
+            "AUTHSERVER_DATABASE_URL elsewhere"
+        )
+    if not os.access(where, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OperatorError(
+            f"cannot write the database {path.resolve()}: give this user write access to it "
+            "and its directory, or point AUTHSERVER_DATABASE_URL elsewhere"
+        )
+
+
+async def _connect(cfg: Settings, store: SqlStore) -> None:
+    """One connection first, so that an unreachable PostgreSQL is named as such."""
+    try:
+        async with store.engine.connect():
+            pass
+    except (OSError, SQLAlchemyError) as exc:
+        if cfg.is_sqlite:
+            raise
+        url = make_url(cfg.database_url)
+        cause = getattr(exc, "orig", None) or exc
+        if isinstance(cause, ConnectionRefusedError):
+            reason = "connection refused"
+        elif isinstance(cause, TimeoutError):
+            reason = "no answer"
+        else:
+            lines = str(cause).strip().splitlines()
+            reason = lines[0] if lines else type(cause).__name__
+        where = f"{url.host or 'localhost'}:{url.port or 5432}"
+        raise OperatorError(
+            f"cannot connect to the PostgreSQL database at {where}: "
+            f"{reason}. Is it running, and is AUTHSERVER_DATABASE_URL right? (connect timeout "
+            f"{cfg.database_connect_timeout:g} s: AUTHSERVER_DATABASE_CONNECT_TIMEOUT)"
+        ) from exc
+
+
 def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T:
+    _check_sqlite_path(cfg)
+
     async def run() -> T:
         from authserver.store.migrate import upgrade_async
 
         store = SqlStore.from_settings(cfg)
         try:
+            await _connect(cfg, store)
             await upgrade_async(store.engine)
             return await work(store)
         finally:
@@ -212,13 +262,21 @@ def serve(
 
     with operator_errors():
         cfg = settings()
+        try:
+            serving.check_port(host, port)
+        except serving.PortInUse as exc:
+            raise OperatorError(str(exc)) from exc
+        # The database first, at the commands' log level: a mistake there is one line.
+        run_with_store(cfg, lambda store: store.ping())
         configure_logging(cfg.log_format, cfg.log_level)
+        logging.getLogger("authserver").info(
+            "database ready",
+            extra={"database": make_url(cfg.database_url).render_as_string(hide_password=True)},
+        )
         ensure_signing_key(cfg.keys_dir)
         KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
         if demo:
             run_with_users(cfg, _create_demo_user)
-        else:
-            run_with_store(cfg, lambda store: store.ping())
     serving.run(host=host, port=port, workers=workers, max_connections=cfg.max_connections)
 
 
