@@ -494,7 +494,7 @@ def clients_disable(client_id: str) -> None:
     """Disable a client: it cannot authenticate, and its refresh tokens are refused."""
     with operator_errors():
         run_with_clients(settings(), lambda c: c.set_disabled(CLI, client_id, True))
-    typer.echo(f"disabled client {client_id}", err=True)
+    typer.echo(f"disabled client {client_id}")
 
 
 @clients_app.command("enable")
@@ -502,7 +502,7 @@ def clients_enable(client_id: str) -> None:
     """Enable a disabled client."""
     with operator_errors():
         run_with_clients(settings(), lambda c: c.set_disabled(CLI, client_id, False))
-    typer.echo(f"enabled client {client_id}", err=True)
+    typer.echo(f"enabled client {client_id}")
 
 
 @clients_app.command("remove")
@@ -510,7 +510,7 @@ def clients_remove(client_id: str) -> None:
     """Delete a client and revoke every refresh family issued to it."""
     with operator_errors():
         revoked = run_with_clients(settings(), lambda c: c.remove(CLI, client_id))
-    typer.echo(f"removed client {client_id}; revoked {revoked} sessions", err=True)
+    typer.echo(f"removed client {client_id}; revoked {revoked} sessions")
 
 
 # -- keys ------------------------------------------------------------------------

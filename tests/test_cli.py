@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -720,3 +721,20 @@ def test_operator_mistakes_are_one_line_naming_the_fix(tmp_path: Path, keys_dir:
         "cannot connect to the PostgreSQL database at 127.0.0.1:1: connection refused",
         "AUTHSERVER_DATABASE_CONNECT_TIMEOUT",
     )
+
+
+@pytest.mark.parametrize(
+    "args", [("serve",), ("users", "add"), ("clients", "add"), ("audit",), ("keys", "generate")]
+)
+def test_help_names_values_without_type_placeholders(
+    sqlite_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    result = invoke(sqlite_env, *args, "--help")
+    assert_ok(result)
+    assert not re.search(r"<(str|bool|int|path|float)[^>]*>|\{[a-z_]+\}", result.stdout), (
+        result.stdout
+    )
+    if args == ("serve",):
+        assert re.search(r"--port\s+PORT", result.stdout), result.stdout
+    if args == ("users", "add"):
+        assert "users add [OPTIONS] NAME" in result.stdout

@@ -226,4 +226,5 @@ def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
         assert server_errors(server.log()) == []
     assert ran >= 10
     with socket.socket() as sock:  # every background process of the blocks was stopped
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener still refuses
         sock.bind(("127.0.0.1", example_port))
