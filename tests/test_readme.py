@@ -225,6 +225,24 @@ def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
             ran += 1
         assert server_errors(server.log()) == []
     assert ran >= 10
+    assert _left_in_git_status(workdir) == []
     with socket.socket() as sock:  # every background process of the blocks was stopped
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener still refuses
         sock.bind(("127.0.0.1", example_port))
+
+
+def _left_in_git_status(workdir: Path) -> list[str]:
+    """What the walk-through leaves behind (database, keys, the JSON files) that `git status`
+    would show a reader in their clone: nothing, by the repository's ignore files."""
+    shutil.copy(ROOT / ".gitignore", workdir / ".gitignore")
+    shutil.copy(ROOT / "keys" / ".gitignore", workdir / "keys" / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    ours = {"?? .gitignore", "?? keys/.gitignore", "?? .venv", "?? examples"}
+    return [line for line in status if line not in ours]
