@@ -220,14 +220,23 @@ def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T
     return asyncio.run(run())
 
 
-def run_with_users(cfg: Settings, work: Callable[[UserService], Awaitable[T]]) -> T:
+def run_with_users(
+    cfg: Settings,
+    work: Callable[[UserService], Awaitable[T]],
+    *,
+    policy: PasswordPolicy | None = None,
+) -> T:
     """Run `work` with the users service over the configured store; its errors in one line."""
 
     async def with_users(store: SqlStore) -> T:
         hasher = PasswordHasher(rounds=cfg.bcrypt_rounds, threads=1)
         try:
-            policy = PasswordPolicy(min_length=cfg.password_min_length)
-            service = UserService(store=store, hasher=hasher, auditor=Auditor(store), policy=policy)
+            service = UserService(
+                store=store,
+                hasher=hasher,
+                auditor=Auditor(store),
+                policy=policy or PasswordPolicy(min_length=cfg.password_min_length),
+            )
             return await work(service)
         except PasswordPolicyError as exc:
             raise OperatorError(f"password refused: {exc}") from exc
@@ -276,7 +285,9 @@ def serve(
         ensure_signing_key(cfg.keys_dir)
         KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
         if demo:
-            run_with_users(cfg, _create_demo_user)
+            # The demo user keeps the README's password under a raised minimum length too
+            # (it is never a production account: serve --demo says so on every start).
+            run_with_users(cfg, _create_demo_user, policy=PasswordPolicy())
     serving.run(host=host, port=port, workers=workers, max_connections=cfg.max_connections)
 
 
