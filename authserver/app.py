@@ -28,6 +28,7 @@ from authserver.jobs import start_jobs, stop_jobs
 from authserver.keys import KeyRing, ensure_signing_key
 from authserver.logs import configure_logging
 from authserver.metrics import HttpMetrics
+from authserver.password_policy import PasswordPolicy
 from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
 from authserver.resource import TokenValidator
@@ -78,7 +79,12 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
     verifier = AccessTokenVerifier(source, issuer=settings.issuer, audience=settings.audience)
     return Services(
         auth=auth,
-        users=UserService(store=store, hasher=hasher, auditor=auditor),
+        users=UserService(
+            store=store,
+            hasher=hasher,
+            auditor=auditor,
+            policy=PasswordPolicy(min_length=settings.password_min_length),
+        ),
         clients=clients,
         client_auth=ClientAuthenticator(clients=clients, throttle=throttle, issuer=settings.issuer),
         introspector=Introspector(

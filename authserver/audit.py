@@ -40,6 +40,38 @@ CLIENT_AUTH_FAILED = "client_auth_failed"
 CLIENT_TOKEN_ISSUED = "client_token_issued"
 SESSION_ENDED = "session_ended"
 
+# The closed set of event names, each with what triggers it. The README's "Audit events"
+# table is checked against this (tests/test_readme.py), and `authserver audit --event`
+# refuses any other name. A new event goes here, beside the others.
+EVENTS: dict[str, str] = {
+    LOGIN_SUCCEEDED: "a password login (`/login`, or `/token` with the password grant) "
+    "succeeded: a new session (refresh family) began",
+    LOGIN_FAILED: "a password login was refused: unknown user, wrong password, disabled "
+    "user, or the user changed while the password was checked (`reason` says which)",
+    LOGIN_THROTTLED: "a login was refused with 429 because of too many recent failures",
+    REFRESHED: "a refresh token was exchanged for a new pair",
+    REFRESH_FAILED: "a refresh token was refused: unknown, expired, revoked or another "
+    "client's (`reason` says which)",
+    REUSE_DETECTED: "a spent refresh token was presented again: its whole session was revoked",
+    REVOKED: "a refresh token's session was revoked through `/revoke` (RFC 7009)",
+    LOGGED_OUT: "a refresh token's session was ended through `/logout`",
+    USER_CREATED: "`authserver users add` created a user (or `serve --demo` the demo user)",
+    PASSWORD_CHANGED: "`authserver users passwd` set a new password; the user's sessions "
+    "were revoked",
+    USER_DISABLED: "`authserver users disable`: the user's sessions were revoked",
+    USER_ENABLED: "`authserver users enable`",
+    KEY_ADDED: "`authserver keys generate` wrote a new signing key",
+    KEY_RETIRED: "`authserver keys retire` deleted a key",
+    CLIENT_ADDED: "`authserver clients add` registered a client",
+    CLIENT_SECRET_ROTATED: "`authserver clients rotate-secret` issued a new client secret",
+    CLIENT_DISABLED: "`authserver clients disable`",
+    CLIENT_ENABLED: "`authserver clients enable`",
+    CLIENT_REMOVED: "`authserver clients remove`: the client's sessions were revoked",
+    CLIENT_AUTH_FAILED: "a client failed to authenticate (wrong secret, bad assertion, "
+    "unknown or disabled client)",
+    CLIENT_TOKEN_ISSUED: "a client was issued a token for itself (client-credentials grant)",
+}
+
 _WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
 
 # The events the Prometheus metrics count (metrics.py), each once it is true: `emit` runs
@@ -76,6 +108,8 @@ class Auditor:
         self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
     ) -> AuditEvent:
         """Build an event without logging it: for a transaction that may still roll back."""
+        if name not in EVENTS:
+            raise ValueError(f"unknown audit event {name!r}: add it to audit.EVENTS")
         return AuditEvent(
             at=self._clock(),
             event=name,

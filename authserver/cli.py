@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from authserver import audit
@@ -35,7 +37,7 @@ from authserver.clients import (
     parse_jwks,
 )
 from authserver.config import Settings
-from authserver.jobs import purge
+from authserver.jobs import Purged, purge
 from authserver.keys import (
     ALGORITHMS,
     KeyFileError,
@@ -46,6 +48,7 @@ from authserver.keys import (
     key_files,
 )
 from authserver.logs import configure_logging
+from authserver.password_policy import PasswordPolicy
 from authserver.passwords import PasswordHasher, PasswordPolicyError
 from authserver.sessions import SessionService
 from authserver.store.protocol import StoreError, UpgradeRefused
@@ -59,6 +62,31 @@ from authserver.users import (
 )
 
 T = TypeVar("T")
+
+
+def _plain_help() -> None:
+    """typer 0.2x's help puts a type placeholder after every parameter (`<str>`, `<bool>`,
+    even after a flag that takes no value) and braces round a required argument (`{name}`).
+    People read `--port PORT` and `NAME` better: a value's name in capitals, a flag bare."""
+    from typer import core
+
+    def option_metavar(self: core.TyperOption, ctx: object) -> str | None:
+        del ctx
+        if self.is_flag or self.count:
+            return None
+        return self.metavar or (self.name or "value").upper()
+
+    def argument_usage(self: core.TyperArgument) -> str:
+        name = self.display_name_raw.upper()
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    core.TyperOption.display_type_rich = option_metavar  # type: ignore[method-assign]
+    core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+    core.TyperArgument._usage_display_name = argument_usage  # type: ignore[method-assign]
+
+
+_plain_help()
 app = typer.Typer(
     help="authserver: password login, rotating refresh tokens, JWT access tokens.",
     no_args_is_help=True,
@@ -78,12 +106,22 @@ app.add_typer(db_app, name="db")
 
 
 @app.callback()
-def _log_to_stderr() -> None:
-    """Security events a command causes (user disabled, key added) are logged like the server's."""
+def _log_to_stderr(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also log what went right (INFO lines).")
+    ] = False,
+) -> None:
+    """Commands print their answer on stdout; the log (stderr) shows only warnings and
+    errors unless --verbose. `serve` sets up its own log, at AUTHSERVER_LOG_LEVEL."""
     # A bad configuration is reported by the command itself, in one line.
     with contextlib.suppress(ValidationError, UnicodeDecodeError):
         cfg = Settings()
-        configure_logging(cfg.log_format, cfg.log_level)
+        level = cfg.log_level if verbose else _at_least_warning(cfg.log_level)
+        configure_logging(cfg.log_format, level)
+
+
+def _at_least_warning(level: str) -> str:
+    return level if logging.getLevelName(level) >= logging.WARNING else "WARNING"
 
 
 DEMO_USER, DEMO_PASSWORD = "testuser", "testpassword"
@@ -123,12 +161,60 @@ def operator_errors() -> Iterator[None]:
         fail(f"database error: {detail[0] if detail else type(exc).__name__}")
 
 
+def _check_sqlite_path(cfg: Settings) -> None:
+    """SQLite's own words for a missing or read-only directory ("unable to open database
+    file") name no path: name it, and what to do."""
+    database = make_url(cfg.database_url).database
+    if not cfg.is_sqlite or not database:
+        return
+    path = Path(database)
+    where = path.resolve().parent
+    if not where.is_dir():
+        raise OperatorError(
+            f"the database directory {where} does not exist: create it, or point "
+            "AUTHSERVER_DATABASE_URL elsewhere"
+        )
+    if not os.access(where, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OperatorError(
+            f"cannot write the database {path.resolve()}: give this user write access to it "
+            "and its directory, or point AUTHSERVER_DATABASE_URL elsewhere"
+        )
+
+
+async def _connect(cfg: Settings, store: SqlStore) -> None:
+    """One connection first, so that an unreachable PostgreSQL is named as such."""
+    try:
+        async with store.engine.connect():
+            pass
+    except (OSError, SQLAlchemyError) as exc:
+        if cfg.is_sqlite:
+            raise
+        url = make_url(cfg.database_url)
+        cause = getattr(exc, "orig", None) or exc
+        if isinstance(cause, ConnectionRefusedError):
+            reason = "connection refused"
+        elif isinstance(cause, TimeoutError):
+            reason = "no answer"
+        else:
+            lines = str(cause).strip().splitlines()
+            reason = lines[0] if lines else type(cause).__name__
+        where = f"{url.host or 'localhost'}:{url.port or 5432}"
+        raise OperatorError(
+            f"cannot connect to the PostgreSQL database at {where}: "
+            f"{reason}. Is it running, and is AUTHSERVER_DATABASE_URL right? (connect timeout "
+            f"{cfg.database_connect_timeout:g} s: AUTHSERVER_DATABASE_CONNECT_TIMEOUT)"
+        ) from exc
+
+
 def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T:
+    _check_sqlite_path(cfg)
+
     async def run() -> T:
         from authserver.store.migrate import upgrade_async
 
         store = SqlStore.from_settings(cfg)
         try:
+            await _connect(cfg, store)
             await upgrade_async(store.engine)
             return await work(store)
         finally:
@@ -137,13 +223,24 @@ def run_with_store(cfg: Settings, work: Callable[[SqlStore], Awaitable[T]]) -> T
     return asyncio.run(run())
 
 
-def run_with_users(cfg: Settings, work: Callable[[UserService], Awaitable[T]]) -> T:
+def run_with_users(
+    cfg: Settings,
+    work: Callable[[UserService], Awaitable[T]],
+    *,
+    policy: PasswordPolicy | None = None,
+) -> T:
     """Run `work` with the users service over the configured store; its errors in one line."""
 
     async def with_users(store: SqlStore) -> T:
         hasher = PasswordHasher(rounds=cfg.bcrypt_rounds, threads=1)
         try:
-            return await work(UserService(store=store, hasher=hasher, auditor=Auditor(store)))
+            service = UserService(
+                store=store,
+                hasher=hasher,
+                auditor=Auditor(store),
+                policy=policy or PasswordPolicy(min_length=cfg.password_min_length),
+            )
+            return await work(service)
         except PasswordPolicyError as exc:
             raise OperatorError(f"password refused: {exc}") from exc
         except UserError as exc:
@@ -189,13 +286,23 @@ def serve(
         os.environ["AUTHSERVER_METRICS_PORT"] = str(metrics_port)
     with operator_errors():
         cfg = settings()
+        try:
+            serving.check_port(host, port)
+        except serving.PortInUse as exc:
+            raise OperatorError(str(exc)) from exc
+        # The database first, at the commands' log level: a mistake there is one line.
+        run_with_store(cfg, lambda store: store.ping())
         configure_logging(cfg.log_format, cfg.log_level)
+        logging.getLogger("authserver").info(
+            "database ready",
+            extra={"database": make_url(cfg.database_url).render_as_string(hide_password=True)},
+        )
         ensure_signing_key(cfg.keys_dir)
         KeyRing(cfg.keys_dir, allow_insecure=cfg.allow_insecure_key_files).load()
         if demo:
-            run_with_users(cfg, _create_demo_user)
-        else:
-            run_with_store(cfg, lambda store: store.ping())
+            # The demo user keeps the README's password under a raised minimum length too
+            # (it is never a production account: serve --demo says so on every start).
+            run_with_users(cfg, _create_demo_user, policy=PasswordPolicy())
     metrics = (
         serving.MetricsListener(host=cfg.metrics_host, port=cfg.metrics_port)
         if cfg.metrics_port is not None
@@ -214,8 +321,6 @@ def serve(
 
 
 async def _create_demo_user(users: UserService) -> None:
-    import logging
-
     log = logging.getLogger("authserver")
     created = False
     if await users.get(DEMO_USER) is None:
@@ -485,7 +590,7 @@ def clients_disable(client_id: str) -> None:
     """Disable a client: it cannot authenticate, and its refresh tokens are refused."""
     with operator_errors():
         run_with_clients(settings(), lambda c: c.set_disabled(CLI, client_id, True))
-    typer.echo(f"disabled client {client_id}", err=True)
+    typer.echo(f"disabled client {client_id}")
 
 
 @clients_app.command("enable")
@@ -493,7 +598,7 @@ def clients_enable(client_id: str) -> None:
     """Enable a disabled client."""
     with operator_errors():
         run_with_clients(settings(), lambda c: c.set_disabled(CLI, client_id, False))
-    typer.echo(f"enabled client {client_id}", err=True)
+    typer.echo(f"enabled client {client_id}")
 
 
 @clients_app.command("remove")
@@ -501,7 +606,7 @@ def clients_remove(client_id: str) -> None:
     """Delete a client and revoke every refresh family issued to it."""
     with operator_errors():
         revoked = run_with_clients(settings(), lambda c: c.remove(CLI, client_id))
-    typer.echo(f"removed client {client_id}; revoked {revoked} sessions", err=True)
+    typer.echo(f"removed client {client_id}; revoked {revoked} sessions")
 
 
 # -- keys ------------------------------------------------------------------------
@@ -585,11 +690,12 @@ def db_upgrade() -> None:
 
 @db_app.command("purge")
 def db_purge() -> None:
-    """Delete refresh families that can no longer be used, and stale login failures."""
+    """Delete what can no longer matter: dead refresh families, old login failures, networks
+    and client-assertion ids."""
     with operator_errors():
         cfg = settings()
 
-        def work(store: SqlStore) -> Awaitable[int]:
+        def work(store: SqlStore) -> Awaitable[Purged]:
             return purge(
                 store,
                 now=time.time(),
@@ -598,7 +704,8 @@ def db_purge() -> None:
             )
 
         purged = run_with_store(cfg, work)
-    typer.echo(f"purged {purged} refresh families")
+    for line in purged.describe():
+        typer.echo(line)
 
 
 # -- audit -------------------------------------------------------------------------
@@ -631,13 +738,17 @@ def parse_when(value: str) -> float:
 @app.command("audit")
 def audit_list(
     user: Annotated[str | None, typer.Option(help="Only this user's events.")] = None,
-    event: Annotated[str | None, typer.Option(help="Only this event.")] = None,
+    event: Annotated[
+        str | None, typer.Option(help="Only this event (the README lists them).")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="ISO time, Unix time or 30m/2h/7d.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many (the newest).")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List security events, newest last."""
     with operator_errors():
+        if event is not None and event not in audit.EVENTS:
+            raise OperatorError(f"unknown event {event!r}; the events: {', '.join(audit.EVENTS)}")
         cfg = settings()
         since_ts = parse_when(since) if since else None
         events = run_with_store(

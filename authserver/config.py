@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     session_max_age: int = Field(default=2_592_000, ge=1)
     refresh_reuse_grace: int = Field(default=0, ge=0)
     bcrypt_rounds: int = Field(default=12, ge=4, le=31)
+    # NIST SP 800-63B §5.1.1.2: at least 8; 72 bytes is bcrypt's own ceiling.
+    password_min_length: int = Field(default=8, ge=8, le=72)
     bcrypt_threads: int = Field(default=0, ge=0, le=64)
     scopes: Annotated[tuple[str, ...], NoDecode] = ("read", "write")
     login_max_failures: int = Field(default=5, ge=1)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from authserver import metrics
 from authserver.keys import KeyRing
@@ -86,15 +87,36 @@ async def _every(interval: float, work: Callable[[], object], failure: str) -> N
             log.exception(failure)
 
 
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """How many rows of each kind a purge deleted."""
+
+    refresh_families: int
+    login_failures: int
+    login_networks: int
+    assertion_ids: int
+
+    def describe(self) -> list[str]:
+        """One line per kind, for people."""
+        return [
+            f"purged {self.refresh_families} refresh families (expired or revoked)",
+            f"purged {self.login_failures} login failures (older than the login window)",
+            f"purged {self.login_networks} known login networks (unused for longer than "
+            "they are remembered)",
+            f"purged {self.assertion_ids} client-assertion ids (expired)",
+        ]
+
+
 async def purge(
     store: SqlStore, *, now: float, login_window: float, known_address_ttl: float
-) -> int:
-    """Delete what can no longer matter; how many refresh families went."""
-    families = await store.purge_expired(now=now)
-    await store.purge_login_failures(before=now - login_window)
-    await store.purge_login_addresses(before=now - known_address_ttl)
-    await store.purge_used_jtis(before=now)
-    return families
+) -> Purged:
+    """Delete what can no longer matter; how many rows of each kind went."""
+    return Purged(
+        refresh_families=await store.purge_expired(now=now),
+        login_failures=await store.purge_login_failures(before=now - login_window),
+        login_networks=await store.purge_login_addresses(before=now - known_address_ttl),
+        assertion_ids=await store.purge_used_jtis(before=now),
+    )
 
 
 async def _purge_every(
@@ -103,13 +125,16 @@ async def _purge_every(
     while True:
         await asyncio.sleep(interval)
         try:
-            families = await purge(
+            purged = await purge(
                 store,
                 now=time.time(),
                 login_window=login_window,
                 known_address_ttl=known_address_ttl,
             )
-            if families:
-                log.info("purged expired refresh families", extra={"families": families})
+            if purged.refresh_families:
+                log.info(
+                    "purged expired refresh families",
+                    extra={"families": purged.refresh_families},
+                )
         except Exception:
             log.exception("housekeeping failed")

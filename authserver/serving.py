@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import resource
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,35 @@ class MetricsListener:
 
 class MetricsListenerError(Exception):
     """The metrics listener could not start; the message says where."""
+
+
+class PortInUse(Exception):
+    """The address to listen on is taken; the message names it and the option to change."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind and release the address as uvicorn will (SO_REUSEADDR), so that a busy port is
+    one line naming it, rather than uvicorn's error after the whole start-up."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortInUse(f"cannot listen on {host}: {exc.strerror}; check --host") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"port {port} on {host} is already in use: stop what listens there, "
+                    "or choose another port with --port"
+                ) from exc
+            raise PortInUse(
+                f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port"
+            ) from exc
 
 
 def run(

@@ -17,6 +17,7 @@ import precis_i18n
 
 from authserver import audit
 from authserver.audit import Auditor, RequestContext
+from authserver.password_policy import PasswordPolicy
 from authserver.passwords import PasswordHasher
 from authserver.store.protocol import Conflict, RefreshTransaction, Store, User
 
@@ -95,9 +96,11 @@ class UserService:
         store: Store,
         hasher: PasswordHasher,
         auditor: Auditor,
+        policy: PasswordPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.policy = policy or PasswordPolicy()
         self.hasher = hasher
         self.auditor = auditor
         self.clock = clock
@@ -113,8 +116,9 @@ class UserService:
         self, ctx: RequestContext, username: str, password: str, **details: object
     ) -> User:
         """Add a user; `UserExistsError` if the name is taken, `PasswordPolicyError`
-        (from the hasher) if the password cannot be set."""
+        if the password breaks the policy."""
         username = validate_username(username)
+        self.policy.check(password, username=username)
         password_hash = await self.hasher.hash(password)
         now = self.clock()
         event = self.auditor.build(audit.USER_CREATED, ctx, username=username, **details)
@@ -133,6 +137,7 @@ class UserService:
 
     async def set_password(self, ctx: RequestContext, username: str, password: str) -> None:
         """Give a user a new password, ending every session begun with the old one."""
+        self.policy.check(password, username=normalize_username(username) or username)
         password_hash = await self.hasher.hash(password)
         await self._change(ctx, username, audit.PASSWORD_CHANGED, password_hash=password_hash)
 

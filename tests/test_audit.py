@@ -12,12 +12,13 @@ import logging
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
+from authserver import audit
 from authserver.cli import app as cli_app
 from authserver.keys import generate_key, key_files
 from authserver.store.protocol import AuditEvent
@@ -288,3 +289,21 @@ def test_the_text_log_format_keeps_the_fields(tmp_path: Path) -> None:
     for field in ("event=login_failed", "reason=unknown_user", "client_addr=127.0.0.1"):
         assert field in line, line
     assert_no_secret(log, [WRONG_PASSWORD])
+
+
+def test_audit_event_names_are_a_closed_set(tmp_path: Path) -> None:
+    """A typo in --event is refused with the list, not answered with silence; and code
+    cannot emit a name the set (and so the README) does not have."""
+    env = base_env(
+        AUTHSERVER_DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}",
+        AUTHSERVER_KEYS_DIR=str(tmp_path / "keys"),
+    )
+    result = CliRunner().invoke(cli_app, ["audit", "--event", "reuse_detected"], env=env)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "unknown event 'reuse_detected'" in lines[0]
+    assert all(name in lines[0] for name in audit.EVENTS)
+    assert not (tmp_path / "a.db").exists()  # refused before touching the database
+    with pytest.raises(ValueError, match="audit.EVENTS"):
+        audit.Auditor(cast(Any, None)).build("made_up", audit.CLI)

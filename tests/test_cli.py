@@ -10,7 +10,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -118,8 +120,8 @@ async def test_password_stdin_takes_the_line_without_its_crlf(
 
 
 def test_users_add_duplicate_is_one_line_error(env: dict[str, str]) -> None:
-    assert_ok(invoke(env, "users", "add", "erin", "--password-stdin", input="pw one\n"))
-    result = invoke(env, "users", "add", "erin", "--password-stdin", input="pw two\n")
+    assert_ok(invoke(env, "users", "add", "erin", "--password-stdin", input="pw one one\n"))
+    result = invoke(env, "users", "add", "erin", "--password-stdin", input="pw two two\n")
     assert_operator_error(result, "erin", "already exists")
     assert "pw two" not in result.output
 
@@ -369,6 +371,13 @@ async def test_db_purge_removes_dead_families(env: dict[str, str], start_app: St
     result = await ainvoke(env, "db", "purge")
     assert_ok(result)
     assert "purged 1 refresh famil" in result.stdout
+    # Every kind of row it deletes is reported, each on its own line.
+    assert [line.split()[2:4] for line in result.stdout.splitlines()] == [
+        ["refresh", "families"],
+        ["login", "failures"],
+        ["known", "login"],
+        ["client-assertion", "ids"],
+    ]
     r = await running.client.post("/refresh", json={"refresh_token": live["refresh_token"]})
     assert r.status_code == 200
     result = await ainvoke(env, "db", "purge")
@@ -456,7 +465,7 @@ def test_bad_key_file_is_one_line_error_naming_it(
         ("db", "upgrade"),
         ("db", "purge"),
         ("audit",),
-        ("serve", "--port", "1"),
+        ("serve", "--port", "0"),
     ],
 )
 def test_unreachable_database_is_one_line_error(keys_dir: Path, args: tuple[str, ...]) -> None:
@@ -518,22 +527,6 @@ def test_python_m_authserver_help() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("serve", "users", "keys", "db", "audit"):
         assert command in result.stdout
-
-
-def test_operator_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
-    env = {**os.environ, **cli_env(UNREACHABLE_DB, tmp_path / "keys")}
-    result = subprocess.run(
-        [sys.executable, "-m", "authserver", "users", "list"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode != 0
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert "database" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- serve as a real process ---------------------------------------------------------------
@@ -662,3 +655,86 @@ def test_a_world_readable_database_is_warned_about(
     caplog.set_level(logging.WARNING, logger="authserver.store")
     assert invoke(sqlite_env, "users", "list").exit_code == 0
     assert any(f"chmod 600 {database}" in r.getMessage() for r in caplog.records)
+
+
+# -- output for people, one line per operator mistake ---------------------------------------
+
+
+def test_commands_print_only_their_answer(sqlite_env: dict[str, str]) -> None:
+    """No log lines at the default level (stderr is empty); `--verbose` brings them back."""
+    generated = invoke(sqlite_env, "keys", "generate")
+    assert_ok(generated)
+    assert generated.stdout.startswith("generated RS256 key ") and generated.stderr == ""
+    listed = invoke(sqlite_env, "keys", "list")
+    assert listed.stdout.splitlines()[0].split() == ["KID", "ALG", "CREATED", "SIGNING"]
+    assert listed.stderr == ""
+    added = invoke(sqlite_env, "users", "add", "quinn", "--password-stdin", input=f"{PASSWORD}\n")
+    assert (added.stdout, added.stderr) == ("created user quinn\n", "")
+    verbose = invoke(sqlite_env, "--verbose", "keys", "list")
+    assert verbose.stdout == listed.stdout
+    logged = [json.loads(line)["message"] for line in verbose.stderr.splitlines()]
+    assert logged == ["key loaded"] * (len(listed.stdout.splitlines()) - 1)
+
+
+def _one_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no log records around it either
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _cli(tmp_path: Path, env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSERVER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "authserver", *args],
+        env={**full, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_operator_mistakes_are_one_line_naming_the_fix(tmp_path: Path, keys_dir: Path) -> None:
+    """Real processes, as an operator meets them: a busy port, a missing database
+    directory, an unreachable PostgreSQL."""
+    env = cli_env(f"sqlite:///{tmp_path / 'db.sqlite'}", keys_dir)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _cli(tmp_path, env, "serve", "--demo", "--port", str(port))
+    _one_line(result, f"port {port} on 127.0.0.1 is already in use", "--port")
+
+    missing = tmp_path / "no" / "such" / "dir"
+    env_missing = {**env, "AUTHSERVER_DATABASE_URL": f"sqlite:///{missing}/a.db"}
+    for args in (("serve", "--port", "0"), ("users", "list")):
+        _one_line(_cli(tmp_path, env_missing, *args), str(missing), "AUTHSERVER_DATABASE_URL")
+    assert not missing.exists()
+
+    env_pg = {**env, "AUTHSERVER_DATABASE_URL": UNREACHABLE_DB}
+    _one_line(
+        _cli(tmp_path, env_pg, "users", "list"),
+        "cannot connect to the PostgreSQL database at 127.0.0.1:1: connection refused",
+        "AUTHSERVER_DATABASE_CONNECT_TIMEOUT",
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [("serve",), ("users", "add"), ("clients", "add"), ("audit",), ("keys", "generate")]
+)
+def test_help_names_values_without_type_placeholders(
+    sqlite_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    result = invoke(sqlite_env, *args, "--help")
+    assert_ok(result)
+    assert not re.search(r"<(str|bool|int|path|float)[^>]*>|\{[a-z_]+\}", result.stdout), (
+        result.stdout
+    )
+    if args == ("serve",):
+        assert re.search(r"--port\s+PORT", result.stdout), result.stdout
+    if args == ("users", "add"):
+        assert "users add [OPTIONS] NAME" in result.stdout

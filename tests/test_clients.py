@@ -190,7 +190,7 @@ async def test_disable_enable_and_remove_are_audited_and_remove_revokes_sessions
     assert (await listed(env))["app"]["disabled"] is False
     result = await ainvoke(env, "clients", "remove", "app")
     assert_ok(result)
-    assert "revoked 1" in result.stderr
+    assert "revoked 1" in result.stdout
     assert "app" not in await listed(env)
     store = SqlStore.from_settings(settings)
     try:

@@ -13,6 +13,7 @@ names where the final screenshot goes (default: the test's tmp_path).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -27,6 +28,7 @@ from playwright.sync_api import Page, Response, Route, expect, sync_playwright
 
 from tests.helpers.app import Running
 from tests.helpers.procs import ServerProcess, base_env, free_port, run_cli, server_errors
+from tests.helpers.tokens import jwt_parts
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -137,6 +139,10 @@ def _authorize_and_call_protected(
     form = dialog.locator(".auth-container").filter(has_text=f"OAuth2, {flow}")
     expect(form.locator("h4")).to_contain_text(f"OAuth2, {flow}")
     if client is None:
+        # The built-in public client is filled in, with no secret: a person types only
+        # a username and a password.
+        expect(form.locator("input#client_id_password")).to_have_value("authserver")
+        expect(form.locator("input#client_secret_password")).to_have_value("")
         form.locator("#oauth_username").fill(USERNAME)
         form.locator("#oauth_password").fill(PASSWORD)
     else:
@@ -193,6 +199,7 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
         finally:
             page.screenshot(path=str(screenshot), full_page=True)
         tokens = [(r.status, parse_qs(r.request.post_data or ""), r.json()) for r in seen["/token"]]
+        basic = [r.request.headers.get("authorization", "") for r in seen["/token"]]
         protected = [
             (r.status, r.request.headers.get("authorization", "")) for r in seen["/protected"]
         ]
@@ -209,6 +216,10 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
     assert form["grant_type"] == ["password"]
     assert form["scope"] == ["read"]
     assert body["scope"] == "read"
+    # The pre-filled client, as HTTP Basic with an empty secret: the token is the built-in
+    # client's.
+    assert basic == ["Basic " + base64.b64encode(b"authserver:").decode()]
+    assert jwt_parts(body["access_token"])[1]["client_id"] == "authserver"
     assert len(protected) == 1
     assert protected[0] == (200, f"Bearer {body['access_token']}")
     assert server_errors(docs_server.log()) == []

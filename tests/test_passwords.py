@@ -10,6 +10,8 @@ from typing import Any
 import bcrypt
 import pytest
 
+from authserver.config import Settings
+from authserver.password_policy import PasswordPolicy
 from authserver.passwords import (
     MAX_PASSWORD_BYTES,
     PasswordHasher,
@@ -274,3 +276,53 @@ async def test_a_lower_cost_hash_takes_as_much_work_to_check_as_the_current_cost
             assert 0.5 < ratio < 2, (password, password_hash is None, ratio)
     finally:
         hasher.close()
+
+
+# -- the policy (NIST SP 800-63B §5.1.1.2) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("password", "username", "words"),
+    [
+        ("pass12!", "olga", ("7 characters", "at least 8")),
+        ("password1", "olga", ("most common passwords", "zxcvbn")),
+        ("Dragon", "olga", ("6 characters",)),
+        ("QWERTYUIOP", "olga", ("most common passwords",)),  # case does not hide it
+        ("Olga.Petrova", "olga.petrova", ("is the username",)),
+    ],
+)
+def test_policy_refuses_short_common_and_username_passwords(
+    password: str, username: str, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(PasswordPolicyError) as info:
+        PasswordPolicy().check(password, username=username)
+    for word in words:
+        assert word in str(info.value)
+    assert password not in str(info.value)
+
+
+@pytest.mark.parametrize("password", ["testpassword", "8 chars!", "Tr0ub4dor&3x", "é" * 8])
+def test_policy_accepts_without_composition_rules(password: str) -> None:
+    assert PasswordPolicy().check(password, username="olga") == password.encode()
+
+
+def test_policy_minimum_is_configurable_upward() -> None:
+    with pytest.raises(PasswordPolicyError, match="at least 12"):
+        PasswordPolicy(min_length=12).check("eleven chrs", username="olga")
+    PasswordPolicy(min_length=12).check("twelve chars", username="olga")
+    with pytest.raises(ValueError, match="AUTHSERVER_PASSWORD_MIN_LENGTH|password_min_length"):
+        Settings(password_min_length=6)
+
+
+@pytest.mark.parametrize("command", ["add", "passwd"])
+def test_cli_applies_the_policy(tmp_path: Path, keys_dir: Path, command: str) -> None:
+    env = cli_env(
+        f"sqlite:///{tmp_path / 'db.sqlite'}", keys_dir, AUTHSERVER_PASSWORD_MIN_LENGTH="10"
+    )
+    if command == "passwd":
+        assert_ok(invoke(env, "users", "add", "olga", "--password-stdin", input="first pw ok\n"))
+    for password, words in [("short pw", ("8 characters", "at least 10")), ("baseball12", ())]:
+        result = invoke(env, "users", command, "olga", "--password-stdin", input=f"{password}\n")
+        assert_operator_error(result, "password refused", *words)
+        assert password not in result.output
+    assert "password_changed" not in invoke(env, "audit", "--user", "olga").stdout

@@ -17,6 +17,8 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from authserver.clients import BUILTIN_CLIENT_ID
+
 ASSETS = "/docs/assets"
 ASSETS_DIR = files("fastapi_offline") / "static"
 STATIC = "/docs/static"
@@ -44,7 +46,14 @@ def install_docs(app: FastAPI, *, scopes: tuple[str, ...]) -> None:
     config = {
         "openapiUrl": app.openapi_url or "/openapi.json",
         "oauth2RedirectUrl": REDIRECT,
-        "initOAuth": {"clientId": "", "usePkceWithAuthorizationCodeGrant": False},
+        # The Authorize dialog's password flow is the built-in public client's: its
+        # client_id is filled in, and it has no secret, so a person types only a username
+        # and password (Swagger UI sends it as HTTP Basic with an empty secret).
+        "initOAuth": {
+            "clientId": BUILTIN_CLIENT_ID,
+            "clientSecret": "",
+            "usePkceWithAuthorizationCodeGrant": False,
+        },
         "parameters": {
             **swagger_ui_default_parameters,
             "persistAuthorization": False,

@@ -260,7 +260,7 @@ class Store(Protocol):
 
     async def clear_login_failures(self, key: str) -> None: ...
 
-    async def purge_login_failures(self, *, before: float) -> None: ...
+    async def purge_login_failures(self, *, before: float) -> int: ...
 
     async def remember_login_address(self, user_id: int, network_key: str, *, at: float) -> None:
         """Record (or refresh) a network the user has logged in from."""
@@ -268,7 +268,7 @@ class Store(Protocol):
     async def is_login_address(self, user_id: int, network_key: str, *, since: float) -> bool:
         """Whether the user has logged in from the network since `since`."""
 
-    async def purge_login_addresses(self, *, before: float) -> None: ...
+    async def purge_login_addresses(self, *, before: float) -> int: ...
 
     async def add_audit_event(self, event: AuditEvent) -> None: ...
 
@@ -292,7 +292,7 @@ class Store(Protocol):
         """Record a single-use id until `expires_at`; False if it is already recorded
         (and not yet expired): a replay."""
 
-    async def purge_used_jtis(self, *, before: float) -> None: ...
+    async def purge_used_jtis(self, *, before: float) -> int: ...
 
     async def list_audit_events(
         self,

@@ -916,11 +916,15 @@ class SqlStore:
 
         await self._run_write(work)
 
-    async def purge_login_failures(self, *, before: float) -> None:
-        async def work(conn: Executor) -> None:
-            await conn.execute(login_failures.delete().where(login_failures.c.failed_at <= before))
+    async def purge_login_failures(self, *, before: float) -> int:
+        async def work(conn: Executor) -> int:
+            return (
+                await conn.execute(
+                    login_failures.delete().where(login_failures.c.failed_at <= before)
+                )
+            ).rowcount
 
-        await self._run_write(work)
+        return await self._run_write(work)
 
     async def remember_login_address(self, user_id: int, network_key: str, *, at: float) -> None:
         insert = (sqlite_insert if self._sqlite else pg_insert)(login_addresses).values(
@@ -943,13 +947,14 @@ class SqlStore:
             )
             return result.first() is not None
 
-    async def purge_login_addresses(self, *, before: float) -> None:
-        async def work(conn: Executor) -> None:
-            await conn.execute(
+    async def purge_login_addresses(self, *, before: float) -> int:
+        async def work(conn: Executor) -> int:
+            result = await conn.execute(
                 login_addresses.delete().where(login_addresses.c.last_success_at <= before)
             )
+            return result.rowcount
 
-        await self._run_write(work)
+        return await self._run_write(work)
 
     # -- clients ---------------------------------------------------------------
 
@@ -1007,11 +1012,13 @@ class SqlStore:
         except IntegrityError:
             return False
 
-    async def purge_used_jtis(self, *, before: float) -> None:
-        async def work(conn: Executor) -> None:
-            await conn.execute(used_jtis.delete().where(used_jtis.c.expires_at <= before))
+    async def purge_used_jtis(self, *, before: float) -> int:
+        async def work(conn: Executor) -> int:
+            return (
+                await conn.execute(used_jtis.delete().where(used_jtis.c.expires_at <= before))
+            ).rowcount
 
-        await self._run_write(work)
+        return await self._run_write(work)
 
     # -- audit -----------------------------------------------------------------
 
