@@ -70,6 +70,8 @@ EVENTS: dict[str, str] = {
     CLIENT_AUTH_FAILED: "a client failed to authenticate (wrong secret, bad assertion, "
     "unknown or disabled client)",
     CLIENT_TOKEN_ISSUED: "a client was issued a token for itself (client-credentials grant)",
+    SESSION_ENDED: "a session was ended by its user (`DELETE /sessions/{id}`, `DELETE "
+    "/sessions`: `by=user`) or `authserver sessions revoke` (`by=operator`)",
 }
 
 _WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
