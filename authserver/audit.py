@@ -37,8 +37,13 @@ CLIENT_ENABLED = "client_enabled"
 CLIENT_REMOVED = "client_removed"
 CLIENT_AUTH_FAILED = "client_auth_failed"
 CLIENT_TOKEN_ISSUED = "client_token_issued"
+CODE_EXCHANGED = "code_exchanged"
+CODE_REUSE_DETECTED = "code_reuse_detected"
+CONSENT_GRANTED = "consent_granted"
+CONSENT_DENIED = "consent_denied"
+BROWSER_SIGNED_OUT = "browser_signed_out"
 
-_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
+_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED, CODE_REUSE_DETECTED}
 
 
 @dataclass(frozen=True, slots=True)

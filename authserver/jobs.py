@@ -86,6 +86,7 @@ async def purge(
     await store.purge_login_failures(before=now - login_window)
     await store.purge_login_addresses(before=now - known_address_ttl)
     await store.purge_used_jtis(before=now)
+    await store.purge_browser_sign_in(now=now)
     return families
 
 

@@ -12,6 +12,7 @@ from fastapi.openapi.models import OAuthFlowClientCredentials
 from fastapi.security import OAuth2PasswordBearer
 
 from authserver.audit import RequestContext
+from authserver.authorize import Authorizer
 from authserver.clients import ClientAuthenticator, ClientService
 from authserver.grants import AuthService
 from authserver.introspection import Introspector
@@ -29,6 +30,7 @@ class Services:
     """Everything the routes call, built once by `create_app`."""
 
     auth: AuthService
+    authorizer: Authorizer
     users: UserService
     clients: ClientService
     client_auth: ClientAuthenticator

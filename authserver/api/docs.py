@@ -17,11 +17,13 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from authserver.clients import DOCS_REDIRECT_PATH
+
 ASSETS = "/docs/assets"
 ASSETS_DIR = files("fastapi_offline") / "static"
 STATIC = "/docs/static"
 STATIC_DIR = files("authserver.api") / "static"
-REDIRECT = "/docs/oauth2-redirect"
+REDIRECT = DOCS_REDIRECT_PATH
 templates = Jinja2Templates(directory=str(files("authserver.api") / "templates"))
 
 
