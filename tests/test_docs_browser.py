@@ -26,36 +26,18 @@ import pytest
 from playwright.sync_api import Page, Response, Route, expect, sync_playwright
 
 from tests.helpers.app import Running
+from tests.helpers.chromium import CHROMIUM_ARGS, UI_TIMEOUT_MS, require_chromium
 from tests.helpers.procs import ServerProcess, base_env, free_port, run_cli, server_errors
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 USERNAME = "swagger"
 ROBOT = "swagger-robot"  # a confidential client, for the client_credentials flow
 PASSWORD = "browser password 1"
 PROTECTED_MESSAGE = "Access granted for protected route."
-UI_TIMEOUT_MS = 20_000
 
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = (
-            f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)"
-        )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return CHROMIUM
+    return require_chromium()
 
 
 @pytest.fixture

@@ -17,12 +17,14 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from authserver.api.deps import ClaimsDep, Services, request_context, services_of
 from authserver.api.docs import STATIC, templates
+from authserver.api.middleware import content_security_policy
 from authserver.api.parsing import read_form
 from authserver.authorize import (
     CONSENT_REQUIRED,
@@ -134,6 +136,12 @@ def _csrf_ok(request: Request, services: Services, form: Mapping[str, str]) -> b
     return bool(cookie) and hmac.compare_digest(cookie.encode(), sent.encode())
 
 
+def _form_policy(auth: AuthorizationRequest) -> dict[str, str]:
+    """The page's policy lets its form end in the redirect back to the application."""
+    parts = urlsplit(auth.redirect_uri)
+    return {"Content-Security-Policy": content_security_policy(f"{parts.scheme}://{parts.netloc}")}
+
+
 def _sign_in_page(
     request: Request,
     services: Services,
@@ -156,7 +164,7 @@ def _sign_in_page(
             "username": username if username is not None else auth.login_hint or "",
         },
         status_code=status_code,
-        headers=headers,
+        headers={**_form_policy(auth), **(headers or {})},
     )
     return _with_csrf(page, services, token)
 
@@ -176,6 +184,7 @@ def _consent_page(
             "params": auth.params,
             "csrf_token": token,
         },
+        headers=_form_policy(auth),
     )
     return _with_csrf(page, services, token)
 
