@@ -29,7 +29,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from tests.helpers.browser_flow import pkce, query_of
 from tests.helpers.chromium import CHROMIUM_ARGS, UI_TIMEOUT_MS, require_chromium
-from tests.helpers.procs import ServerProcess, base_env, free_port, run_cli, server_errors
+from tests.helpers.cli import assert_ok, invoke
+from tests.helpers.procs import ServerProcess, base_env, free_port, server_errors
 
 pytestmark = pytest.mark.browser
 
@@ -119,31 +120,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         AUTHSERVER_ISSUER=issuer,
         AUTHSERVER_LOG_FORMAT="text",
     )
-    added = run_cli(["users", "add", USER, "--password-stdin"], env, cwd=workdir, stdin=PASSWORD)
-    assert added.returncode == 0, added.stderr
+    # The CLI in-process (a process each would cost seconds): its registry options.
+    cli = {k: v for k, v in env.items() if k.startswith("AUTHSERVER_")}
+    assert_ok(invoke(cli, "users", "add", USER, "--password-stdin", input=PASSWORD))
     web = f"http://localhost:{web_port}"
     spa = f"http://localhost:{spa_port}"
-    registered = run_cli(
-        [
-            "clients", "add", "webapp", "--third-party", "--name", "Team Reports",
-            "--scope", "read", "--redirect-uri", f"{web}/callback",
-            "--post-logout-redirect-uri", f"{web}/logged-out",
-        ],
-        env,
-        cwd=workdir,
+    registered = invoke(
+        cli,
+        "clients", "add", "webapp", "--third-party", "--name", "Team Reports",
+        "--scope", "read", "--redirect-uri", f"{web}/callback",
+        "--post-logout-redirect-uri", f"{web}/logged-out",
     )  # fmt: skip
-    assert registered.returncode == 0, registered.stderr
+    assert_ok(registered)
     secret = registered.stdout.strip()
-    public = run_cli(
-        [
+    assert_ok(
+        invoke(
+            cli,
             "clients", "add", "spa", "--public", "--name", "Team SPA",
             "--redirect-uri", f"{spa}/callback",
             "--post-logout-redirect-uri", f"{spa}/logged-out",
-        ],
-        env,
-        cwd=workdir,
+        )
     )  # fmt: skip
-    assert public.returncode == 0, public.stderr
     log_path = workdir / "server.log"
     log_file = open(log_path, "wb")  # closed by ServerProcess.stop
     proc = subprocess.Popen(
@@ -158,11 +155,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server = ServerProcess("authserver", proc, port, log_path, log_file)
     parties: list[Party] = []
     try:
-        server.wait_healthy()
+        # The apps read the server's metadata at their first sign-in: all three start at once.
         parties = [
             _start_party(workdir, issuer, "webapp", secret, web_port),
             _start_party(workdir, issuer, "spa", None, spa_port),
         ]
+        server.wait_healthy()
         for party in parties:
             _wait_up(party)
         expect.set_options(timeout=UI_TIMEOUT_MS)
