@@ -35,6 +35,138 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 
+def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(
+        f"<!doctype html><html><head><title>{html.escape(title)}</title></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>",
+        status_code=status_code,
+    )
+
+
+class RelyingParty:
+    """The app's routes, for one registered client served at `base_url`."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        client_id: str,
+        client_secret: str | None,
+        base_url: str,
+        scope: str,
+        title: str,
+    ) -> None:
+        self.issuer, self.client_id, self.client_secret = issuer, client_id, client_secret
+        self.base_url, self.title = base_url, title
+        self.auth_method = "client_secret_basic" if client_secret else "none"
+        oauth = OAuth()
+        oauth.register(
+            "authserver",
+            client_id=client_id,
+            client_secret=client_secret,
+            server_metadata_url=f"{issuer}/.well-known/openid-configuration",
+            client_kwargs={
+                "scope": scope,
+                "code_challenge_method": "S256",  # PKCE, which authserver requires
+                "token_endpoint_auth_method": self.auth_method,
+            },
+        )
+        self.server = oauth.create_client("authserver")
+        # Tokens by session: the cookie names an entry here and holds no token itself.
+        self.tokens: dict[str, dict[str, Any]] = {}
+
+    def page(self, body: str, status_code: int = 200) -> HTMLResponse:
+        return _page(self.title, body, status_code)
+
+    def token_of(self, request: Request) -> dict[str, Any] | None:
+        return self.tokens.get(request.session.get("sid", ""))
+
+    async def home(self, request: Request) -> Response:
+        token = self.token_of(request)
+        if token is None:
+            return self.page(
+                '<p id="status">Signed out.</p><a id="login" href="/login">Sign in</a>'
+            )
+        user = token["userinfo"]
+        return self.page(
+            f'<p id="status">Signed in as <span id="user">{html.escape(user["sub"])}</span>.</p>'
+            f'<pre id="claims">{html.escape(json.dumps(dict(user), sort_keys=True))}</pre>'
+            '<a id="api" href="/api">Call the API</a> <a id="refresh" href="/refresh">Refresh</a>'
+            ' <a id="logout" href="/logout">Sign out</a>'
+        )
+
+    async def login(self, request: Request) -> Response:
+        response: Response = await self.server.authorize_redirect(
+            request, f"{self.base_url}/callback"
+        )
+        return response
+
+    async def callback(self, request: Request) -> Response:
+        metadata = await self.server.load_server_metadata()
+        # RFC 9207: the answer must come from the server we sent the browser to.
+        if request.query_params.get("iss") != metadata["issuer"]:
+            return self.page('<p id="error">The answer did not come from our issuer.</p>', 400)
+        try:
+            token = await self.server.authorize_access_token(request)
+        except OAuthError as exc:
+            return self.page(f'<p id="error">{html.escape(exc.error or "")}</p>', 400)
+        sid = secrets.token_urlsafe(16)
+        self.tokens[sid] = dict(token)
+        request.session["sid"] = sid
+        return RedirectResponse("/", status_code=303)
+
+    async def api(self, request: Request) -> Response:
+        token = self.token_of(request)
+        if token is None:
+            return RedirectResponse("/", status_code=303)
+        answers = {}
+        for path in ("/protected", "/userinfo"):
+            resp = await self.server.get(f"{self.issuer}{path}", token=token)
+            answers[path] = {"status": resp.status_code, "body": resp.json()}
+        return self.page(
+            f'<pre id="result">{html.escape(json.dumps(answers, sort_keys=True))}</pre>'
+        )
+
+    async def refresh(self, request: Request) -> Response:
+        token = self.token_of(request)
+        if token is None:
+            return RedirectResponse("/", status_code=303)
+        metadata = await self.server.load_server_metadata()
+        async with AsyncOAuth2Client(
+            self.client_id, self.client_secret, token_endpoint_auth_method=self.auth_method
+        ) as client:
+            try:
+                new = await client.refresh_token(
+                    metadata["token_endpoint"], refresh_token=token["refresh_token"]
+                )
+            except OAuthError as exc:
+                error = html.escape(exc.error or "")
+                return self.page(f'<p id="error">refresh refused: {error}</p>', 400)
+        token.update(new)
+        return self.page('<p id="refreshed">Refreshed.</p><a href="/">Back</a>')
+
+    async def logout(self, request: Request) -> Response:
+        token = self.token_of(request)
+        if token is None:
+            return RedirectResponse("/", status_code=303)
+        response: Response = await self.server.logout_redirect(
+            request,
+            post_logout_redirect_uri=f"{self.base_url}/logged-out",
+            id_token_hint=token["id_token"],
+            state=secrets.token_urlsafe(16),
+        )
+        return response
+
+    async def logged_out(self, request: Request) -> Response:
+        try:
+            await self.server.validate_logout_response(request)
+        except OAuthError:
+            return self.page('<p id="error">Unexpected sign-out answer.</p>', 400)
+        # The server ended its session; the local one ends too.
+        request.session.pop("sid", None)
+        return self.page('<p id="status">Signed out.</p><a id="login" href="/login">Sign in</a>')
+
+
 def create_app(
     *,
     issuer: str,
@@ -45,123 +177,23 @@ def create_app(
     title: str | None = None,
 ) -> Starlette:
     """The relying party for one registered client, served at `base_url`."""
-    title = title or client_id
-    oauth = OAuth()
-    oauth.register(
-        "authserver",
+    rp = RelyingParty(
+        issuer=issuer,
         client_id=client_id,
         client_secret=client_secret,
-        server_metadata_url=f"{issuer}/.well-known/openid-configuration",
-        client_kwargs={
-            "scope": scope,
-            "code_challenge_method": "S256",  # PKCE, which authserver requires of everyone
-            "token_endpoint_auth_method": "client_secret_basic" if client_secret else "none",
-        },
+        base_url=base_url,
+        scope=scope,
+        title=title or client_id,
     )
-    server = oauth.create_client("authserver")
-    # Tokens by session: the cookie names an entry here and holds no token itself.
-    tokens: dict[str, dict[str, Any]] = {}
-
-    def page(body: str, status_code: int = 200) -> HTMLResponse:
-        return HTMLResponse(
-            f"<!doctype html><html><head><title>{html.escape(title)}</title></head>"
-            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>",
-            status_code=status_code,
-        )
-
-    def token_of(request: Request) -> dict[str, Any] | None:
-        return tokens.get(request.session.get("sid", ""))
-
-    async def home(request: Request) -> Response:
-        token = token_of(request)
-        if token is None:
-            return page('<p id="status">Signed out.</p><a id="login" href="/login">Sign in</a>')
-        user = token["userinfo"]
-        return page(
-            f'<p id="status">Signed in as <span id="user">{html.escape(user["sub"])}</span>.</p>'
-            f'<pre id="claims">{html.escape(json.dumps(dict(user), sort_keys=True))}</pre>'
-            '<a id="api" href="/api">Call the API</a> <a id="refresh" href="/refresh">Refresh</a>'
-            ' <a id="logout" href="/logout">Sign out</a>'
-        )
-
-    async def login(request: Request) -> Response:
-        response: Response = await server.authorize_redirect(request, f"{base_url}/callback")
-        return response
-
-    async def callback(request: Request) -> Response:
-        metadata = await server.load_server_metadata()
-        # RFC 9207: the answer must come from the server we sent the browser to.
-        if request.query_params.get("iss") != metadata["issuer"]:
-            return page('<p id="error">The answer did not come from our issuer.</p>', 400)
-        try:
-            token = await server.authorize_access_token(request)
-        except OAuthError as exc:
-            return page(f'<p id="error">{html.escape(exc.error or "")}</p>', 400)
-        sid = secrets.token_urlsafe(16)
-        tokens[sid] = dict(token)
-        request.session["sid"] = sid
-        return RedirectResponse("/", status_code=303)
-
-    async def api(request: Request) -> Response:
-        token = token_of(request)
-        if token is None:
-            return RedirectResponse("/", status_code=303)
-        answers = {}
-        for path in ("/protected", "/userinfo"):
-            resp = await server.get(f"{issuer}{path}", token=token)
-            answers[path] = {"status": resp.status_code, "body": resp.json()}
-        return page(f'<pre id="result">{html.escape(json.dumps(answers, sort_keys=True))}</pre>')
-
-    async def refresh(request: Request) -> Response:
-        token = token_of(request)
-        if token is None:
-            return RedirectResponse("/", status_code=303)
-        metadata = await server.load_server_metadata()
-        async with AsyncOAuth2Client(
-            client_id,
-            client_secret,
-            token_endpoint_auth_method="client_secret_basic" if client_secret else "none",
-        ) as client:
-            try:
-                new = await client.refresh_token(
-                    metadata["token_endpoint"], refresh_token=token["refresh_token"]
-                )
-            except OAuthError as exc:
-                return page(f'<p id="error">refresh refused: {html.escape(exc.error)}</p>', 400)
-        token.update(new)
-        return page('<p id="refreshed">Refreshed.</p><a href="/">Back</a>')
-
-    async def logout(request: Request) -> Response:
-        token = token_of(request)
-        if token is None:
-            return RedirectResponse("/", status_code=303)
-        response: Response = await server.logout_redirect(
-            request,
-            post_logout_redirect_uri=f"{base_url}/logged-out",
-            id_token_hint=token["id_token"],
-            state=secrets.token_urlsafe(16),
-        )
-        return response
-
-    async def logged_out(request: Request) -> Response:
-        try:
-            await server.validate_logout_response(request)
-        except OAuthError:
-            return page('<p id="error">Unexpected sign-out answer.</p>', 400)
-        # The server ended its session; the local one ends too. The refresh token is
-        # kept (this is a demo): /refresh now shows the server refusing it.
-        request.session.pop("sid", None)
-        return page('<p id="status">Signed out.</p><a id="login" href="/login">Sign in</a>')
-
     return Starlette(
         routes=[
-            Route("/", home),
-            Route("/login", login),
-            Route("/callback", callback),
-            Route("/api", api),
-            Route("/refresh", refresh),
-            Route("/logout", logout),
-            Route("/logged-out", logged_out),
+            Route("/", rp.home),
+            Route("/login", rp.login),
+            Route("/callback", rp.callback),
+            Route("/api", rp.api),
+            Route("/refresh", rp.refresh),
+            Route("/logout", rp.logout),
+            Route("/logged-out", rp.logged_out),
         ],
         middleware=[
             Middleware(

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from tests.helpers.browser_flow import pkce, query_of
 from tests.helpers.chromium import CHROMIUM_ARGS, UI_TIMEOUT_MS, require_chromium
@@ -372,4 +372,59 @@ def test_negative_paths_in_the_browser(world: World) -> None:
         },
     )
     assert refreshed.status_code == 400  # the replay revoked what the code had issued
+    assert server_errors(world.server.log()) == []
+
+
+def test_swagger_ui_signs_in_with_the_authorization_code_and_pkce(world: World) -> None:
+    """The Swagger UI's Authorize, authorization code flow: a popup with the sign-in form,
+    back to /docs with a code, exchanged with PKCE as the built-in public client; then
+    /protected from the page. Nothing leaves the server (no CDN)."""
+    server = world.server.url
+    outside: list[str] = []
+    tokens: list[tuple[int, str]] = []
+    with _context(world) as (context, page):
+
+        def same_origin(route: Route) -> None:
+            if route.request.url.startswith(server):
+                route.continue_()
+            else:
+                outside.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", same_origin)
+        page.on(
+            "response",
+            lambda r: (
+                tokens.append((r.status, r.request.post_data or ""))
+                if r.url == f"{server}/token"
+                else None
+            ),
+        )
+        page.goto(f"{server}/docs")
+        page.locator(".auth-wrapper button.authorize").click()
+        dialog = page.locator(".modal-ux")
+        form = dialog.locator(".auth-container").filter(has_text="authorizationCode with PKCE")
+        form.locator("input#client_id_authorizationCode").fill("authserver")
+        form.locator(".scopes label").filter(has_text="read").click()
+        with page.expect_popup() as popup_info:
+            form.locator("button.modal-btn").filter(has_text="Authorize").click()
+        popup = popup_info.value
+        _sign_in_form(popup)
+        popup.wait_for_event("close")
+        expect(form.locator("button.modal-btn").filter(has_text="Logout")).to_be_visible()
+        dialog.locator("button.modal-btn").filter(has_text="Close").first.click()
+
+        operation = page.locator(".opblock-get").filter(has_text="/protected")
+        operation.locator(".opblock-summary").click()
+        operation.get_by_role("button", name="Try it out").click()
+        operation.get_by_role("button", name="Execute").click()
+        live = operation.locator(".live-responses-table")
+        expect(live.locator("tbody .response-col_status")).to_have_text("200")
+
+    assert outside == []
+    assert len(tokens) == 1
+    status, body = tokens[0]
+    assert status == 200
+    sent = query_of("?" + body)
+    assert sent["grant_type"] == "authorization_code" and sent["code_verifier"]
     assert server_errors(world.server.log()) == []

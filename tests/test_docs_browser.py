@@ -233,8 +233,10 @@ async def test_docs_page_loads_nothing_from_outside(server: Running) -> None:
         assert len(asset.content) > 0
     spec = (await server.client.get("/openapi.json")).json()
     flows = spec["components"]["securitySchemes"]["OAuth2"]["flows"]
-    # A user's password flow, and a confidential client's client_credentials (RFC 6749 §4.4).
-    assert set(flows) == {"password", "clientCredentials"}
+    # A user's password flow, a confidential client's client_credentials (RFC 6749 §4.4),
+    # and the browser's authorization code (with PKCE).
+    assert set(flows) == {"password", "clientCredentials", "authorizationCode"}
+    assert flows["authorizationCode"]["authorizationUrl"] == "/authorize"
     for flow in flows.values():
         assert flow["tokenUrl"] == "/token"
         assert set(flow["scopes"]) == {"read", "write"}

@@ -46,7 +46,8 @@ def install_docs(app: FastAPI, *, scopes: tuple[str, ...]) -> None:
     config = {
         "openapiUrl": app.openapi_url or "/openapi.json",
         "oauth2RedirectUrl": REDIRECT,
-        "initOAuth": {"clientId": "", "usePkceWithAuthorizationCodeGrant": False},
+        # The authorization code flow signs in as the built-in public client: PKCE it is.
+        "initOAuth": {"clientId": "", "usePkceWithAuthorizationCodeGrant": True},
         "parameters": {
             **swagger_ui_default_parameters,
             "persistAuthorization": False,
