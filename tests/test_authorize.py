@@ -433,3 +433,15 @@ async def test_bad_authorization_requests_never_fail_the_server(
             headers={"content-type": "application/x-www-form-urlencoded"},
         )
         assert posted.status_code in {303, 400}, (path, posted.text)
+
+
+async def test_a_password_change_ends_browser_sessions_and_voids_their_codes(
+    oidc: tuple[Running, Flow],
+) -> None:
+    server, flow = oidc
+    code = await flow.code()
+    assert (await flow.authorize()).status_code == 303  # signed in
+    await server.app.state.services.users.set_password(CLI, "alice", "a new password 2")
+    assert (await flow.authorize()).status_code == 200  # the form again
+    refused = await flow.exchange(code)
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
