@@ -11,7 +11,13 @@ from typing import Any
 
 from authserver.errors import InvalidTokenError
 from authserver.keys import ALGORITHMS
-from authserver.tokens import KeyRingSource, jwt_header, sign_jwt, verify_assertion
+from authserver.tokens import (
+    MAX_TOKEN_LENGTH,
+    KeyRingSource,
+    jwt_header,
+    sign_jwt,
+    verify_assertion,
+)
 
 OPENID = "openid"
 ID_TOKEN_TTL = 300  # seconds: an id_token says who signed in, once; it is no session
@@ -56,7 +62,9 @@ def mint_id_token(
 def verify_id_token_hint(token: str, keys: KeyRingSource, *, issuer: str) -> dict[str, Any]:
     """The claims of an id_token this server issued, expired or not (RP-Initiated Logout
     §2: an expired id_token_hint still names the session); `InvalidTokenError` else."""
-    if jwt_header(token).get("typ") != "JWT":  # not an access token (at+jwt)
+    if (
+        len(token) > MAX_TOKEN_LENGTH or jwt_header(token).get("typ") != "JWT"
+    ):  # not an access token (at+jwt)
         raise InvalidTokenError("The id_token_hint is not an id_token.")
     claims = verify_assertion(token, keys.verification_keys())
     if claims.get("iss") != issuer or not isinstance(claims.get("sid"), str):

@@ -49,6 +49,8 @@ async def test_code_flow_issues_tokens_an_id_token_and_userinfo(
     assert page.headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert page.headers["cache-control"] == "no-store"
+    # No script at all, and no inline style: the policy forbids both.
+    assert "<script" not in page.text and "style=" not in page.text and "<style" not in page.text
     back = await flow.sign_in(page)
     assert back.status_code == 303
     cookie = back.headers["set-cookie"]
@@ -336,6 +338,8 @@ async def test_end_session_signs_the_browser_out_and_revokes_its_sessions(
     for bad in ("", "not-a-jwt", tokens["access_token"]):
         page = await server.client.get("/end-session", params={"id_token_hint": bad})
         assert page.status_code == 400
+    long = await server.client.get("/end-session", params={"id_token_hint": "a." * 20_000})
+    assert long.status_code == 400
 
     out = await server.client.get(
         "/end-session",

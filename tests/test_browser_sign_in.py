@@ -30,7 +30,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sy
 from tests.helpers.browser_flow import pkce, query_of
 from tests.helpers.chromium import CHROMIUM_ARGS, UI_TIMEOUT_MS, require_chromium
 from tests.helpers.cli import assert_ok, invoke
-from tests.helpers.procs import ServerProcess, base_env, free_port, server_errors
+from tests.helpers.procs import ServerPool, ServerProcess, base_env, free_port, server_errors
 
 pytestmark = pytest.mark.browser
 
@@ -141,18 +141,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "--post-logout-redirect-uri", f"{spa}/logged-out",
         )
     )  # fmt: skip
-    log_path = workdir / "server.log"
-    log_file = open(log_path, "wb")  # closed by ServerProcess.stop
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "authserver", "serve", "--port", str(port)],
-        env=env,
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = ServerProcess("authserver", proc, port, log_path, log_file)
+    pool = ServerPool(workdir)
+    server = pool.spawn(env, name="authserver", port=port)
     parties: list[Party] = []
     try:
         # The apps read the server's metadata at their first sign-in: all three start at once.
@@ -176,7 +166,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for party in parties:
             party.proc.terminate()
             party.proc.wait(15)
-        server.stop()
+        pool.stop_all()
 
 
 @contextlib.contextmanager

@@ -225,21 +225,54 @@ async def authorize(request: Request) -> Response:
         return _refused(request, services, exc)
 
 
-async def _form(request: Request) -> dict[str, str] | None:
-    try:
-        return await read_form(request)
-    except OAuthError:
-        return None
-
-
-def _request_items(form: Mapping[str, str]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in form.items() if k not in {_CSRF_FIELD, "username", "password"}]
-
-
+_FORM_FIELDS = frozenset({_CSRF_FIELD, "username", "password", "decision"})
 _FORM_EXPIRED = (
     "This form has expired or did not come from this site. Go back to the application and "
     "sign in again."
 )
+
+
+async def _posted(
+    request: Request, services: Services
+) -> tuple[dict[str, str], AuthorizationRequest] | Response:
+    """A sign-in or consent form's fields, and the authorization request it carries on
+    (checked again, every time); or the page refusing it: unreadable, or failing the
+    CSRF check. Raises `AuthorizationError` as /authorize would."""
+    try:
+        form = await read_form(request)
+    except OAuthError:
+        return _message(request, "Bad request", "The form could not be read.", status_code=400)
+    items = [(k, v) for k, v in form.items() if k not in _FORM_FIELDS]
+    auth = await services.authorizer.check_request(items)
+    if not _csrf_ok(request, services, form):
+        return _message(request, "Please try again", _FORM_EXPIRED, status_code=400)
+    return form, auth
+
+
+def _sign_in_refused(
+    request: Request, services: Services, auth: AuthorizationRequest, username: str, exc: Exception
+) -> Response:
+    """The form again, saying why, the username kept (Keycloak's login theme does so)."""
+    if isinstance(exc, SlowDownError):
+        minutes = max(1, -(-exc.retry_after // 60))
+        error = (
+            f"Too many failed sign-ins. Wait {minutes} minute{'s' * (minutes > 1)} and try again."
+        )
+        status_code, headers = 429, exc.headers()
+    elif not username:  # the form came without one of them
+        error, status_code, headers = "Enter your username and your password.", 400, {}
+    else:
+        error = "The username or password is not right. Check them and try again."
+        status_code, headers = 401, {}
+    return _sign_in_page(
+        request,
+        services,
+        auth,
+        error=error,
+        username=username,
+        status_code=status_code,
+        headers=headers,
+    )
 
 
 @router.post("/authorize/sign-in", include_in_schema=False)
@@ -247,48 +280,20 @@ async def sign_in(request: Request) -> Response:
     """The sign-in form: the same password rule, throttle and audit as /login."""
     services, ctx = services_of(request), request_context(request)
     authorizer = services.authorizer
-    form = await _form(request)
-    if form is None:
-        return _message(request, "Bad request", "The form could not be read.", status_code=400)
     try:
-        auth = await authorizer.check_request(_request_items(form))
-        if not _csrf_ok(request, services, form):
-            return _message(request, "Please try again", _FORM_EXPIRED, status_code=400)
+        posted = await _posted(request, services)
+        if isinstance(posted, Response):
+            return posted
+        form, auth = posted
         username, password = form.get("username", ""), form.get("password", "")
-        if not username or not password:
-            return _sign_in_page(
-                request,
-                services,
-                auth,
-                error="Enter your username and your password.",
-                username=username,
-                status_code=400,
-            )
+        if not username or not password:  # nothing to check: no failure counted
+            return _sign_in_refused(request, services, auth, "", InvalidGrantError())
         try:
             user = await services.auth.authenticate_user(
                 ctx, username=username, password=password, now=authorizer.clock()
             )
-        except InvalidGrantError:
-            return _sign_in_page(
-                request,
-                services,
-                auth,
-                error="The username or password is not right. Check them and try again.",
-                username=username,
-                status_code=401,
-            )
-        except SlowDownError as exc:
-            minutes = max(1, -(-exc.retry_after // 60))
-            return _sign_in_page(
-                request,
-                services,
-                auth,
-                error=f"Too many failed sign-ins. Wait {minutes} minute"
-                f"{'s' if minutes > 1 else ''} and try again.",
-                username=username,
-                status_code=429,
-                headers=exc.headers(),
-            )
+        except (InvalidGrantError, SlowDownError) as exc:
+            return _sign_in_refused(request, services, auth, username, exc)
         session, cookie = await authorizer.start_session(ctx, user, client_id=auth.client.client_id)
         try:
             response = await _onwards(request, services, auth, session)
@@ -305,15 +310,11 @@ async def consent(request: Request) -> Response:
     """The consent form's answer: remembered per user, client and scope set."""
     services, ctx = services_of(request), request_context(request)
     authorizer = services.authorizer
-    form = await _form(request)
-    if form is None:
-        return _message(request, "Bad request", "The form could not be read.", status_code=400)
     try:
-        auth = await authorizer.check_request(
-            [(k, v) for k, v in _request_items(form) if k != "decision"]
-        )
-        if not _csrf_ok(request, services, form):
-            return _message(request, "Please try again", _FORM_EXPIRED, status_code=400)
+        posted = await _posted(request, services)
+        if isinstance(posted, Response):
+            return posted
+        form, auth = posted
         session = await _session(request, services)
         if session is None:
             return _sign_in_page(request, services, auth)

@@ -117,11 +117,17 @@ class ServerPool:
         self.servers: list[ServerProcess] = []
 
     def spawn(
-        self, env: Mapping[str, str], *, name: str | None = None, workers: int = 1
+        self,
+        env: Mapping[str, str],
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        port: int | None = None,
     ) -> ServerProcess:
-        """Start a server without waiting for it (start several, then `wait_healthy`)."""
+        """Start a server without waiting for it (start several, then `wait_healthy`);
+        `port` when its issuer must name it."""
         name = name or f"server{len(self.servers)}"
-        port = free_port()
+        port = port or free_port()
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "wb")  # closed by ServerProcess.stop
         proc = subprocess.Popen(
