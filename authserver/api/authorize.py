@@ -26,6 +26,7 @@ from authserver.api.deps import ClaimsDep, Services, request_context, services_o
 from authserver.api.docs import STATIC, templates
 from authserver.api.middleware import content_security_policy
 from authserver.api.parsing import read_form
+from authserver.api.schemas import errors
 from authserver.authorize import (
     CONSENT_REQUIRED,
     LOGIN_REQUIRED,
@@ -391,11 +392,15 @@ async def _userinfo(services: Services, claims: ClaimsDep) -> JSON:
     return JSON(userinfo(claims.sub), headers=NO_STORE)
 
 
-@router.get("/userinfo", summary="OpenID Connect UserInfo: who the access token's user is")
+@router.get(
+    "/userinfo",
+    responses=errors(401, 403, 503),
+    summary="OpenID Connect UserInfo: who the access token's user is",
+)
 async def userinfo_get(request: Request, claims: ClaimsDep) -> JSON:
     return await _userinfo(services_of(request), claims)
 
 
-@router.post("/userinfo", summary="OpenID Connect UserInfo (POST)")
+@router.post("/userinfo", responses=errors(401, 403, 503), summary="OpenID Connect UserInfo (POST)")
 async def userinfo_post(request: Request, claims: ClaimsDep) -> JSON:
     return await _userinfo(services_of(request), claims)
