@@ -6,6 +6,7 @@ discovery, end-session). The same flow in a real browser is `test_browser_sign_i
 from __future__ import annotations
 
 import secrets
+import time
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 
 from authserver.audit import CLI
 from authserver.clients import Registration
+from authserver.jobs import purge
 from authserver.store.schema import authorization_codes, browser_sessions
 from authserver.store.sql import SqlStore
 from authserver.tokens import verify_assertion
@@ -449,3 +451,29 @@ async def test_a_password_change_ends_browser_sessions_and_voids_their_codes(
     assert (await flow.authorize()).status_code == 200  # the form again
     refused = await flow.exchange(code)
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+
+
+async def test_purge_keeps_what_a_live_session_needs_and_drops_the_rest(
+    oidc: tuple[Running, Flow],
+) -> None:
+    server, flow = oidc
+    store = server.store
+    assert isinstance(store, SqlStore)
+    spent = await flow.code()
+    assert (await flow.exchange(spent)).status_code == 200
+    await flow.code()  # never exchanged
+
+    async def rows() -> tuple[int, int]:
+        async with store.engine.connect() as conn:
+            codes = (await conn.execute(sa.select(authorization_codes))).all()
+            sessions = (await conn.execute(sa.select(browser_sessions))).all()
+        return len(codes), len(sessions)
+
+    now = time.time()
+    await purge(store, now=now + 120, login_window=900, known_address_ttl=0)
+    # The unused code expired; the spent one stays while its session may still end.
+    assert await rows() == (1, 1)
+    await purge(
+        store, now=now + server.settings.session_max_age + 1, login_window=900, known_address_ttl=0
+    )
+    assert await rows() == (0, 0)
