@@ -215,33 +215,31 @@ async def test_errors_before_the_redirect_uri_is_known_are_a_page(
     assert repeated.status_code == 400 and "location" not in repeated.headers
 
 
-@pytest.mark.parametrize(
-    ("change", "error"),
-    [
-        ({"code_challenge": None}, "invalid_request"),
-        ({"code_challenge_method": "plain"}, "invalid_request"),
-        ({"code_challenge_method": None}, "invalid_request"),
-        ({"code_challenge": "too-short"}, "invalid_request"),
-        ({"response_type": "token"}, "unsupported_response_type"),
-        ({"response_type": None}, "invalid_request"),
-        ({"scope": "openid admin"}, "invalid_scope"),
-        ({"prompt": "none"}, "login_required"),
-        ({"prompt": "none login"}, "invalid_request"),
-        ({"max_age": "-1"}, "invalid_request"),
-    ],
-)
-async def test_errors_after_it_go_back_to_the_client(
-    oidc: tuple[Running, Flow], change: dict[str, str | None], error: str
-) -> None:
+_REDIRECTED_ERRORS: list[tuple[dict[str, str | None], str]] = [
+    ({"code_challenge": None}, "invalid_request"),
+    ({"code_challenge_method": "plain"}, "invalid_request"),
+    ({"code_challenge_method": None}, "invalid_request"),
+    ({"code_challenge": "too-short"}, "invalid_request"),
+    ({"response_type": "token"}, "unsupported_response_type"),
+    ({"response_type": None}, "invalid_request"),
+    ({"scope": "openid admin"}, "invalid_scope"),
+    ({"prompt": "none"}, "login_required"),
+    ({"prompt": "none login"}, "invalid_request"),
+    ({"max_age": "-1"}, "invalid_request"),
+]
+
+
+async def test_errors_after_it_go_back_to_the_client(oidc: tuple[Running, Flow]) -> None:
     _, flow = oidc
-    back = await flow.authorize(**change)
-    assert back.status_code == 303, back.text
-    location = back.headers["location"]
-    assert location.startswith(APP + "?")
-    got = query_of(location)
-    assert got["error"] == error
-    assert got["state"] == "the-state" and got["iss"] == "http://testserver"
-    assert "code" not in got
+    for change, error in _REDIRECTED_ERRORS:
+        back = await flow.authorize(**change)
+        assert back.status_code == 303, (change, back.text)
+        location = back.headers["location"]
+        assert location.startswith(APP + "?")
+        got = query_of(location)
+        assert got["error"] == error, change
+        assert got["state"] == "the-state" and got["iss"] == "http://testserver"
+        assert "code" not in got
 
 
 async def test_the_sign_in_form_is_csrf_protected_throttled_and_audited(
@@ -415,30 +413,27 @@ async def test_cli_registered_client_with_an_https_issuer_gets_secure_cookies(
         assert again.headers["set-cookie"].split(";")[0] != cookie.split(";")[0]
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        "response_type=code&client_id=%00",
-        "client_id=" + "x" * 5000,
-        "response_type=code&client_id=webapp&redirect_uri=%ff%fe",
-        "response_type=code&client_id=webapp&state=" + "s" * 5000,
-        "response_type=code&client_id=webapp&max_age=99999999999999999999999",
-        "response_type=code&client_id=webapp&prompt=bogus&scope=%22",
-    ],
-)
+_BAD_QUERIES = [
+    "response_type=code&client_id=%00",
+    "client_id=" + "x" * 5000,
+    "response_type=code&client_id=webapp&redirect_uri=%ff%fe",
+    "response_type=code&client_id=webapp&state=" + "s" * 5000,
+    "response_type=code&client_id=webapp&max_age=99999999999999999999999",
+    "response_type=code&client_id=webapp&prompt=bogus&scope=%22",
+]
+
+
 async def test_bad_authorization_requests_never_fail_the_server(
-    oidc: tuple[Running, Flow], query: str
+    oidc: tuple[Running, Flow],
 ) -> None:
     server, _ = oidc
-    answer = await server.client.get("/authorize?" + query)
-    assert answer.status_code in {303, 400}
-    for path in ("/authorize/sign-in", "/authorize/consent"):
-        posted = await server.client.post(
-            path,
-            content=query.encode(),
-            headers={"content-type": "application/x-www-form-urlencoded"},
-        )
-        assert posted.status_code in {303, 400}, (path, posted.text)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for query in _BAD_QUERIES:
+        answer = await server.client.get("/authorize?" + query)
+        assert answer.status_code in {303, 400}, query
+        for path in ("/authorize/sign-in", "/authorize/consent"):
+            posted = await server.client.post(path, content=query.encode(), headers=form)
+            assert posted.status_code in {303, 400}, (path, posted.text)
 
 
 async def test_a_password_change_ends_browser_sessions_and_voids_their_codes(
