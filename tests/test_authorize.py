@@ -5,6 +5,7 @@ discovery, end-session). The same flow in a real browser is `test_browser_sign_i
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -472,3 +473,20 @@ async def test_purge_keeps_what_a_live_session_needs_and_drops_the_rest(
         store, now=now + server.settings.session_max_age + 1, login_window=900, known_address_ttl=0
     )
     assert await rows() == (0, 0)
+
+
+async def test_concurrent_exchanges_of_one_code_issue_one_session_then_revoke_it(
+    oidc: tuple[Running, Flow],
+) -> None:
+    server, flow = oidc
+    code = await flow.code()
+    answers = await asyncio.gather(*(flow.exchange(code) for _ in range(4)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200, 400, 400, 400], [a.text for a in answers]
+    (winner,) = [a.json() for a in answers if a.status_code == 200]
+    refreshed = await server.client.post(
+        "/token",
+        data={"grant_type": "refresh_token", "refresh_token": winner["refresh_token"]},
+        auth=("webapp", flow.secret or ""),
+    )
+    assert refreshed.status_code == 400  # every other use was a replay
