@@ -490,3 +490,19 @@ async def test_concurrent_exchanges_of_one_code_issue_one_session_then_revoke_it
         auth=("webapp", flow.secret or ""),
     )
     assert refreshed.status_code == 400  # every other use was a replay
+
+
+async def test_a_removed_client_takes_its_consents_along(server: Running) -> None:
+    clients = server.app.state.services.clients
+    registration = Registration(
+        client_id="partner", redirect_uris=(APP,), third_party=True, name="Partner"
+    )
+    _, secret = await clients.register(CLI, registration)
+    flow = Flow(server.client, "partner", APP, secret=secret)
+    allowed = await flow.answer_consent(await flow.sign_in(await flow.authorize()), "allow")
+    assert allowed.status_code == 303
+    assert (await flow.authorize()).status_code == 303  # remembered
+    await clients.remove(CLI, "partner")
+    await clients.register(CLI, registration)
+    page = await flow.authorize()
+    assert page.status_code == 200 and "Allow Partner?" in page.text  # asked again

@@ -521,6 +521,9 @@ class SqlTransaction:
         return result.rowcount == 1
 
     async def delete_client(self, client_id: str) -> bool:
+        # Its users' consents go with it: a client registered later under the same id
+        # must ask again.
+        await self._conn.execute(consents.delete().where(consents.c.client_id == client_id))
         result = await self._conn.execute(clients.delete().where(clients.c.client_id == client_id))
         return result.rowcount == 1
 
