@@ -15,11 +15,21 @@ from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
-from authserver.api import docs, health, introspect, protected, sessions, token, wellknown
+from authserver.api import (
+    authorize,
+    docs,
+    health,
+    introspect,
+    protected,
+    sessions,
+    token,
+    wellknown,
+)
 from authserver.api.deps import Services
 from authserver.api.errors import install_error_handlers
 from authserver.api.middleware import HeadAsGet, SecurityHeaders
 from authserver.audit import Auditor
+from authserver.authorize import Authorizer
 from authserver.clients import ClientAuthenticator, ClientService
 from authserver.config import Settings
 from authserver.grants import AuthService, TokenPolicy
@@ -75,10 +85,20 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
         throttle=throttle,
         policy=policy,
     )
-    clients = ClientService(store=store, auditor=auditor, scopes=settings.scopes)
+    clients = ClientService(
+        store=store, auditor=auditor, scopes=settings.scopes, issuer=settings.issuer
+    )
     verifier = AccessTokenVerifier(source, issuer=settings.issuer, audience=settings.audience)
     return Services(
         auth=auth,
+        authorizer=Authorizer(
+            store=store,
+            clients=clients,
+            auditor=auditor,
+            issuer=settings.issuer,
+            scopes=settings.scopes,
+            session_max_age=settings.session_max_age,
+        ),
         users=UserService(
             store=store,
             hasher=hasher,
@@ -139,7 +159,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="authserver",
         version=__version__,
-        description="Password login, rotating refresh tokens, JWT access tokens, JWKS.",
+        description=(
+            "Password login, browser sign-in (authorization code with PKCE, OpenID Connect), "
+            "rotating refresh tokens, JWT access tokens, JWKS."
+        ),
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
@@ -151,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (
         protected.router,
         token.router,
+        authorize.router,
         introspect.router,
         sessions.router,
         wellknown.router,

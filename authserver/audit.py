@@ -39,13 +39,18 @@ CLIENT_REMOVED = "client_removed"
 CLIENT_AUTH_FAILED = "client_auth_failed"
 CLIENT_TOKEN_ISSUED = "client_token_issued"
 SESSION_ENDED = "session_ended"
+CODE_EXCHANGED = "code_exchanged"
+CODE_REUSE_DETECTED = "code_reuse_detected"
+CONSENT_GRANTED = "consent_granted"
+CONSENT_DENIED = "consent_denied"
+BROWSER_SIGNED_OUT = "browser_signed_out"
 
 # The closed set of event names, each with what triggers it. The README's "Audit events"
 # table is checked against this (tests/test_readme.py), and `authserver audit --event`
 # refuses any other name. A new event goes here, beside the others.
 EVENTS: dict[str, str] = {
-    LOGIN_SUCCEEDED: "a password login (`/login`, or `/token` with the password grant) "
-    "succeeded: a new session (refresh family) began",
+    LOGIN_SUCCEEDED: "a password login (`/login`, `/token` with the password grant, or the "
+    "browser sign-in page) succeeded",
     LOGIN_FAILED: "a password login was refused: unknown user, wrong password, disabled "
     "user, or the user changed while the password was checked (`reason` says which)",
     LOGIN_THROTTLED: "a login was refused with 429 because of too many recent failures",
@@ -72,9 +77,14 @@ EVENTS: dict[str, str] = {
     CLIENT_TOKEN_ISSUED: "a client was issued a token for itself (client-credentials grant)",
     SESSION_ENDED: "a session was ended by its user (`DELETE /sessions/{id}`, `DELETE "
     "/sessions`: `by=user`) or `authserver sessions revoke` (`by=operator`)",
+    CODE_EXCHANGED: "an authorization code became tokens: a new session (refresh family)",
+    CODE_REUSE_DETECTED: "an authorization code was presented again: what it issued is revoked",
+    CONSENT_GRANTED: "a user allowed a third-party app the scopes on its consent page",
+    CONSENT_DENIED: "a user refused a third-party app on its consent page",
+    BROWSER_SIGNED_OUT: "`/end-session` ended a browser session and the sessions begun from it",
 }
 
-_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
+_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED, CODE_REUSE_DETECTED}
 
 # The events the Prometheus metrics count (metrics.py), each once it is true: `emit` runs
 # after the change it describes has committed.

@@ -63,6 +63,24 @@ BUILTIN_CLIENT = Client(
 )
 
 
+# Where the Swagger UI at /docs gets its authorization code back: the built-in client's
+# one redirect URI, under the issuer, so /docs can sign in with the browser flow.
+DOCS_REDIRECT_PATH = "/docs/oauth2-redirect"
+
+
+def builtin_client(issuer: str | None) -> Client:
+    """The built-in client as a server at `issuer` serves it: also the public client of
+    the Swagger UI's authorization code flow (PKCE), returning to /docs only."""
+    if issuer is None:
+        return BUILTIN_CLIENT
+    return replace(
+        BUILTIN_CLIENT,
+        name="authserver API docs",
+        grants=(*BUILTIN_CLIENT.grants, AUTHORIZATION_CODE),
+        redirect_uris=(issuer + DOCS_REDIRECT_PATH,),
+    )
+
+
 class ClientError(Exception):
     """A registry change that cannot be made; the message is one line for an operator."""
 
@@ -166,17 +184,19 @@ class ClientService:
         store: Store,
         auditor: Auditor,
         scopes: tuple[str, ...],
+        issuer: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.auditor = auditor
         self.scopes = scopes
         self.clock = clock
+        self.builtin = builtin_client(issuer)
 
     async def get(self, client_id: str) -> Client | None:
         """The client of this id (the built-in one included), disabled or not."""
         if client_id == BUILTIN_CLIENT_ID:
-            return BUILTIN_CLIENT
+            return self.builtin
         return await self.store.get_client(client_id) if is_client_id(client_id) else None
 
     async def list(self) -> Sequence[Client]:
@@ -437,7 +457,7 @@ class ClientAuthenticator:
         if c.client_id is None and c.assertion is None:
             if c.secret:
                 raise InvalidClientError(_REFUSED)
-            return BUILTIN_CLIENT  # the seed's flow names no client
+            return self.clients.builtin  # the seed's flow names no client
         claimed = c.client_id or (_assertion_subject(c.assertion) if c.assertion else None)
         client = await self.clients.get(claimed) if claimed else None
         if client is not None and client.public and not client.disabled:

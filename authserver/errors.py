@@ -98,6 +98,28 @@ class InvalidScopeError(OAuthError):
     description = "The requested scope is invalid or exceeds the granted scope."
 
 
+# The authorization endpoint's own codes (RFC 6749 §4.1.2.1, OpenID Connect Core
+# §3.1.2.6): sent back to the client in the redirect, never as a response body.
+class UnsupportedResponseTypeError(OAuthError):
+    error = "unsupported_response_type"
+    description = "The response type is not supported."
+
+
+class AccessDeniedError(OAuthError):
+    error = "access_denied"
+    description = "The user refused the request."
+
+
+class LoginRequiredError(OAuthError):
+    error = "login_required"
+    description = "The user must sign in."
+
+
+class ConsentRequiredError(OAuthError):
+    error = "consent_required"
+    description = "The user must allow the application."
+
+
 class SlowDownError(OAuthError):
     """Too many failed logins (RFC 8628 §3.5 borrows this code for throttling)."""
 

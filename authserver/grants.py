@@ -11,11 +11,18 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from authserver import audit, metrics
 from authserver.audit import Auditor, RequestContext
-from authserver.clients import BUILTIN_CLIENT, CLIENT_CREDENTIALS, PASSWORD, REFRESH_TOKEN
+from authserver.authorize import check_verifier
+from authserver.clients import (
+    AUTHORIZATION_CODE,
+    BUILTIN_CLIENT,
+    CLIENT_CREDENTIALS,
+    PASSWORD,
+    REFRESH_TOKEN,
+)
 from authserver.errors import (
     InvalidGrantError,
     InvalidRequestError,
@@ -23,18 +30,27 @@ from authserver.errors import (
     SlowDownError,
     UnauthorizedClientError,
 )
+from authserver.oidc import OPENID, mint_id_token
 from authserver.passwords import PasswordHasher
 from authserver.refresh import (
+    MAX_REFRESH_TOKEN_LENGTH,
     Issued,
     Lifetimes,
     Refusal,
     Refused,
+    digest,
     revoke_family,
     rotate,
     start_family,
 )
 from authserver.scopes import parse_scope
-from authserver.store.protocol import Client, Store
+from authserver.store.protocol import (
+    AuthorizationCode,
+    Client,
+    RefreshTransaction,
+    Store,
+    User,
+)
 from authserver.throttle import LoginThrottle
 from authserver.tokens import KeyRingSource, mint_access_token
 from authserver.users import normalize_username
@@ -151,19 +167,12 @@ class AuthService:
         )
         return body
 
-    async def password_grant(
-        self,
-        ctx: RequestContext,
-        *,
-        username: str,
-        password: str,
-        scope: str | None,
-        client: Client,
-    ) -> dict[str, Any]:
-        """Log a user in (RFC 6749 §4.3); the token response body on success."""
-        self._check_grant(client, PASSWORD)
-        granted = self._granted_scope(client, scope)
-        now = self.clock()
+    async def authenticate_user(
+        self, ctx: RequestContext, *, username: str, password: str, now: float
+    ) -> User:
+        """The user whose password this is, or `InvalidGrantError` (the same whoever does
+        not exist), or `SlowDownError` past the throttle's limits: the one rule for
+        /login, /token's password grant and the browser's sign-in form."""
         name = normalize_username(username)
         user = await self.store.get_user(name) if name is not None else None
         try:
@@ -194,6 +203,22 @@ class AuthService:
         if check.rehash:
             new_hash = await self.hasher.hash(password)
             await self.store.upgrade_password_hash(user.id, user.password_hash, new_hash)
+        return user
+
+    async def password_grant(
+        self,
+        ctx: RequestContext,
+        *,
+        username: str,
+        password: str,
+        scope: str | None,
+        client: Client,
+    ) -> dict[str, Any]:
+        """Log a user in (RFC 6749 §4.3); the token response body on success."""
+        self._check_grant(client, PASSWORD)
+        granted = self._granted_scope(client, scope)
+        now = self.clock()
+        user = await self.authenticate_user(ctx, username=username, password=password, now=now)
         # A login's steps after the hash (the throttle's reads, the new family's write,
         # the signature) take the event loop for about a millisecond when run back to
         # back; letting other requests in between them keeps their latency flat
@@ -224,6 +249,105 @@ class AuthService:
             # session (`sid`) stays: logout and introspection still need it.
             del body["refresh_token"]
         return body
+
+    async def authorization_code_grant(
+        self,
+        ctx: RequestContext,
+        *,
+        code: str,
+        redirect_uri: str,
+        code_verifier: str | None,
+        client: Client,
+    ) -> dict[str, Any]:
+        """Exchange an authorization code (RFC 6749 §4.1.3, RFC 7636 §4.6): once, within
+        its 60 seconds, by the client it was issued to, with the redirect URI and the
+        PKCE verifier of its request. A second use revokes what the first one issued
+        (§4.1.2). An `id_token` comes with it when `openid` was granted."""
+        self._check_grant(client, AUTHORIZATION_CODE)
+        now = self.clock()
+        code_hash = digest(code) if len(code) <= MAX_REFRESH_TOKEN_LENGTH else ""
+        found = await self.store.find_code(code_hash) if code_hash else None
+        if found is None or found[0].client_id != client.client_id:
+            raise InvalidGrantError("The authorization code is invalid.")
+        stored, username = found
+        if stored.used_at is not None:
+            await self._code_reused(ctx, stored, username)
+        if stored.expires_at <= now:
+            raise InvalidGrantError("The authorization code has expired.")
+        if redirect_uri != stored.redirect_uri:
+            raise InvalidGrantError("The redirect_uri is not the authorization request's.")
+        if not check_verifier(code_verifier, stored.code_challenge):
+            raise InvalidGrantError("The code_verifier does not match the code_challenge.")
+        self.keys.signing_key()  # fail before spending the code if nothing could sign
+        user = await self.store.get_user(username)
+        spent: list[bool] = []
+
+        async def spend(tx: RefreshTransaction, family_id: str) -> bool:
+            spent[:] = [await tx.use_code(code_hash, family_id=family_id, now=now)]
+            return spent[0]
+
+        # A password change or disable since the sign-in voids the code.
+        fresh = user is not None and user.updated_at <= stored.auth_time
+        issued = (
+            await start_family(
+                self.store,
+                self.auditor,
+                ctx,
+                user=user,
+                scope=stored.scope,
+                client_id=client.client_id,
+                lifetimes=self.policy.lifetimes,
+                now=now,
+                event_name=audit.CODE_EXCHANGED,
+                within=spend,
+            )
+            if user is not None and fresh
+            else None
+        )
+        if issued is None:
+            if spent == [False]:  # another request spent it meanwhile: that is a reuse
+                again = await self.store.find_code(code_hash)
+                if again is not None:
+                    await self._code_reused(ctx, again[0], username)
+            raise InvalidGrantError("The authorization code is invalid.")
+        body = self._token_response(AUTHORIZATION_CODE, issued, stored.scope, client, now)
+        if REFRESH_TOKEN not in client.grants:
+            del body["refresh_token"]
+        if OPENID in stored.scope.split():
+            body["id_token"] = mint_id_token(
+                self.keys,
+                issuer=self.policy.issuer,
+                subject=issued.username,
+                client_id=client.client_id,
+                nonce=stored.nonce,
+                auth_time=stored.auth_time,
+                sid=stored.browser_session_id,
+                access_token=body["access_token"],
+                now=now,
+            )
+        return body
+
+    async def _code_reused(
+        self, ctx: RequestContext, stored: AuthorizationCode, username: str
+    ) -> NoReturn:
+        """RFC 6749 §4.1.2: a code used twice is refused, and what it issued is revoked."""
+        family_id = stored.family_id
+        if family_id is not None:
+            event = self.auditor.build(
+                audit.CODE_REUSE_DETECTED,
+                ctx,
+                username=username,
+                client_id=stored.client_id,
+                family_id=family_id,
+            )
+
+            async def work(tx: RefreshTransaction) -> None:
+                await tx.revoke_family(family_id, at=self.clock(), reason="code_reuse")
+                await tx.add_audit_event(event)
+
+            await self.store.atomic(work)
+            self.auditor.emit(event)
+        raise InvalidGrantError("The authorization code was already used.")
 
     async def refresh_grant(
         self,
@@ -305,4 +429,4 @@ class AuthService:
 
 
 # The grants /token serves (RFC 8414 `grant_types_supported`).
-GRANT_TYPES = (PASSWORD, REFRESH_TOKEN, CLIENT_CREDENTIALS)
+GRANT_TYPES = (PASSWORD, REFRESH_TOKEN, CLIENT_CREDENTIALS, AUTHORIZATION_CODE)

@@ -95,6 +95,8 @@ class Purged:
     login_failures: int
     login_networks: int
     assertion_ids: int
+    authorization_codes: int
+    browser_sessions: int
 
     def describe(self) -> list[str]:
         """One line per kind, for people."""
@@ -104,6 +106,9 @@ class Purged:
             f"purged {self.login_networks} known login networks (unused for longer than "
             "they are remembered)",
             f"purged {self.assertion_ids} client-assertion ids (expired)",
+            f"purged {self.authorization_codes} authorization codes (expired, and their "
+            "browser session ended)",
+            f"purged {self.browser_sessions} browser sessions (ended or expired)",
         ]
 
 
@@ -111,12 +116,12 @@ async def purge(
     store: SqlStore, *, now: float, login_window: float, known_address_ttl: float
 ) -> Purged:
     """Delete what can no longer matter; how many rows of each kind went."""
-    return Purged(
-        refresh_families=await store.purge_expired(now=now),
-        login_failures=await store.purge_login_failures(before=now - login_window),
-        login_networks=await store.purge_login_addresses(before=now - known_address_ttl),
-        assertion_ids=await store.purge_used_jtis(before=now),
-    )
+    families = await store.purge_expired(now=now)
+    failures = await store.purge_login_failures(before=now - login_window)
+    networks = await store.purge_login_addresses(before=now - known_address_ttl)
+    assertion_ids = await store.purge_used_jtis(before=now)
+    codes, browser_sessions = await store.purge_browser_sign_in(now=now)
+    return Purged(families, failures, networks, assertion_ids, codes, browser_sessions)
 
 
 async def _purge_every(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -119,17 +120,21 @@ async def start_family(
     client_id: str,
     lifetimes: Lifetimes,
     now: float,
+    event_name: str = audit.LOGIN_SUCCEEDED,
+    within: Callable[[RefreshTransaction, str], Awaitable[bool]] | None = None,
 ) -> Issued | None:
     """Begin a new family at login and issue its first refresh token.
 
     `user` is the row the password was checked against. None (and nothing stored)
-    if `users.may_begin_session` refuses: the user changed since.
+    if `users.may_begin_session` refuses: the user changed since, or if `within`
+    (run in the same transaction with the new family's id, such as spending the
+    authorization code it comes from) returns False.
     """
     family_id = str(uuid.uuid4())
     token, token_hash = new_refresh_token()
     session_end = now + lifetimes.session_max_age
     event = auditor.build(
-        audit.LOGIN_SUCCEEDED,
+        event_name,
         ctx,
         username=user.username,
         family_id=family_id,
@@ -139,6 +144,8 @@ async def start_family(
 
     async def work(tx: RefreshTransaction) -> bool:
         if not may_begin_session(user, await tx.lock_user(user.id)):
+            return False
+        if within is not None and not await within(tx, family_id):
             return False
         await tx.create_family(
             family_id=family_id,

@@ -191,6 +191,15 @@ def sign_jwt(claims: Mapping[str, Any], *, key: JoseKey, alg: str, kid: str | No
     return token
 
 
+def jwt_header(token: str) -> dict[str, Any]:
+    """The (unverified) header of a compact JWS; `InvalidTokenError` if it has none."""
+    try:
+        segment = token.encode("ascii").split(b".", 1)[0]
+    except UnicodeEncodeError as exc:
+        raise InvalidTokenError("The token is malformed.") from exc
+    return _json_object(_b64decode(segment), "header")
+
+
 def verify_assertion(assertion: str, keys: Sequence[VerificationKey]) -> dict[str, Any]:
     """The claims of a JWT signed by one of `keys` (a client's, for RFC 7523); raises
     `InvalidTokenError`. Its `alg` must be one of `keys.ALGORITHMS` and the key's own,
@@ -380,6 +389,10 @@ class KeyRingSource:
     def verification_key(self, kid: str) -> VerificationKey | None:
         self._sync()
         return self._prepared.get(kid)
+
+    def verification_keys(self) -> list[VerificationKey]:
+        self._sync()
+        return list(self._prepared.values())
 
     def signing_key(self) -> tuple[str, str, JoseKey]:
         """The kid, algorithm and prepared private key of the current signing key."""

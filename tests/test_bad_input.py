@@ -158,7 +158,7 @@ async def test_login(session: Session) -> None:
 
 
 async def test_unknown_paths_answer_with_the_contract_error_body(session: Session) -> None:
-    for path in ("/nowhere", "/tokens", "/.well-known/openid-configuration"):
+    for path in ("/nowhere", "/tokens", "/.well-known/webfinger"):
         r = await session.running.client.get(path)
         check(r, 404, path)
         assert r.json()["error"] == "invalid_request", path

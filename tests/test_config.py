@@ -180,7 +180,7 @@ async def test_configured_scopes_are_published_granted_and_enforced(
     running = await start_app(scopes="read write admin")
     await make_user(running.store, "alice")
     metadata = (await running.client.get("/.well-known/oauth-authorization-server")).json()
-    assert metadata["scopes_supported"] == ["read", "write", "admin"]
+    assert metadata["scopes_supported"] == ["openid", "read", "write", "admin"]  # openid: always
     # The Swagger UI's Authorize dialog offers the same scopes.
     schemes = (await running.client.get("/openapi.json")).json()["components"]["securitySchemes"]
     (password_flow,) = (s["flows"]["password"] for s in schemes.values() if "flows" in s)

@@ -81,11 +81,12 @@ async def test_authorization_server_metadata(start_app: StartApp) -> None:
     assert meta["token_endpoint"] == f"{issuer}/token"
     assert meta["jwks_uri"] == f"{issuer}/.well-known/jwks.json"
     assert meta["revocation_endpoint"] == f"{issuer}/revoke"
-    assert isinstance(meta["response_types_supported"], list)
+    assert meta["response_types_supported"] == ["code"]
     assert set(meta["grant_types_supported"]) == {
         "password",
         "refresh_token",
         "client_credentials",
+        "authorization_code",
     }
     for endpoint in ("token_endpoint", "revocation_endpoint"):
         assert set(meta[f"{endpoint}_auth_methods_supported"]) == {
@@ -95,7 +96,8 @@ async def test_authorization_server_metadata(start_app: StartApp) -> None:
             "private_key_jwt",
         }
         assert meta[f"{endpoint}_auth_signing_alg_values_supported"] == ["RS256", "ES256"]
-    assert meta["scopes_supported"] == ["read", "write", "admin"]
+    # openid is always supported (OpenID Connect), and granted only when asked for.
+    assert meta["scopes_supported"] == ["openid", "read", "write", "admin"]
 
 
 async def test_every_url_in_the_metadata_answers(server: Running) -> None:

@@ -27,37 +27,19 @@ import pytest
 from playwright.sync_api import Page, Response, Route, expect, sync_playwright
 
 from tests.helpers.app import Running
+from tests.helpers.chromium import CHROMIUM_ARGS, UI_TIMEOUT_MS, require_chromium
 from tests.helpers.procs import ServerProcess, base_env, free_port, run_cli, server_errors
 from tests.helpers.tokens import jwt_parts
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 USERNAME = "swagger"
 ROBOT = "swagger-robot"  # a confidential client, for the client_credentials flow
 PASSWORD = "browser password 1"
 PROTECTED_MESSAGE = "Access granted for protected route."
-UI_TIMEOUT_MS = 20_000
 
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = (
-            f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)"
-        )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return CHROMIUM
+    return require_chromium()
 
 
 @pytest.fixture
@@ -262,8 +244,10 @@ async def test_docs_page_loads_nothing_from_outside(server: Running) -> None:
         assert len(asset.content) > 0
     spec = (await server.client.get("/openapi.json")).json()
     flows = spec["components"]["securitySchemes"]["OAuth2"]["flows"]
-    # A user's password flow, and a confidential client's client_credentials (RFC 6749 §4.4).
-    assert set(flows) == {"password", "clientCredentials"}
+    # A user's password flow, a confidential client's client_credentials (RFC 6749 §4.4),
+    # and the browser's authorization code (with PKCE).
+    assert set(flows) == {"password", "clientCredentials", "authorizationCode"}
+    assert flows["authorizationCode"]["authorizationUrl"] == "/authorize"
     for flow in flows.values():
         assert flow["tokenUrl"] == "/token"
         assert set(flow["scopes"]) == {"read", "write"}

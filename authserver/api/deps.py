@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.openapi.models import OAuthFlowClientCredentials
+from fastapi.openapi.models import OAuthFlowAuthorizationCode, OAuthFlowClientCredentials
 from fastapi.security import OAuth2PasswordBearer
 
 from authserver.audit import RequestContext
+from authserver.authorize import Authorizer
 from authserver.clients import ClientAuthenticator, ClientService
 from authserver.grants import AuthService
 from authserver.introspection import Introspector
@@ -31,6 +32,7 @@ class Services:
     """Everything the routes call, built once by `create_app`."""
 
     auth: AuthService
+    authorizer: Authorizer
     users: UserService
     clients: ClientService
     client_auth: ClientAuthenticator
@@ -79,18 +81,22 @@ def request_context(request: Request) -> RequestContext:
 
 
 class _TokenEndpointFlows(OAuth2PasswordBearer):
-    """The bearer token of a request, declared in the OpenAPI document with the two flows
-    that end at /token: the password flow (a user) and client_credentials (a confidential
-    client, RFC 6749 §4.4). The Swagger UI's Authorize dialog offers both; their scopes
-    are the configured ones, filled in by `docs.install_docs`."""
+    """The bearer token of a request, declared in the OpenAPI document with the flows
+    that end at /token: the password flow (a user), client_credentials (a confidential
+    client, RFC 6749 §4.4) and the authorization code (a user signing in in the browser,
+    with PKCE, as the built-in client). The Swagger UI's Authorize dialog offers them
+    all; their scopes are the configured ones, filled in by `docs.install_docs`."""
 
-    def __init__(self, token_url: str) -> None:
+    def __init__(self, token_url: str, authorization_url: str) -> None:
         super().__init__(tokenUrl=token_url, scheme_name="OAuth2", auto_error=False)
         flows = self.model.flows  # type: ignore[attr-defined]
         flows.clientCredentials = OAuthFlowClientCredentials(tokenUrl=token_url, scopes={})
+        flows.authorizationCode = OAuthFlowAuthorizationCode(
+            authorizationUrl=authorization_url, tokenUrl=token_url, scopes={}
+        )
 
 
-oauth2_scheme = _TokenEndpointFlows("/token")
+oauth2_scheme = _TokenEndpointFlows("/token", "/authorize")
 
 
 def get_validator(request: Request) -> Validator:

@@ -17,13 +17,13 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from authserver.clients import BUILTIN_CLIENT_ID
+from authserver.clients import BUILTIN_CLIENT_ID, DOCS_REDIRECT_PATH
 
 ASSETS = "/docs/assets"
 ASSETS_DIR = files("fastapi_offline") / "static"
 STATIC = "/docs/static"
 STATIC_DIR = files("authserver.api") / "static"
-REDIRECT = "/docs/oauth2-redirect"
+REDIRECT = DOCS_REDIRECT_PATH
 templates = Jinja2Templates(directory=str(files("authserver.api") / "templates"))
 
 
@@ -46,13 +46,14 @@ def install_docs(app: FastAPI, *, scopes: tuple[str, ...]) -> None:
     config = {
         "openapiUrl": app.openapi_url or "/openapi.json",
         "oauth2RedirectUrl": REDIRECT,
-        # The Authorize dialog's password flow is the built-in public client's: its
-        # client_id is filled in, and it has no secret, so a person types only a username
-        # and password (Swagger UI sends it as HTTP Basic with an empty secret).
+        # Both flows of the Authorize dialog are the built-in public client's: its client_id
+        # is filled in, and it has no secret, so a person types only a username and password
+        # (the password flow sends HTTP Basic with an empty secret), or signs in on
+        # authserver's own page (the authorization code flow, always with PKCE).
         "initOAuth": {
             "clientId": BUILTIN_CLIENT_ID,
             "clientSecret": "",
-            "usePkceWithAuthorizationCodeGrant": False,
+            "usePkceWithAuthorizationCodeGrant": True,
         },
         "parameters": {
             **swagger_ui_default_parameters,

@@ -29,21 +29,29 @@ class HeadAsGet:
 # script or style, no other origin, no framing (clickjacking), no plugins. Images
 # may also be `data:` URLs (Swagger UI's stylesheet draws its icons so): an image
 # runs no code.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
-    "frame-ancestors 'none'; object-src 'none'"
-)
+def content_security_policy(*form_targets: str) -> str:
+    """The policy, with `form_targets` (origins) added to where a form may go. Browsers
+    hold a form's redirects to `form-action` too: a sign-in form that ends in a redirect
+    back to an application must name that application's origin."""
+    form_action = " ".join(("'self'", *form_targets))
+    return (
+        f"default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action {form_action}; "
+        "frame-ancestors 'none'; object-src 'none'"
+    )
+
+
+CONTENT_SECURITY_POLICY = content_security_policy()
+_CSP = b"content-security-policy"
 _ALWAYS = [(b"x-content-type-options", b"nosniff")]
-_HTML = [
-    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode("ascii")),
-    (b"x-frame-options", b"DENY"),
-]
+_HTML_CSP = (_CSP, CONTENT_SECURITY_POLICY.encode("ascii"))
+_NO_FRAMING = (b"x-frame-options", b"DENY")
 
 
 class SecurityHeaders:
     """Adds `X-Content-Type-Options: nosniff` to every response, and to every HTML page a
-    Content-Security-Policy (own origin only, `frame-ancestors 'none'`) and
-    `X-Frame-Options: DENY`, the header older browsers know."""
+    Content-Security-Policy (own origin only, `frame-ancestors 'none'`; unless the page
+    set one built by `content_security_policy`) and `X-Frame-Options: DENY`, the header
+    older browsers know."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -61,7 +69,11 @@ class SecurityHeaders:
                     name == b"content-type" and value.startswith(b"text/html")
                     for name, value in headers
                 ):
-                    headers += _HTML
+                    # A page may bring its own policy (`content_security_policy`): one
+                    # policy per page, never two whose intersection breaks it.
+                    if not any(name == _CSP for name, _ in headers):
+                        headers.append(_HTML_CSP)
+                    headers.append(_NO_FRAMING)
                 message["headers"] = headers
             await send(message)
 

@@ -22,6 +22,7 @@ from authserver.api.schemas import (
 )
 from authserver.audit import RequestContext
 from authserver.clients import (
+    AUTHORIZATION_CODE,
     BUILTIN_CLIENT,
     CLIENT_CREDENTIALS,
     PASSWORD,
@@ -48,6 +49,9 @@ class TokenForm(BaseModel):
     refresh_token: str | None = None
     scope: str | None = None
     client_id: str | None = None
+    code: str | None = None
+    redirect_uri: str | None = None
+    code_verifier: str | None = None
 
 
 class RevokeForm(BaseModel):
@@ -65,7 +69,7 @@ def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -
 async def token_request(
     auth: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client: Client
 ) -> dict[str, Any]:
-    """The RFC 6749 token endpoint's form: dispatch on `grant_type` (§4.3, §4.4, §6)."""
+    """The RFC 6749 token endpoint's form: dispatch on `grant_type` (§4.1.3, §4.3, §4.4, §6)."""
     grant_type = params.get("grant_type")
     if not grant_type:
         raise InvalidRequestError("The 'grant_type' parameter is missing.")
@@ -83,6 +87,14 @@ async def token_request(
             ctx,
             refresh_token=_required(params, "refresh_token"),
             scope=params.get("scope"),
+            client=client,
+        )
+    if grant_type == AUTHORIZATION_CODE:
+        return await auth.authorization_code_grant(
+            ctx,
+            code=_required(params, "code"),
+            redirect_uri=_required(params, "redirect_uri"),
+            code_verifier=params.get("code_verifier"),
             client=client,
         )
     if grant_type == CLIENT_CREDENTIALS:
@@ -158,7 +170,7 @@ async def refresh(request: Request) -> JSON:
     response_model=TokenResponse,
     responses=errors(400, 401, 429, 503),
     openapi_extra=body_schema(TokenForm, json=False, form=True),
-    summary="RFC 6749 token endpoint (password, refresh_token and client_credentials grants)",
+    summary="RFC 6749 token endpoint: every grant",
 )
 async def token(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
@@ -189,7 +201,9 @@ async def revoke(request: Request) -> Response:
     # RFC 7009 §2.2: the answer is 200 whether or not the token was known. An
     # access token cannot be revoked (it is self-contained): it simply expires.
     await services.auth.revoke(
-        ctx, token=token, client=None if client is BUILTIN_CLIENT else client
+        ctx,
+        token=token,
+        client=None if client.client_id == BUILTIN_CLIENT.client_id else client,
     )
     return Response(status_code=200, headers=NO_STORE)
 

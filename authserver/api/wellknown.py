@@ -7,9 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 
 from authserver.api.deps import ServicesDep
+from authserver.authorize import PROMPTS, S256
 from authserver.clients import AUTH_METHODS
 from authserver.grants import GRANT_TYPES
 from authserver.keys import ALGORITHMS
+from authserver.oidc import OPENID, discovery
 from authserver.responses import JSON
 
 router = APIRouter(tags=["discovery"])
@@ -29,7 +31,13 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
         "token_endpoint": f"{issuer}/token",
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
         "revocation_endpoint": f"{issuer}/revoke",
-        "response_types_supported": [],
+        "authorization_endpoint": f"{issuer}/authorize",
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "code_challenge_methods_supported": [S256],
+        # RFC 9207: every answer of /authorize names the issuer.
+        "authorization_response_iss_parameter_supported": True,
+        "prompt_values_supported": sorted(PROMPTS),
         "grant_types_supported": list(GRANT_TYPES),
         "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
@@ -39,7 +47,7 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
         # Confidential clients only: `none` authenticates nobody here.
         "introspection_endpoint_auth_methods_supported": [m for m in AUTH_METHODS if m != "none"],
         "introspection_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
-        "scopes_supported": list(scopes),
+        "scopes_supported": [OPENID, *(s for s in scopes if s != OPENID)],
         "service_documentation": f"{issuer}/docs",
     }
 
@@ -56,3 +64,11 @@ async def index(services: ServicesDep) -> JSON:
 @router.get(_METADATA_PATH, summary="RFC 8414 authorization server metadata")
 async def authorization_server_metadata(services: ServicesDep) -> JSON:
     return JSON(metadata(services.issuer, services.scopes), headers=_CACHE)
+
+
+@router.get(
+    "/.well-known/openid-configuration", summary="OpenID Connect Discovery 1.0 provider metadata"
+)
+async def openid_configuration(services: ServicesDep) -> JSON:
+    meta = metadata(services.issuer, services.scopes)
+    return JSON(discovery(services.issuer, services.scopes, meta), headers=_CACHE)

@@ -114,6 +114,36 @@ class Client:
 
 
 @dataclass(frozen=True, slots=True)
+class BrowserSession:
+    """A live signed-in browser: its user is enabled and unchanged since the sign-in."""
+
+    id: str
+    user_id: int
+    username: str
+    auth_time: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationCode:
+    """An authorization code as stored (by digest), with everything it is bound to."""
+
+    code_hash: str
+    client_id: str
+    user_id: int
+    browser_session_id: str
+    redirect_uri: str
+    code_challenge: str
+    scope: str
+    nonce: str | None
+    auth_time: float
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    family_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: float
     event: str
@@ -211,6 +241,9 @@ class RefreshTransaction(Protocol):
     async def revoke_client_families(self, client_id: str, *, at: float, reason: str) -> int:
         """Revoke every live family issued to the client; how many there were."""
 
+    async def use_code(self, code_hash: str, *, family_id: str, now: float) -> bool:
+        """Compare-and-set: mark an unused, unexpired code used, for `family_id`."""
+
 
 class Store(Protocol):
     async def atomic(self, work: Callable[[RefreshTransaction], Awaitable[T]]) -> T:
@@ -293,6 +326,41 @@ class Store(Protocol):
         (and not yet expired): a replay."""
 
     async def purge_used_jtis(self, *, before: float) -> int: ...
+
+    async def add_code(self, code: AuthorizationCode) -> None: ...
+
+    async def find_code(self, code_hash: str) -> tuple[AuthorizationCode, str] | None:
+        """A stored code, and its user's name."""
+
+    async def start_browser_session(
+        self,
+        *,
+        session_id: str,
+        token_hash: str,
+        user_id: int,
+        auth_time: float,
+        expires_at: float,
+        event: AuditEvent,
+    ) -> None:
+        """Store a new browser session and its audit event, in one transaction."""
+
+    async def get_browser_session(self, token_hash: str, *, now: float) -> BrowserSession | None:
+        """The live session of this cookie digest: not ended or expired, its user enabled
+        and not changed (password, disable) since it signed in; else None."""
+
+    async def end_browser_session(self, session_id: str, *, at: float, event: AuditEvent) -> int:
+        """End a browser session and revoke every refresh family exchanged from its codes
+        (with `event`, in one transaction); how many families were live."""
+
+    async def has_consent(self, user_id: int, client_id: str, scope: str) -> bool: ...
+
+    async def add_consent(
+        self, user_id: int, client_id: str, scope: str, *, at: float, event: AuditEvent
+    ) -> None:
+        """Remember a consent (again: its time is refreshed), with its audit event."""
+
+    async def purge_browser_sign_in(self, *, now: float) -> tuple[int, int]:
+        """Delete expired codes no session needs, and ended or expired browser sessions."""
 
     async def list_audit_events(
         self,

@@ -149,3 +149,51 @@ used_jtis = sa.Table(
     sa.Column("expires_at", Time, nullable=False),
     sa.Index("ix_used_jtis_expires_at", "expires_at"),
 )
+
+# A signed-in browser (the OpenID Connect session at the server): the cookie's value is
+# stored as a SHA-256 digest only; `id` is public, the id_token's `sid`.
+browser_sessions = sa.Table(
+    "browser_sessions",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("auth_time", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Column("ended_at", Time, nullable=True),
+    sa.Index("ix_browser_sessions_expires_at", "expires_at"),
+)
+
+# Authorization codes (RFC 6749 §4.1), stored as SHA-256 digests, bound to everything
+# the token request must match. `family_id` is the refresh family the code was exchanged
+# for: a replay revokes it, and ending the browser session revokes it too.
+authorization_codes = sa.Table(
+    "authorization_codes",
+    metadata,
+    sa.Column("code_hash", sa.String(64), primary_key=True),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("browser_session_id", sa.String(36), nullable=False),
+    sa.Column("redirect_uri", sa.Text, nullable=False),
+    sa.Column("code_challenge", sa.String(128), nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("nonce", sa.Text, nullable=True),
+    sa.Column("auth_time", Time, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Column("used_at", Time, nullable=True),
+    sa.Column("family_id", sa.String(36), nullable=True),
+    sa.Index("ix_authorization_codes_browser_session_id", "browser_session_id"),
+    sa.Index("ix_authorization_codes_expires_at", "expires_at"),
+)
+
+# What a user allowed a third-party client (a consent page's answer), per scope set.
+consents = sa.Table(
+    "consents",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("scope", sa.String(1000), nullable=False),
+    sa.Column("granted_at", Time, nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "client_id", "scope", name="pk_consents"),
+)

@@ -59,6 +59,8 @@ from authserver.store import fastpath, rotation
 from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
 from authserver.store.protocol import (
     AuditEvent,
+    AuthorizationCode,
+    BrowserSession,
     Client,
     Conflict,
     NotFound,
@@ -72,7 +74,10 @@ from authserver.store.protocol import (
 from authserver.store.schema import (
     Time,
     audit_events,
+    authorization_codes,
+    browser_sessions,
     clients,
+    consents,
     login_addresses,
     login_failures,
     refresh_families,
@@ -579,6 +584,9 @@ class SqlTransaction:
         return result.rowcount == 1
 
     async def delete_client(self, client_id: str) -> bool:
+        # Its users' consents go with it: a client registered later under the same id
+        # must ask again.
+        await self._conn.execute(consents.delete().where(consents.c.client_id == client_id))
         result = await self._conn.execute(clients.delete().where(clients.c.client_id == client_id))
         return result.rowcount == 1
 
@@ -598,6 +606,38 @@ class SqlTransaction:
         )
         return result.rowcount
 
+    async def use_code(self, code_hash: str, *, family_id: str, now: float) -> bool:
+        result = await self._conn.execute(
+            authorization_codes.update()
+            .where(
+                authorization_codes.c.code_hash == code_hash,
+                authorization_codes.c.used_at.is_(None),
+                authorization_codes.c.expires_at > now,
+            )
+            .values(used_at=now, family_id=family_id)
+        )
+        return result.rowcount == 1
+
+
+_LIVE_BROWSER_SESSION = (
+    sa.select(
+        browser_sessions.c.id,
+        browser_sessions.c.user_id,
+        users.c.username,
+        browser_sessions.c.auth_time,
+        browser_sessions.c.expires_at,
+    )
+    .select_from(browser_sessions.join(users, users.c.id == browser_sessions.c.user_id))
+    .where(
+        browser_sessions.c.token_hash == sa.bindparam("b_hash"),
+        browser_sessions.c.ended_at.is_(None),
+        browser_sessions.c.expires_at > sa.bindparam("b_now", type_=Time),
+        users.c.disabled.is_(False),
+        # A password change or a disable since the sign-in ends the session (`users.py`).
+        users.c.updated_at <= browser_sessions.c.auth_time,
+    )
+)
+
 
 def _client_row(client: Client) -> dict[str, Any]:
     row = {field: getattr(client, field) for field in _CLIENT_FIELDS}
@@ -614,6 +654,10 @@ def _client(row: Row[Any] | dict[str, Any]) -> Client:
     for name in ("public", "third_party", "require_dpop", "disabled"):
         m[name] = bool(m[name])
     return Client(**m)
+
+
+def _fields(code: AuthorizationCode) -> dict[str, Any]:
+    return {c.name: getattr(code, c.name) for c in authorization_codes.columns}
 
 
 async def _get_client(conn: Executor, client_id: str) -> Client | None:
@@ -1017,6 +1061,149 @@ class SqlStore:
             return (
                 await conn.execute(used_jtis.delete().where(used_jtis.c.expires_at <= before))
             ).rowcount
+
+        return await self._run_write(work)
+
+    # -- browser sign-in --------------------------------------------------------
+
+    async def add_code(self, code: AuthorizationCode) -> None:
+        async def work(conn: Executor) -> None:
+            await conn.execute(authorization_codes.insert().values(**_fields(code)))
+
+        await self._run_write(work)
+
+    async def find_code(self, code_hash: str) -> tuple[AuthorizationCode, str] | None:
+        query = (
+            sa.select(authorization_codes, users.c.username)
+            .select_from(
+                authorization_codes.join(users, users.c.id == authorization_codes.c.user_id)
+            )
+            .where(authorization_codes.c.code_hash == code_hash)
+        )
+        async with self._read() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        fields = dict(row._mapping)
+        username = fields.pop("username")
+        return AuthorizationCode(**fields), username
+
+    async def start_browser_session(
+        self,
+        *,
+        session_id: str,
+        token_hash: str,
+        user_id: int,
+        auth_time: float,
+        expires_at: float,
+        event: AuditEvent,
+    ) -> None:
+        async def work(conn: Executor) -> None:
+            await conn.execute(
+                browser_sessions.insert().values(
+                    id=session_id,
+                    token_hash=token_hash,
+                    user_id=user_id,
+                    auth_time=auth_time,
+                    expires_at=expires_at,
+                )
+            )
+            await _add_audit_event(conn, event)
+
+        await self._run_write(work)
+
+    async def get_browser_session(self, token_hash: str, *, now: float) -> BrowserSession | None:
+        async with self._read() as conn:
+            result = await conn.execute(_LIVE_BROWSER_SESSION, {"b_hash": token_hash, "b_now": now})
+            row = result.first()
+        return BrowserSession(**row._mapping) if row is not None else None
+
+    async def end_browser_session(self, session_id: str, *, at: float, event: AuditEvent) -> int:
+        families = sa.select(authorization_codes.c.family_id).where(
+            authorization_codes.c.browser_session_id == session_id,
+            authorization_codes.c.family_id.is_not(None),
+        )
+        live = refresh_families.c.id.in_(families), refresh_families.c.revoked_at.is_(None)
+
+        async def work(conn: Executor) -> int:
+            await conn.execute(
+                browser_sessions.update()
+                .where(browser_sessions.c.id == session_id, browser_sessions.c.ended_at.is_(None))
+                .values(ended_at=at)
+            )
+            # Tokens before families, the order `revoke_family` locks in too.
+            await conn.execute(
+                refresh_tokens.update()
+                .where(
+                    refresh_tokens.c.family_id.in_(sa.select(refresh_families.c.id).where(*live)),
+                    refresh_tokens.c.status == "active",
+                )
+                .values(status="revoked")
+            )
+            result = await conn.execute(
+                refresh_families.update()
+                .where(*live)
+                .values(revoked_at=at, revoked_reason="end_session")
+            )
+            await _add_audit_event(conn, event)
+            return result.rowcount
+
+        return await self._run_write(work)
+
+    async def has_consent(self, user_id: int, client_id: str, scope: str) -> bool:
+        query = sa.select(consents.c.user_id).where(
+            consents.c.user_id == user_id,
+            consents.c.client_id == client_id,
+            consents.c.scope == scope,
+        )
+        async with self._read() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def add_consent(
+        self, user_id: int, client_id: str, scope: str, *, at: float, event: AuditEvent
+    ) -> None:
+        insert = (sqlite_insert if self._sqlite else pg_insert)(consents).values(
+            user_id=user_id, client_id=client_id, scope=scope, granted_at=at
+        )
+        upsert = insert.on_conflict_do_update(
+            index_elements=[consents.c.user_id, consents.c.client_id, consents.c.scope],
+            set_={"granted_at": insert.excluded.granted_at},
+        )
+
+        async def work(conn: Executor) -> None:
+            await conn.execute(upsert)
+            await _add_audit_event(conn, event)
+
+        await self._run_write(work)
+
+    async def purge_browser_sign_in(self, *, now: float) -> tuple[int, int]:
+        """Delete codes and browser sessions that can no longer matter: how many of each."""
+        live_sessions = sa.select(browser_sessions.c.id).where(
+            browser_sessions.c.ended_at.is_(None), browser_sessions.c.expires_at > now
+        )
+
+        async def work(conn: Executor) -> tuple[int, int]:
+            # A spent code is kept while its session lives: ending the session revokes
+            # the family it was exchanged for.
+            codes = await conn.execute(
+                authorization_codes.delete().where(
+                    authorization_codes.c.expires_at <= now,
+                    sa.or_(
+                        authorization_codes.c.family_id.is_(None),
+                        authorization_codes.c.browser_session_id.not_in(live_sessions),
+                    ),
+                )
+            )
+            sessions = await conn.execute(
+                browser_sessions.delete().where(
+                    sa.or_(
+                        browser_sessions.c.ended_at.is_not(None),
+                        browser_sessions.c.expires_at <= now,
+                    )
+                )
+            )
+
+            return codes.rowcount, sessions.rowcount
 
         return await self._run_write(work)
 

@@ -42,15 +42,18 @@ async def make_client(
     scopes: tuple[str, ...] | None = None,
     audience: str | None = None,
     redirect_uris: tuple[str, ...] = (),
+    post_logout_redirect_uris: tuple[str, ...] = (),
     jwks: str | None = None,
     disabled: bool = False,
+    third_party: bool = False,
+    name: str | None = None,
 ) -> tuple[Client, str | None]:
     """A registered client, and its secret if it has one (confidential without keys)."""
     secret, digest = (None, None) if public or jwks is not None else new_secret()
     now = time.time()
     client = Client(
         client_id=client_id,
-        name=client_id,
+        name=name or client_id,
         public=public,
         secret_digest=digest,
         previous_secret_digest=None,
@@ -59,9 +62,9 @@ async def make_client(
         grants=grants or (("password", "refresh_token") if public else ("client_credentials",)),
         scopes=scopes,
         redirect_uris=redirect_uris,
-        post_logout_redirect_uris=(),
+        post_logout_redirect_uris=post_logout_redirect_uris,
         audience=audience,
-        third_party=False,
+        third_party=third_party,
         require_dpop=False,
         disabled=disabled,
         created_at=now,

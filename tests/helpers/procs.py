@@ -123,11 +123,12 @@ class ServerPool:
         name: str | None = None,
         workers: int = 1,
         args: Sequence[str] = (),
+        port: int | None = None,
     ) -> ServerProcess:
         """Start a server without waiting for it (start several, then `wait_healthy`);
-        `args` are more options of `serve`."""
+        `args` are more options of `serve`, `port` when its issuer must name it."""
         name = name or f"server{len(self.servers)}"
-        port = free_port()
+        port = port or free_port()
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "wb")  # closed by ServerProcess.stop
         proc = subprocess.Popen(
