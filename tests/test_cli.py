@@ -377,6 +377,8 @@ async def test_db_purge_removes_dead_families(env: dict[str, str], start_app: St
         ["login", "failures"],
         ["known", "login"],
         ["client-assertion", "ids"],
+        ["authorization", "codes"],
+        ["browser", "sessions"],
     ]
     r = await running.client.post("/refresh", json={"refresh_token": live["refresh_token"]})
     assert r.status_code == 200
