@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     purge_interval: float = Field(default=3600.0, gt=0)
     header_timeout: float = Field(default=5.0, gt=0, le=300)
     max_connections: int = Field(default=2048, ge=1)
+    # RFC 9449: how far a DPoP proof's `iat` may be from now, and server nonces.
+    dpop_proof_window: int = Field(default=60, ge=1, le=3600)
+    dpop_nonce: bool = False
 
     @field_validator("scopes", mode="before")
     @classmethod

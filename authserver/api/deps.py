@@ -13,6 +13,7 @@ from fastapi.security import OAuth2PasswordBearer
 
 from authserver.audit import RequestContext
 from authserver.clients import ClientAuthenticator, ClientService
+from authserver.dpop import ProofChecker
 from authserver.grants import AuthService
 from authserver.introspection import Introspector
 from authserver.keys import KeyRing
@@ -37,6 +38,7 @@ class Services:
     keyring: KeyRing
     verifier: AccessTokenVerifier
     validator: TokenValidator
+    dpop: ProofChecker
     issuer: str
     scopes: tuple[str, ...]
 
@@ -89,9 +91,13 @@ def get_validator(request: Request) -> Validator:
     return services_of(request).validator
 
 
+def get_proof_checker(request: Request) -> ProofChecker:
+    return services_of(request).dpop
+
+
 # The very dependency a resource server builds with `authserver.resource`, over
 # the server's own keys: local, so the validator never awaits anything.
-get_claims = require_token(get_validator, scheme=oauth2_scheme)
+get_claims = require_token(get_validator, scheme=oauth2_scheme, dpop=get_proof_checker)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

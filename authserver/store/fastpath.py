@@ -51,6 +51,7 @@ class Exchange:
     refresh_ttl: int
     event: AuditEvent
     client_id: str | None  # the requesting client; None: any public one (see rotation.py)
+    dpop_jkt: str | None = None  # the request's DPoP proof key, if it sent a proof
 
 
 # -- the statements, built from the schema and the shared rules ------------------
@@ -105,7 +106,7 @@ def _pg_rotate() -> sa.Select[Any]:
         rotation.SPEND.where(
             _t.family_id == _f.id,
             _f.user_id == _u.id,
-            rotation.refusal(now, rotation.CLIENT).is_(None),
+            rotation.refusal(now, rotation.CLIENT, rotation.DPOP_KEY).is_(None),
         )
         .returning(_t.token_hash, _t.family_id, _t.scope, _f.client_id, _u.username)
         .cte("spent")
@@ -180,6 +181,7 @@ class PgRotator:
             b_at=exchange.now,
             b_ttl=exchange.refresh_ttl,
             b_client=exchange.client_id,
+            b_jkt=exchange.dpop_jkt,
             **_event_values(exchange),
         )
         async with pool.acquire(timeout=self._wait) as conn:
@@ -207,7 +209,9 @@ _SQLITE_FIND = _compile(
     .where(
         _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
         _t.status == "active",
-        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT).is_(None),
+        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT, rotation.DPOP_KEY).is_(
+            None
+        ),
     ),
     _sqlite,
 )
@@ -238,7 +242,9 @@ def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | Non
     try:
         found = conn.execute(
             _SQLITE_FIND.sql,
-            _SQLITE_FIND.args(b_hash=token_hash, b_now=now, b_client=exchange.client_id),
+            _SQLITE_FIND.args(
+                b_hash=token_hash, b_now=now, b_client=exchange.client_id, b_jkt=exchange.dpop_jkt
+            ),
         ).fetchone()
         if found is None:
             conn.execute("ROLLBACK")

@@ -11,7 +11,13 @@ T = TypeVar("T")
 TokenStatus = Literal["active", "spent", "revoked"]
 # Why a stored token cannot be exchanged, whatever the request (`rotation.refusal`).
 TokenRefusal = Literal[
-    "wrong_client", "client_disabled", "revoked", "user_disabled", "session_expired", "expired"
+    "wrong_client",
+    "dpop_key",
+    "client_disabled",
+    "revoked",
+    "user_disabled",
+    "session_expired",
+    "expired",
 ]
 
 
@@ -64,6 +70,7 @@ class RefreshRecord:
     username: str
     # None when the token is active and exchangeable, or spent; decided in SQL.
     refusal: TokenRefusal | None
+    dpop_jkt: str | None = None  # the DPoP key its family is bound to
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +120,12 @@ class RefreshTransaction(Protocol):
     """The refresh-token operations that must run together in one transaction."""
 
     async def get_refresh(
-        self, token_hash: str, *, now: float, client_id: str | None
+        self, token_hash: str, *, now: float, client_id: str | None, dpop_jkt: str | None = None
     ) -> RefreshRecord | None:
         """Read a token and lock it against concurrent writers until commit; its
         `refusal` is the one it has at `now` for the client `client_id` (None: a request
-        that names no client, which only a public client's token allows)."""
+        that names no client, which only a public client's token allows) proving the
+        DPoP key `dpop_jkt` (None: no proof)."""
 
     async def get_user(self, username: str) -> User | None: ...
 
@@ -125,8 +133,16 @@ class RefreshTransaction(Protocol):
         """Read a user and hold it against a concurrent password change or disable."""
 
     async def create_family(
-        self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
-    ) -> None: ...
+        self,
+        *,
+        family_id: str,
+        user_id: int,
+        client_id: str,
+        created_at: float,
+        expires_at: float,
+        dpop_jkt: str | None = None,
+    ) -> None:
+        """A new family; `dpop_jkt` binds it to a DPoP key (RFC 9449 §5)."""
 
     async def add_refresh(
         self,
@@ -199,6 +215,7 @@ class Store(Protocol):
         refresh_ttl: int,
         event: AuditEvent,
         client_id: str | None,
+        dpop_jkt: str | None = None,
     ) -> Rotated | None:
         """The common exchange as one atomic step, where the backend has one.
 

@@ -41,6 +41,9 @@ refresh_families = sa.Table(
     sa.Column("expires_at", Time, nullable=False),
     sa.Column("revoked_at", Time, nullable=True),
     sa.Column("revoked_reason", sa.String(32), nullable=True),
+    # RFC 9449 §5: a public client's family bound to its DPoP key (the RFC 7638
+    # thumbprint); every refresh must then prove possession of that key.
+    sa.Column("dpop_jkt", sa.String(64), nullable=True),
     sa.Index("ix_refresh_families_user_id", "user_id"),
 )
 

@@ -295,6 +295,7 @@ def _record(row: Row[Any]) -> RefreshRecord:
         user_id=m["user_id"],
         username=m["username"],
         refusal=m["refusal"],
+        dpop_jkt=m["dpop_jkt"],
     )
 
 
@@ -314,9 +315,12 @@ _GET_REFRESH = (
     sa.select(
         refresh_tokens,
         refresh_families.c.client_id,
+        refresh_families.c.dpop_jkt,
         refresh_families.c.user_id,
         users.c.username,
-        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT).label("refusal"),
+        rotation.refusal(
+            sa.bindparam("b_now", type_=Time), rotation.CLIENT, rotation.DPOP_KEY
+        ).label("refusal"),
     )
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
@@ -327,11 +331,14 @@ _FIND_REFRESH = (
     sa.select(
         refresh_tokens,
         refresh_families.c.client_id,
+        refresh_families.c.dpop_jkt,
         refresh_families.c.user_id,
         users.c.username,
-        rotation.refusal(sa.bindparam("b_now", type_=Time), refresh_families.c.client_id).label(
-            "refusal"
-        ),
+        rotation.refusal(
+            sa.bindparam("b_now", type_=Time),
+            refresh_families.c.client_id,
+            refresh_families.c.dpop_jkt,
+        ).label("refusal"),
     )
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
@@ -369,9 +376,9 @@ class SqlTransaction:
         self._conn = conn
 
     async def get_refresh(
-        self, token_hash: str, *, now: float, client_id: str | None
+        self, token_hash: str, *, now: float, client_id: str | None, dpop_jkt: str | None = None
     ) -> RefreshRecord | None:
-        params = {"b_hash": token_hash, "b_now": now, "b_client": client_id}
+        params = {"b_hash": token_hash, "b_now": now, "b_client": client_id, "b_jkt": dpop_jkt}
         row = (await self._conn.execute(_GET_REFRESH, params)).first()
         return _record(row) if row is not None else None
 
@@ -383,7 +390,14 @@ class SqlTransaction:
         return _user(row) if row is not None else None
 
     async def create_family(
-        self, *, family_id: str, user_id: int, client_id: str, created_at: float, expires_at: float
+        self,
+        *,
+        family_id: str,
+        user_id: int,
+        client_id: str,
+        created_at: float,
+        expires_at: float,
+        dpop_jkt: str | None = None,
     ) -> None:
         await self._conn.execute(
             _INSERT_FAMILY,
@@ -393,6 +407,7 @@ class SqlTransaction:
                 "client_id": client_id,
                 "created_at": created_at,
                 "expires_at": expires_at,
+                "dpop_jkt": dpop_jkt,
             },
         )
 
@@ -701,8 +716,11 @@ class SqlStore:
         refresh_ttl: int,
         event: AuditEvent,
         client_id: str | None,
+        dpop_jkt: str | None = None,
     ) -> Rotated | None:
-        exchange = Exchange(token_hash, successor_hash, now, refresh_ttl, event, client_id)
+        exchange = Exchange(
+            token_hash, successor_hash, now, refresh_ttl, event, client_id, dpop_jkt
+        )
         rotator, write_lock = self._rotator, self._write_lock
         if rotator is not None:
             return await self._retrying(lambda: rotator.rotate(exchange))
