@@ -44,6 +44,7 @@ async def make_client(
     redirect_uris: tuple[str, ...] = (),
     jwks: str | None = None,
     disabled: bool = False,
+    require_dpop: bool = False,
 ) -> tuple[Client, str | None]:
     """A registered client, and its secret if it has one (confidential without keys)."""
     secret, digest = (None, None) if public or jwks is not None else new_secret()
@@ -62,7 +63,7 @@ async def make_client(
         post_logout_redirect_uris=(),
         audience=audience,
         third_party=False,
-        require_dpop=False,
+        require_dpop=require_dpop,
         disabled=disabled,
         created_at=now,
         updated_at=now,
