@@ -10,9 +10,11 @@ import base64
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jose import jws
 from jwcrypto.jwk import JWK
@@ -24,6 +26,15 @@ from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.helpers.tokens import jwt_parts
 
 BASE = "http://testserver"
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite: the binding's SQL runs on both databases in test_rotation_paths.py, and
+    the replay store on PostgreSQL across processes in test_processes.py."""
+    return f"sqlite:///{tmp_path / 'authserver.db'}"
+
+
 CREDENTIALS = {"username": "alice", "password": DEFAULT_PASSWORD}
 
 
