@@ -13,6 +13,7 @@ other check uses up a slot.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -137,6 +138,7 @@ def _percent(match: re.Match[str]) -> str:
     return char if char in _UNRESERVED else match.group().upper()
 
 
+@functools.lru_cache(maxsize=4096)  # a client sends the same few URLs again and again
 def normalise_url(url: str) -> str | None:
     """`url` without query and fragment, normalised as RFC 9449 §4.3 asks (RFC 3986
     §6.2.2 and §6.2.3: case of scheme, host and percent-encodings, unreserved

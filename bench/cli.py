@@ -22,7 +22,17 @@ from bench import report
 from bench.load import wrk_path
 from bench.runs import FULL, QUICK, Bench, Plan, cores
 
-SECTIONS = ("startup", "protected", "login", "refresh", "memory", "scaling", "purge")
+SECTIONS = (
+    "startup",
+    "protected",
+    "dpop-protected",
+    "login",
+    "refresh",
+    "dpop-refresh",
+    "memory",
+    "scaling",
+    "purge",
+)
 DEFAULT_OUT = Path(__file__).resolve().parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -175,18 +185,22 @@ class Runner:
     def _run_all(self, bench: Bench) -> None:
         if "startup" in self.only:
             self.section("startup", bench.startup)
-        if self.only & {"protected", "login", "refresh"}:
+        if self.only & {"protected", "login", "refresh", "dpop-protected", "dpop-refresh"}:
             url, keys_dir = bench.sqlite_target("sqlite")
             server = bench.start_authserver("sqlite", url, keys_dir)
             self.results["meta"]["server_runs_on"] = server.runs_on()
             if "protected" in self.only:
                 self.section("protected", lambda: bench.protected(server, keys_dir))
+            if "dpop-protected" in self.only:
+                self.section("dpop-protected", lambda: bench.dpop_protected(server, url, keys_dir))
             if "login" in self.only:
                 self.section("login", lambda: bench.login(server, url, keys_dir))
             if "refresh" in self.only:
                 self.section(
                     "refresh", lambda: bench.refresh(server, url, keys_dir), "refresh", "sqlite"
                 )
+            if "dpop-refresh" in self.only:
+                self.section("dpop-refresh", lambda: bench.dpop_refresh(server, url, keys_dir))
             bench.stop(server)
         if "memory" in self.only:
 

@@ -49,6 +49,12 @@ def targets(results: dict[str, Any]) -> list[Target]:
 
     ratio("1a", "/protected, reused token / bare FastAPI", ("protected", "reused_ratio"), 0.80)
     ratio("1b", "/protected, fresh token / bare FastAPI", ("protected", "fresh_ratio"), 0.55)
+    ratio(
+        "1c",
+        "/protected, DPoP token + fresh proof / bare FastAPI",
+        ("dpop-protected", "ratio"),
+        0.45,
+    )
     ratio("2a", "/login (bcrypt 12) / bcrypt bound", ("login", "login_ratio"), 0.85)
     ratio("2b", "/protected p99 under logins / idle", ("login", "p99_ratio"), 2.0, most=True)
     for backend in ("sqlite", "postgresql"):
@@ -68,6 +74,21 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 value >= 0.50 and errors == 0,
             )
         )
+    value = _get(results, "dpop-refresh", "ratio")
+    if _ok(value):
+        errors = _get(results, "dpop-refresh", "errors")
+        out.append(
+            Target(
+                "3c",
+                "/refresh, DPoP-bound + fresh proof / sign-only app, sqlite",
+                f"{value:.2f}x, {errors} errors",
+                ">= 0.40x, 0 errors",
+                value >= 0.40 and errors == 0,
+            )
+        )
+    else:
+        name = "/refresh, DPoP-bound + fresh proof / sign-only app"
+        out.append(Target("3c", name, "not measured", ">= 0.40x", None))
     speedup = _get(results, "scaling", "speedup")
     if isinstance(speedup, dict) and speedup:
         figure = ", ".join(
@@ -168,6 +189,23 @@ def details(results: dict[str, Any]) -> str:
                 f"vs sign {r['sign_per_s']:.0f}/s;"
                 f" server CPU us/req: refresh {cpu['refresh']:.0f}, sign {cpu['sign']:.0f}"
             )
+    d = results.get("dpop-protected")
+    if isinstance(d, dict) and "rps" in d:
+        lines.append(
+            "/protected DPoP  req/s: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in d["rps"].items())
+            + "   server CPU us/req: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in d["cpu_us_per_request"].items())
+            + f"   CPU ratio {d['cpu_ratio']:.2f}x, {d['errors']} errors"
+        )
+    d = results.get("dpop-refresh")
+    if isinstance(d, dict) and "refresh_per_s" in d:
+        cpu = d["cpu_us_per_request"]
+        lines.append(
+            f"/refresh DPoP    sqlite: {d['refresh_per_s']:.0f}/s vs sign {d['sign_per_s']:.0f}/s;"
+            f" server CPU us/req: refresh {cpu['refresh']:.0f}, sign {cpu['sign']:.0f}"
+            f"   CPU ratio {d['cpu_ratio']:.2f}x, {d['errors']} errors"
+        )
     m = results.get("memory")
     if isinstance(m, dict) and "rows" in m:
         lines.append(

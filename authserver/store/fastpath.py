@@ -34,11 +34,19 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from authserver.store import rotation
 from authserver.store.protocol import AuditEvent, Rotated
-from authserver.store.schema import Time, audit_events, refresh_families, refresh_tokens, users
+from authserver.store.schema import (
+    Time,
+    audit_events,
+    refresh_families,
+    refresh_tokens,
+    used_jtis,
+    users,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +147,26 @@ def _dialect(url: str) -> sa.Dialect:
     return sa.make_url(url).get_dialect()()
 
 
+def _use_jti(insert: Any) -> Any:
+    """Record a single-use id in one statement: inserted, or taking the place of an
+    expired row of the same key; a live row makes it change nothing (a replay)."""
+    statement = insert(used_jtis).values(
+        key=sa.bindparam("b_key", type_=sa.String),
+        expires_at=sa.bindparam("b_expires", type_=Time),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[used_jtis.c.key],
+        set_={"expires_at": statement.excluded.expires_at},
+        where=used_jtis.c.expires_at <= sa.bindparam("b_now", type_=Time),
+    )
+
+
 # The dialects of the drivers the statements run on: `$1` for asyncpg, `?` for sqlite3.
 _PG_ROTATE = _compile(_pg_rotate(), _dialect("postgresql+asyncpg://"))
+# Every DPoP-protected request records its proof's jti: one round trip, no transaction.
+_PG_USE_JTI = _compile(
+    _use_jti(postgresql.insert).returning(used_jtis.c.key), _dialect("postgresql+asyncpg://")
+)
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -190,6 +216,12 @@ class PgRotator:
             return None
         return Rotated(row["family_id"], row["username"], row["scope"], row["client_id"])
 
+    async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+        pool = await self._get_pool()
+        args = _PG_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
+        async with pool.acquire(timeout=self._wait) as conn:
+            return await conn.fetchval(_PG_USE_JTI.sql, *args) is not None
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
@@ -216,6 +248,7 @@ _SQLITE_FIND = _compile(
     _sqlite,
 )
 _SQLITE_SPEND = _compile(rotation.SPEND, _sqlite)
+_SQLITE_USE_JTI = _compile(_use_jti(sqlite.insert), _sqlite)
 _SQLITE_ISSUE = _compile(rotation.ISSUE, _sqlite)
 _SQLITE_AUDIT = _compile(
     audit_events.insert().values(
@@ -228,6 +261,13 @@ _SQLITE_AUDIT = _compile(
     ),
     _sqlite,
 )
+
+
+def sqlite_use_jti(conn: sqlite3.Connection, key: str, *, expires_at: float, now: float) -> bool:
+    """Record a single-use id (see `_use_jti`); False for a replay. `conn` is in
+    autocommit mode and the caller holds the process's SQLite write lock."""
+    args = _SQLITE_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
+    return conn.execute(_SQLITE_USE_JTI.sql, args).rowcount == 1
 
 
 def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | None:

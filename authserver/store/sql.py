@@ -55,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from authserver.config import Settings
 from authserver.store import rotation
-from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
+from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate, sqlite_use_jti
 from authserver.store.protocol import (
     AuditEvent,
     Client,
@@ -914,18 +914,25 @@ class SqlStore:
             return result.first() is not None
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
-        async def work(conn: Executor) -> bool:
-            # An expired row of the same key no longer guards anything: make way.
-            await conn.execute(
-                used_jtis.delete().where(used_jtis.c.key == key, used_jtis.c.expires_at <= now)
+        # One statement on the raw driver (fastpath.py): every DPoP-protected request
+        # records its proof here, so it must cost no more than it has to.
+        rotator, write_lock = self._rotator, self._write_lock
+        if rotator is not None:
+            return await self._retrying(
+                lambda: rotator.use_jti(key, expires_at=expires_at, now=now)
             )
-            await conn.execute(used_jtis.insert().values(key=key, expires_at=expires_at))
-            return True
+        assert write_lock is not None
 
-        try:
-            return await self._run_write(work)
-        except IntegrityError:
-            return False
+        async def once() -> bool:
+            async with write_lock:
+                return self._sqlite_use_jti(key, expires_at=expires_at, now=now)
+
+        return await self._retrying(once)
+
+    def _sqlite_use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+        raw = self._kept_writer().connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        return sqlite_use_jti(raw, key, expires_at=expires_at, now=now)
 
     async def purge_used_jtis(self, *, before: float) -> None:
         async def work(conn: Executor) -> None:
