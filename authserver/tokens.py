@@ -140,6 +140,15 @@ def _b64decode(segment: bytes) -> bytes:
     return decoded
 
 
+def _lenient_b64decode(segment: bytes) -> bytes:
+    if not segment:
+        raise InvalidTokenError("The token is malformed.")
+    try:
+        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidTokenError("The token is malformed.") from exc
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
@@ -278,8 +287,10 @@ def verify_self_signed(jwt: str, *, typ: str) -> tuple[dict[str, Any], str]:
         parts = jwt.encode("ascii").split(b".")
         if len(parts) != 3:
             raise InvalidDPoPProofError("The DPoP proof is malformed.")
-        header = _json_object(_b64decode(parts[0]), "header")
-        signature = _b64decode(parts[2])
+        # Not `_b64decode`'s one-spelling check: the signature covers the segments as
+        # sent, and a proof is single-use by its `jti`, whatever its spelling.
+        header = _json_object(_lenient_b64decode(parts[0]), "header")
+        signature = _lenient_b64decode(parts[2])
         payload = parts[1]
     except (UnicodeEncodeError, InvalidTokenError) as exc:
         raise InvalidDPoPProofError("The DPoP proof is malformed.") from exc
@@ -298,7 +309,7 @@ def verify_self_signed(jwt: str, *, typ: str) -> tuple[dict[str, Any], str]:
     if not valid:
         raise InvalidDPoPProofError("The DPoP proof's signature is invalid.")
     try:
-        claims = _json_object(_b64decode(payload), "payload")
+        claims = _json_object(_lenient_b64decode(payload), "payload")
     except InvalidTokenError as exc:
         raise InvalidDPoPProofError("The DPoP proof is malformed.") from exc
     return claims, key.thumbprint

@@ -196,7 +196,8 @@ def details(results: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.0f}" for k, v in d["rps"].items())
             + "   server CPU us/req: "
             + ", ".join(f"{k} {v:.0f}" for k, v in d["cpu_us_per_request"].items())
-            + f"   CPU ratio {d['cpu_ratio']:.2f}x, {d['errors']} errors"
+            + f"   CPU ratio {d['cpu_ratio']:.2f}x, a proof adds {d['dpop_cpu_us']:.0f} us,"
+            f" {d['errors']} errors"
         )
     d = results.get("dpop-refresh")
     if isinstance(d, dict) and "refresh_per_s" in d:

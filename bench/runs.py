@@ -355,14 +355,15 @@ class Bench:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             token = json.loads(response.read())["access_token"]
+        (bearer,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
         bare = self.start_peer("bare", "bare-dpop", peer_env_for(server, keys_dir))
         try:
-            return self._dpop_protected(server, bare, key, token)
+            return self._dpop_protected(server, bare, key, token, bearer)
         finally:
             self.stop(bare)
 
     def _dpop_protected(
-        self, server: Server, bare: Server, key: DPoPKey, token: str
+        self, server: Server, bare: Server, key: DPoPKey, token: str, bearer: str
     ) -> dict[str, Any]:
         plan = self.plan
         url = server.url + "/protected"
@@ -372,6 +373,9 @@ class Bench:
         expected = {"dpop": 4000.0}
 
         def load(variant: str, duration: int) -> Load:
+            if variant == "bearer":  # the same server, a plain token: what DPoP adds to it
+                headers = {"Authorization": f"Bearer {bearer}"}
+                return Load("get", "/protected", duration, GET_CONNECTIONS, headers=headers)
             if variant == "bare":
                 proofs = bare_proofs
             else:
@@ -381,7 +385,7 @@ class Bench:
                 "dpop", "/protected", duration, GET_CONNECTIONS, tokens=[token], proofs=proofs
             )
 
-        targets = {"bare": bare, "dpop": server}
+        targets = {"bare": bare, "bearer": server, "dpop": server}
         for variant in targets:
             warm = self.measure(targets[variant], load(variant, plan.warmup))
             self._check_errors(f"/protected DPoP warm-up ({variant})", warm)
@@ -395,9 +399,11 @@ class Bench:
                 row[variant] = measured.as_dict()
             expected["dpop"] = max(expected["dpop"], row["dpop"]["rps"])
             row["ratio"] = row["dpop"]["rps"] / row["bare"]["rps"]
+            row["bearer_ratio"] = row["bearer"]["rps"] / row["bare"]["rps"]
             rounds.append(row)
             self.say(
-                f"  round {index + 1}: bare {row['bare']['rps']:.0f}/s, DPoP "
+                f"  round {index + 1}: bare {row['bare']['rps']:.0f}/s, "
+                f"bearer {row['bearer']['rps']:.0f}/s ({row['bearer_ratio']:.2f}x), DPoP "
                 f"{row['dpop']['rps']:.0f}/s ({row['ratio']:.2f}x), "
                 f"{row['dpop']['errors']} errors"
             )
@@ -409,7 +415,10 @@ class Bench:
             "p99_ms": {v: median([r[v]["p99_ms"] for r in rounds]) for v in targets},
             "errors": sum(r["dpop"]["errors"] for r in rounds),
             "ratio": median([r["ratio"] for r in rounds]),
+            "bearer_ratio": median([r["bearer_ratio"] for r in rounds]),
             "cpu_ratio": cpu["bare"] / cpu["dpop"],
+            # The server CPU a proof adds to a request with a (reused) token.
+            "dpop_cpu_us": cpu["dpop"] - cpu["bearer"],
             "connections": GET_CONNECTIONS,
         }
 
