@@ -6,6 +6,7 @@ Proofs are made with the client kit's `DPoPKey`; the forged ones (a private key 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -22,6 +23,7 @@ from jwcrypto.jwk import JWK
 from authserver.client import DPoPKey
 from authserver.dpop import access_token_hash, normalise_url
 from tests.helpers.app import Running, StartApp, family_of
+from tests.helpers.cli import cli_env, invoke
 from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.helpers.tokens import jwt_parts
 
@@ -404,3 +406,19 @@ async def test_server_nonces(start_app: StartApp) -> None:
     assert r.headers["dpop-nonce"]
     r = await protected(running, token, key.proof("GET", url, access_token=token, nonce=nonce))
     assert r.status_code == 200, r.text
+
+
+async def test_clients_add_require_dpop(server: Running) -> None:
+    env = cli_env(server.settings.database_url, server.settings.keys_dir)
+    args = ("clients", "add", "app", "--public", "--grant", "password", "--require-dpop")
+    result = await asyncio.to_thread(invoke, env, *args)
+    assert result.exit_code == 0, result.output
+    listed = await asyncio.to_thread(invoke, env, "clients", "list", "--json")
+    (app,) = (c for c in map(json.loads, listed.stdout.splitlines()) if c["client_id"] == "app")
+    assert app["require_dpop"] is True
+    form = {"grant_type": "password", "client_id": "app", **CREDENTIALS}
+    assert_token_endpoint_refusal(await server.client.post("/token", data=form))
+    proof = DPoPKey().proof("POST", BASE + "/token")
+    r = await server.client.post("/token", data=form, headers={"DPoP": proof})
+    assert r.status_code == 200, r.text
+    assert r.json()["token_type"] == "DPoP"
