@@ -40,7 +40,7 @@ def run_bench(out: Path, *args: str) -> dict[str, Any]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=360,  # every section, the two DPoP ones included
         check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
