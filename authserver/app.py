@@ -32,6 +32,7 @@ from authserver.audit import Auditor
 from authserver.authorize import Authorizer
 from authserver.clients import ClientAuthenticator, ClientService
 from authserver.config import Settings
+from authserver.dpop import Nonces, ProofChecker, StoreReplayCache
 from authserver.grants import AuthService, TokenPolicy
 from authserver.introspection import Introspector
 from authserver.jobs import start_jobs, stop_jobs
@@ -50,6 +51,30 @@ from authserver.store.sql import SqlStore
 from authserver.throttle import LoginThrottle, ThrottleLimits
 from authserver.tokens import AccessTokenVerifier, KeyRingSource
 from authserver.users import UserService
+
+
+def _proof_checker(settings: Settings, store: SqlStore, keyring: KeyRing) -> ProofChecker:
+    nonces = None
+    if settings.dpop_nonce:
+        derived: dict[int, list[bytes]] = {}
+
+        def secrets() -> list[bytes]:
+            # Derived from the signing keys: every process sharing the keys directory
+            # makes and accepts the same nonces, and a key rotation changes them.
+            known = derived.get(keyring.generation)
+            if known is None:
+                derived.clear()
+                known = derived[keyring.generation] = keyring.derived_secrets("dpop-nonce")
+            return known
+
+        nonces = Nonces(secrets, lifetime=settings.dpop_proof_window)
+    return ProofChecker(
+        replay=StoreReplayCache(store),
+        window=settings.dpop_proof_window,
+        nonces=nonces,
+        # Behind a proxy the issuer is the URL clients see.
+        base_url=settings.issuer,
+    )
 
 
 def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Services:
@@ -117,6 +142,7 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
         keyring=keyring,
         verifier=verifier,
         validator=TokenValidator(verifier),
+        dpop=_proof_checker(settings, store, keyring),
         issuer=settings.issuer,
         scopes=settings.scopes,
     )

@@ -20,6 +20,11 @@ detection (RFC 9700 §4.14.2) and lose its whole session; this one never does.
 When the refresh token is dead (revoked, reused, expired: `invalid_grant`),
 every request raises `SessionExpired` until `set_tokens()` gives it a new pair;
 it never loops on 401.
+
+With `dpop=True` (or a `DPoPKey` the application keeps) the tokens are DPoP-bound
+(RFC 9449): every token request and every API request carries a fresh proof
+signed by that key, so a stolen access or refresh token is useless without it.
+Server nonces (`use_dpop_nonce`) are answered by sending the request again once.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import asyncio
 import base64
 import inspect
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -37,13 +43,18 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from authserver.tokens import ASSERTION_TYPE, load_private_key, sign_jwt
+from authserver.dpop import PROOF_TYPE, access_token_hash
+from authserver.keys import public_jwk, thumbprint
+from authserver.tokens import ASSERTION_TYPE, load_private_key, sign_jwt, sign_with_embedded_key
 
 __all__ = [
     "AuthError",
     "ClientAuth",
     "ClientSecret",
+    "DPoPKey",
     "Endpoints",
     "LoginEndpoints",
     "LoginFailed",
@@ -129,8 +140,8 @@ class TokenPair:
         token_type = body.get("token_type", "")
         if not isinstance(access_token, str) or not access_token:
             raise TokenEndpointError("The token response has no access_token.")
-        if not isinstance(token_type, str) or token_type.lower() != "bearer":
-            raise TokenEndpointError("The token response is not for a bearer token.")
+        if not isinstance(token_type, str) or token_type.lower() not in ("bearer", "dpop"):
+            raise TokenEndpointError("The token response is not for a bearer or DPoP token.")
         expires_in = body.get("expires_in")
         lifetime: float | None = None
         if isinstance(expires_in, (int, float, str)) and not isinstance(expires_in, bool):
@@ -149,7 +160,62 @@ class TokenPair:
             expires_at=now + lifetime if lifetime is not None else None,
             expires_in=lifetime,
             scope=scope if isinstance(scope, str) else (previous.scope if previous else None),
-            token_type="bearer",
+            token_type="DPoP" if token_type.lower() == "dpop" else "bearer",
+        )
+
+
+class DPoPKey:
+    """A client's DPoP key (RFC 9449) and the proofs it signs.
+
+    `DPoPKey()` makes a new EC P-256 key; `DPoPKey(pem)` takes one the application
+    kept (`private_pem()` gives it to store, readable by the application alone): a
+    key that outlives the process keeps its bound refresh token usable.
+    """
+
+    def __init__(self, private_key: str | bytes | Any | None = None) -> None:
+        if private_key is None:
+            private_key = ec.generate_private_key(ec.SECP256R1())
+        if isinstance(private_key, (str, bytes)):
+            pem = private_key.encode("ascii") if isinstance(private_key, str) else private_key
+            private_key = serialization.load_pem_private_key(pem, password=None)
+        self._private = private_key
+        self._key, self.alg = load_private_key(private_key)
+        public = private_key.public_key()
+        assert isinstance(public, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey))
+        self.jwk = public_jwk(public)
+        self.thumbprint = thumbprint(public)
+        """The RFC 7638 thumbprint: the `cnf.jkt` of the tokens bound to this key."""
+
+    def private_pem(self) -> bytes:
+        pem: bytes = self._private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return pem
+
+    def proof(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        access_token: str | None = None,
+        nonce: str | None = None,
+    ) -> str:
+        """A proof for one request (RFC 9449 §4.2); `access_token` when sending one."""
+        target = httpx.URL(str(url)).copy_with(query=None, fragment=None)
+        claims: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": method,
+            "htu": str(target),
+            "iat": int(time.time()),
+        }
+        if access_token is not None:
+            claims["ath"] = access_token_hash(access_token)
+        if nonce is not None:
+            claims["nonce"] = nonce
+        return sign_with_embedded_key(
+            claims, key=self._key, alg=self.alg, jwk=self.jwk, typ=PROOF_TYPE
         )
 
 
@@ -343,6 +409,7 @@ class TokenAuth(httpx.Auth):
         refresh_margin: float = 30.0,
         clock: Callable[[], float] = time.time,
         client_credentials: bool = False,
+        dpop: bool | DPoPKey = False,
     ) -> None:
         credentials = (
             (username, password) if username is not None and password is not None else None
@@ -365,6 +432,10 @@ class TokenAuth(httpx.Auth):
         self._renewed_at = -math.inf
         self._sync_lock = threading.Lock()
         self._async_lock = asyncio.Lock()
+        self.dpop_key: DPoPKey | None = (
+            dpop if isinstance(dpop, DPoPKey) else DPoPKey() if dpop else None
+        )
+        self._nonces: dict[tuple[str, str, int | None], str] = {}  # per origin
 
     @property
     def tokens(self) -> TokenPair | None:
@@ -430,7 +501,11 @@ class TokenAuth(httpx.Auth):
             dead = LoginFailed
         else:
             raise SessionExpired("No refresh token and no credentials: log in again.")
+        self._prove(request)
         response = yield request
+        if self._nonce_demanded(response):
+            self._prove(request)  # RFC 9449 §8: once more, with the server's nonce
+            response = yield request
         pair = self._accept(response, previous, dead)
         self._tokens = pair
         self._renewed_at = self._clock()
@@ -468,8 +543,45 @@ class TokenAuth(httpx.Auth):
     def _authorize(self, request: httpx.Request) -> TokenPair:
         pair = self._tokens
         assert pair is not None
-        request.headers["Authorization"] = f"Bearer {pair.access_token}"
+        if pair.token_type == "DPoP" and self.dpop_key is not None:
+            request.headers["Authorization"] = f"DPoP {pair.access_token}"
+            self._prove(request, access_token=pair.access_token)
+        else:
+            request.headers["Authorization"] = f"Bearer {pair.access_token}"
         return pair
+
+    # -- DPoP (RFC 9449) -------------------------------------------------------
+
+    @staticmethod
+    def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+        return url.scheme, url.host, url.port
+
+    def _prove(self, request: httpx.Request, *, access_token: str | None = None) -> None:
+        if self.dpop_key is None:
+            return
+        nonce = self._nonces.get(self._origin(request.url))
+        request.headers["DPoP"] = self.dpop_key.proof(
+            request.method, request.url, access_token=access_token, nonce=nonce
+        )
+
+    def _nonce_demanded(self, response: httpx.Response) -> bool:
+        """Keep the server's latest nonce; whether the response asks for the request
+        again with it (400 at a token endpoint, 401 at a resource: RFC 9449 §8, §9)."""
+        if self.dpop_key is None:
+            return False
+        nonce = response.headers.get("dpop-nonce")
+        if not nonce:
+            return False
+        self._nonces[self._origin(response.request.url)] = nonce
+        if response.status_code == 401:
+            return "use_dpop_nonce" in response.headers.get("www-authenticate", "")
+        if response.status_code == 400:
+            try:
+                body = response.json()
+            except ValueError:
+                return False
+            return isinstance(body, dict) and body.get("error") == "use_dpop_nonce"
+        return False
 
     # -- sync ------------------------------------------------------------------
 
@@ -503,6 +615,9 @@ class TokenAuth(httpx.Auth):
                 yield from self._sync_renew(seen)
             seen = self._authorize(request)
             response = yield request
+            if self._nonce_demanded(response):
+                seen = self._authorize(request)
+                response = yield request
             # RFC 6750 §3.1: invalid_token may just mean expired; refresh once, then give up.
             if response.status_code != 401 or not self._renew_after_401(seen):
                 return
@@ -535,6 +650,9 @@ class TokenAuth(httpx.Auth):
                         await self._notify(done.value)
             seen = self._authorize(request)
             response = yield request
+            if self._nonce_demanded(response):
+                seen = self._authorize(request)
+                response = yield request
             # RFC 6750 §3.1: invalid_token may just mean expired; refresh once, then give up.
             if response.status_code != 401 or not self._renew_after_401(seen):
                 return

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # loopback unless told otherwise: the public port never serves them.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
+    # RFC 9449: how far a DPoP proof's `iat` may be from now, and server nonces.
+    dpop_proof_window: int = Field(default=60, ge=1, le=3600)
+    dpop_nonce: bool = False
 
     @field_validator("scopes", mode="before")
     @classmethod

@@ -246,3 +246,54 @@ class InsufficientScopeError(BearerError):
         if self.scopes:
             headers["WWW-Authenticate"] += f', scope="{" ".join(self.scopes)}"'
         return headers
+
+
+# RFC 9449 (DPoP): https://www.rfc-editor.org/rfc/rfc9449
+DPOP_ALGS = "ES256 RS256"  # the `algs` of a DPoP challenge: keys.ALGORITHMS, spelled out
+
+
+class InvalidDPoPProofError(OAuthError):
+    """RFC 9449 §5: a DPoP proof at a token endpoint is missing, malformed or wrong."""
+
+    error = "invalid_dpop_proof"
+    description = "The DPoP proof is invalid."
+
+
+class UseDPoPNonceError(OAuthError):
+    """RFC 9449 §8: the proof must carry the server's nonce, sent in `DPoP-Nonce`."""
+
+    error = "use_dpop_nonce"
+    description = "Send a DPoP proof with the nonce in the DPoP-Nonce header."
+
+    def __init__(self, nonce: str, description: str | None = None) -> None:
+        super().__init__(description)
+        self.nonce = nonce
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "DPoP-Nonce": self.nonce}
+
+
+class DPoPResourceError(OAuthError):
+    """A DPoP-protected resource's refusal (RFC 9449 §7.1): 401 with a `DPoP` challenge
+    naming the error (`invalid_dpop_proof`, `use_dpop_nonce` or `invalid_token`)."""
+
+    status_code = 401
+
+    def __init__(self, error: str, description: str, *, nonce: str | None = None) -> None:
+        super().__init__(description)
+        self.error = error
+        self.nonce = nonce
+
+    @classmethod
+    def of(cls, exc: OAuthError) -> DPoPResourceError:
+        """The resource's form of a proof or token error raised while checking a request."""
+        return cls(exc.error, exc.description, nonce=getattr(exc, "nonce", None))
+
+    def headers(self) -> dict[str, str]:
+        challenge = (
+            f'DPoP error="{self.error}", error_description="{self.description}", algs="{DPOP_ALGS}"'
+        )
+        headers = {**super().headers(), "WWW-Authenticate": challenge}
+        if self.nonce is not None:
+            headers["DPoP-Nonce"] = self.nonce
+        return headers

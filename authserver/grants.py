@@ -24,6 +24,7 @@ from authserver.clients import (
     REFRESH_TOKEN,
 )
 from authserver.errors import (
+    InvalidDPoPProofError,
     InvalidGrantError,
     InvalidRequestError,
     InvalidScopeError,
@@ -90,8 +91,18 @@ class AuthService:
         self.clock = clock
 
     def _access_token(
-        self, *, grant: str, subject: str, scope: str, client: Client, now: float, sid: str | None
+        self,
+        *,
+        grant: str,
+        subject: str,
+        scope: str,
+        client: Client,
+        now: float,
+        sid: str | None,
+        jkt: str | None = None,
     ) -> dict[str, Any]:
+        """The access token half of a response; `jkt` (a checked DPoP proof's key) binds
+        it to that key and makes it a DPoP token (RFC 9449 §5)."""
         kid, alg, key = self.keys.signing_key()
         access_token, expires_in = mint_access_token(
             key=key,
@@ -105,18 +116,25 @@ class AuthService:
             ttl=self.policy.access_token_ttl,
             now=now,
             sid=sid,
+            jkt=jkt,
         )
         # Only a registered client gets this far, so the label's values stay bounded.
         metrics.TOKENS_ISSUED.labels(grant, client.client_id).inc()
         return {
             "access_token": access_token,
-            "token_type": "bearer",
+            "token_type": "DPoP" if jkt is not None else "bearer",
             "expires_in": expires_in,
             "scope": scope,
         }
 
     def _token_response(
-        self, grant: str, issued: Issued, scope: str, client: Client, now: float
+        self,
+        grant: str,
+        issued: Issued,
+        scope: str,
+        client: Client,
+        now: float,
+        jkt: str | None = None,
     ) -> dict[str, Any]:
         body = self._access_token(
             grant=grant,
@@ -125,6 +143,7 @@ class AuthService:
             client=client,
             now=now,
             sid=issued.family_id,
+            jkt=jkt,
         )
         return {**body, "refresh_token": issued.refresh_token}
 
@@ -141,16 +160,24 @@ class AuthService:
         return " ".join(requested or allowed)
 
     @staticmethod
-    def _check_grant(client: Client, grant_type: str) -> None:
+    def _check_grant(client: Client, grant_type: str, dpop_jkt: str | None) -> None:
         if grant_type not in client.grants:
             raise UnauthorizedClientError(f"This client may not use the {grant_type} grant.")
+        if client.require_dpop and dpop_jkt is None:
+            # RFC 9449 §5.2 (dpop_bound_access_tokens): no token it could lose as a bearer.
+            raise InvalidDPoPProofError("This client must send a DPoP proof.")
 
     async def client_credentials_grant(
-        self, ctx: RequestContext, *, client: Client, scope: str | None
+        self,
+        ctx: RequestContext,
+        *,
+        client: Client,
+        scope: str | None,
+        dpop_jkt: str | None = None,
     ) -> dict[str, Any]:
         """A token for the client itself (RFC 6749 §4.4): `sub` is its id, and no refresh
         token, since it can always authenticate again."""
-        self._check_grant(client, CLIENT_CREDENTIALS)
+        self._check_grant(client, CLIENT_CREDENTIALS, dpop_jkt)
         granted = self._granted_scope(client, scope)
         body = self._access_token(
             grant=CLIENT_CREDENTIALS,
@@ -159,6 +186,7 @@ class AuthService:
             client=client,
             now=self.clock(),
             sid=None,
+            jkt=dpop_jkt,
         )
         # Logged, not stored: a service asks every few minutes, and the trail is for
         # events a person looks into (a failed client authentication is stored).
@@ -213,9 +241,13 @@ class AuthService:
         password: str,
         scope: str | None,
         client: Client,
+        dpop_jkt: str | None = None,
     ) -> dict[str, Any]:
-        """Log a user in (RFC 6749 §4.3); the token response body on success."""
-        self._check_grant(client, PASSWORD)
+        """Log a user in (RFC 6749 §4.3); the token response body on success.
+
+        `dpop_jkt`, the key of the request's checked DPoP proof, binds the access token
+        and, for a public client, the refresh family (RFC 9449 §5)."""
+        self._check_grant(client, PASSWORD, dpop_jkt)
         granted = self._granted_scope(client, scope)
         now = self.clock()
         user = await self.authenticate_user(ctx, username=username, password=password, now=now)
@@ -233,6 +265,8 @@ class AuthService:
             client_id=client.client_id,
             lifetimes=self.policy.lifetimes,
             now=now,
+            # A confidential client's refresh token is bound by its authentication.
+            dpop_jkt=dpop_jkt if client.public else None,
         )
         if issued is None:
             await self.auditor.record(
@@ -243,7 +277,9 @@ class AuthService:
         # library releases the GIL while it signs, so the loop answers other requests
         # meanwhile instead of holding them behind a login. Logins are rare and cost a
         # bcrypt each, so the hand-off costs them nothing that shows.
-        body = await asyncio.to_thread(self._token_response, PASSWORD, issued, granted, client, now)
+        body = await asyncio.to_thread(
+            self._token_response, PASSWORD, issued, granted, client, now, dpop_jkt
+        )
         if REFRESH_TOKEN not in client.grants:
             # A refresh token the client may never use is one more secret to lose. The
             # session (`sid`) stays: logout and introspection still need it.
@@ -258,12 +294,14 @@ class AuthService:
         redirect_uri: str,
         code_verifier: str | None,
         client: Client,
+        dpop_jkt: str | None = None,
     ) -> dict[str, Any]:
         """Exchange an authorization code (RFC 6749 §4.1.3, RFC 7636 §4.6): once, within
         its 60 seconds, by the client it was issued to, with the redirect URI and the
         PKCE verifier of its request. A second use revokes what the first one issued
-        (§4.1.2). An `id_token` comes with it when `openid` was granted."""
-        self._check_grant(client, AUTHORIZATION_CODE)
+        (§4.1.2). An `id_token` comes with it when `openid` was granted. `dpop_jkt` binds
+        the tokens as for the password grant (RFC 9449 §5)."""
+        self._check_grant(client, AUTHORIZATION_CODE, dpop_jkt)
         now = self.clock()
         code_hash = digest(code) if len(code) <= MAX_REFRESH_TOKEN_LENGTH else ""
         found = await self.store.find_code(code_hash) if code_hash else None
@@ -300,6 +338,8 @@ class AuthService:
                 now=now,
                 event_name=audit.CODE_EXCHANGED,
                 within=spend,
+                # A confidential client's refresh token is bound by its authentication.
+                dpop_jkt=dpop_jkt if client.public else None,
             )
             if user is not None and fresh
             else None
@@ -310,7 +350,7 @@ class AuthService:
                 if again is not None:
                     await self._code_reused(ctx, again[0], username)
             raise InvalidGrantError("The authorization code is invalid.")
-        body = self._token_response(AUTHORIZATION_CODE, issued, stored.scope, client, now)
+        body = self._token_response(AUTHORIZATION_CODE, issued, stored.scope, client, now, dpop_jkt)
         if REFRESH_TOKEN not in client.grants:
             del body["refresh_token"]
         if OPENID in stored.scope.split():
@@ -356,15 +396,17 @@ class AuthService:
         refresh_token: str,
         scope: str | None,
         client: Client | None,
+        dpop_jkt: str | None = None,
     ) -> dict[str, Any]:
         """Rotate a refresh token (RFC 6749 §6); a narrower scope may be asked for.
 
         `client` is the authenticated client, to which the token must have been issued;
         None where the request names none (the seed's /refresh), for the tokens of
-        public clients only.
+        public clients only. `dpop_jkt` is the key of the request's checked DPoP proof:
+        a bound family's token needs its own key's, and is not spent without it.
         """
         if client is not None:
-            self._check_grant(client, REFRESH_TOKEN)
+            self._check_grant(client, REFRESH_TOKEN, dpop_jkt)
         requested = parse_scope(scope)
         # Fail before spending the token if nothing could sign its successor's pair.
         self.keys.signing_key()
@@ -378,16 +420,21 @@ class AuthService:
             now=now,
             requested_scope=frozenset(requested) if requested else None,
             client_id=client.client_id if client is not None else None,
+            dpop_jkt=dpop_jkt,
         )
         if isinstance(outcome, Refused):
             if outcome.reason is Refusal.INVALID_SCOPE:
                 raise InvalidScopeError(outcome.reason.description)
+            if outcome.reason is Refusal.DPOP_KEY:
+                raise InvalidDPoPProofError(outcome.reason.description)
             raise InvalidGrantError(outcome.reason.description)
         if client is None:
             client = await self._client_of(outcome)
         granted = outcome.granted_scope.split()
         effective = [s for s in (requested or granted) if s in self._allowed_scopes(client)]
-        return self._token_response(REFRESH_TOKEN, outcome, " ".join(effective), client, now)
+        return self._token_response(
+            REFRESH_TOKEN, outcome, " ".join(effective), client, now, dpop_jkt
+        )
 
     async def _client_of(self, issued: Issued) -> Client:
         """The (public) client a token was issued to: its audience and scopes shape the

@@ -62,6 +62,9 @@ class Introspector:
         if isinstance(sid, str):
             answer["username"] = claims.sub
             answer["sid"] = sid
+        cnf = claims.raw.get("cnf")
+        if isinstance(cnf, dict):
+            answer["cnf"] = cnf  # RFC 9449 §6.2: the key the token is bound to
         return answer
 
     async def _refresh_token(self, token: str) -> dict[str, Any]:
@@ -70,7 +73,7 @@ class Introspector:
         rec = await self.store.find_refresh(digest(token), now=time.time())
         if rec is None or rec.status != "active" or rec.refusal is not None:
             return INACTIVE
-        return {
+        answer: dict[str, Any] = {
             "active": True,
             "token_type": "refresh_token",
             "scope": rec.scope,
@@ -81,3 +84,6 @@ class Introspector:
             "iat": int(rec.created_at),
             "sid": rec.family_id,
         }
+        if rec.dpop_jkt is not None:
+            answer["cnf"] = {"jkt": rec.dpop_jkt}
+        return answer

@@ -8,6 +8,8 @@ added or removed on disk, and parses only the new ones.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import logging
 import os
 import stat
@@ -142,6 +144,18 @@ def public_key_of(jwk: Mapping[str, Any]) -> PublicKey:
     raise ValueError(f"only RSA and EC {EC_CURVE} keys are supported")
 
 
+def public_jwk(key: PublicKey) -> dict[str, str]:
+    """The public members of a key as a JWK (RFC 7517), nothing else."""
+    members: dict[str, str] = JWK.from_pyca(key).export_public(as_dict=True)
+    return members
+
+
+def thumbprint(key: PublicKey) -> str:
+    """The RFC 7638 (SHA-256) thumbprint of a public key: a `kid`, or a DPoP `jkt`."""
+    value: str = JWK.from_pyca(key).thumbprint()
+    return value
+
+
 def _created(path: Path, st: os.stat_result) -> datetime:
     try:
         return datetime.strptime(path.stem.split("-", 1)[0], _NAME_FORMAT).replace(tzinfo=UTC)
@@ -246,6 +260,19 @@ class KeyRing:
 
     def jwks(self) -> dict[str, Any]:
         return self._jwks
+
+    def derived_secrets(self, purpose: str) -> list[bytes]:
+        """A secret per key for `purpose` (HMAC keys every process sharing the keys
+        directory derives alike), the signing key's first; none leaks the key."""
+        secrets = []
+        for key in reversed(self._keys):
+            der = key.private_key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            secrets.append(hmac.new(der, purpose.encode(), hashlib.sha256).digest())
+        return secrets
 
     def _scan(self) -> Fingerprint:
         result = []

@@ -72,6 +72,7 @@ class Refusal(StrEnum):
     UNKNOWN = "unknown"
     MALFORMED = "malformed"
     WRONG_CLIENT = "wrong_client"
+    DPOP_KEY = "dpop_key"
     CLIENT_DISABLED = "client_disabled"
     REVOKED = "revoked"
     REUSE = "reuse"
@@ -90,6 +91,8 @@ _DESCRIPTIONS = {
     Refusal.MALFORMED: "The refresh token is invalid.",
     # RFC 6749 §6: only the client it was issued to may use it; the token is not spent.
     Refusal.WRONG_CLIENT: "The refresh token was issued to another client.",
+    # RFC 9449 §5: a public client's family is bound to its DPoP key; the token is not spent.
+    Refusal.DPOP_KEY: "The refresh token is bound to a DPoP key: send a proof signed by it.",
     Refusal.CLIENT_DISABLED: "The refresh token has been revoked.",
     Refusal.REVOKED: "The refresh token has been revoked.",
     Refusal.REUSE: "The refresh token was already used; the session has been revoked.",
@@ -122,13 +125,15 @@ async def start_family(
     now: float,
     event_name: str = audit.LOGIN_SUCCEEDED,
     within: Callable[[RefreshTransaction, str], Awaitable[bool]] | None = None,
+    dpop_jkt: str | None = None,
 ) -> Issued | None:
     """Begin a new family at login and issue its first refresh token.
 
     `user` is the row the password was checked against. None (and nothing stored)
     if `users.may_begin_session` refuses: the user changed since, or if `within`
     (run in the same transaction with the new family's id, such as spending the
-    authorization code it comes from) returns False.
+    authorization code it comes from) returns False. `dpop_jkt` binds
+    the family to a DPoP key: every refresh must then prove possession of it.
     """
     family_id = str(uuid.uuid4())
     token, token_hash = new_refresh_token()
@@ -155,6 +160,7 @@ async def start_family(
             expires_at=session_end,
             ip=ctx.client_addr,
             user_agent=ctx.user_agent,
+            dpop_jkt=dpop_jkt,
         )
         await tx.add_refresh(
             token_hash=token_hash,
@@ -185,15 +191,18 @@ class _Rotation:
     client_id: str | None
     new_token: str
     new_hash: str
+    dpop_jkt: str | None = None
     events: list[AuditEvent] = field(default_factory=list)
 
     async def decide(self, tx: RefreshTransaction, token_hash: str) -> Issued | Refused:
         self.events.clear()  # a retried transaction starts over
-        rec = await tx.get_refresh(token_hash, now=self.now, client_id=self.client_id)
+        rec = await tx.get_refresh(
+            token_hash, now=self.now, client_id=self.client_id, dpop_jkt=self.dpop_jkt
+        )
         if rec is None:
             return Refused(Refusal.UNKNOWN)
-        # Another client's, revoked, disabled, too old or idle too long: decided by the
-        # store, in the same SQL the fast path filters on.
+        # Another client's, without the family's DPoP key, revoked, disabled, too old or
+        # idle too long: decided by the store, in the same SQL the fast path filters on.
         if rec.refusal is not None:
             return Refused(Refusal(rec.refusal), rec.username, rec.family_id)
         if rec.status == "active":
@@ -267,13 +276,15 @@ async def rotate(
     now: float,
     requested_scope: frozenset[str] | None = None,
     client_id: str | None,
+    dpop_jkt: str | None = None,
     fast_path: bool = True,
 ) -> Issued | Refused:
     """Exchange a refresh token for its successor, detecting reuse.
 
     `client_id` is the authenticated client's, which must be the one the token was
     issued to; None where the request names no client (the seed's /refresh), which
-    only a public client's token allows.
+    only a public client's token allows. `dpop_jkt` is the key the request's DPoP
+    proof was signed with (None: no proof), which a bound family's token needs.
 
     Returns `Refused` (after committing any revocation it caused) rather than
     raising, so that a reuse detection is never rolled back with the error.
@@ -293,6 +304,7 @@ async def rotate(
             refresh_ttl=lifetimes.refresh_ttl,
             event=event,
             client_id=client_id,
+            dpop_jkt=dpop_jkt,
         )
         if done is not None:
             auditor.emit(
@@ -300,7 +312,7 @@ async def rotate(
             )
             return Issued(new_token, done.family_id, done.username, done.scope, done.client_id)
     rotation = _Rotation(
-        auditor, ctx, lifetimes, now, requested_scope, client_id, new_token, new_hash
+        auditor, ctx, lifetimes, now, requested_scope, client_id, new_token, new_hash, dpop_jkt
     )
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
     for event in rotation.events:

@@ -43,12 +43,16 @@ from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from authserver.client import ClientAuth
+from authserver.dpop import MemoryReplayCache, ProofChecker
 from authserver.errors import (
+    DPoPResourceError,
     InsufficientScopeError,
+    InvalidDPoPProofError,
     InvalidTokenError,
     MalformedBearerRequestError,
     MissingTokenError,
     TemporarilyUnavailableError,
+    UseDPoPNonceError,
 )
 from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, MIN_RSA_BITS
 from authserver.responses import error_response, install_error_handler
@@ -66,6 +70,7 @@ __all__ = [
     "IntrospectingValidator",
     "JwksKeySource",
     "KeysUnavailableError",
+    "ProofChecker",
     "RefreshableKeySource",
     "TokenValidator",
     "Validator",
@@ -527,24 +532,60 @@ class IntrospectingValidator:
 
 
 ValidatorGetter = Callable[[Request], Validator]
+CheckerGetter = Callable[[Request], ProofChecker]
 _bearer = HTTPBearer(auto_error=False, description="An access token from the auth server.")
+_BOUND = "The access token is DPoP-bound: send it as 'Authorization: DPoP' with a DPoP proof."
+
+
+async def _dpop_claims(
+    request: Request, token: str, validator: Validator, checker: ProofChecker
+) -> AccessClaims:
+    """RFC 9449 §7.1: a DPoP-bound token and the request's proof of its key; every
+    refusal is 401 with a `DPoP` challenge."""
+    try:
+        claims = await validator.validate(token)
+    except InvalidTokenError as exc:
+        raise DPoPResourceError.of(exc) from exc
+    cnf = claims.raw.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    if not isinstance(jkt, str):
+        raise DPoPResourceError("invalid_token", "The access token is not DPoP-bound.")
+    try:
+        await checker.check(
+            request.headers.getlist("dpop"),
+            method=request.method,
+            url=str(request.url),
+            access_token=token,
+            jkt=jkt,
+        )
+    except (InvalidDPoPProofError, UseDPoPNonceError) as exc:
+        raise DPoPResourceError.of(exc) from exc
+    return claims
 
 
 ClaimsOfRequest = Callable[[Request], Awaitable[AccessClaims]]
 
 
 def _claims_checker(
-    validator: Validator | ValidatorGetter, required: tuple[str, ...]
+    validator: Validator | ValidatorGetter,
+    required: tuple[str, ...],
+    dpop: ProofChecker | CheckerGetter | None,
 ) -> Callable[[Request, Any], Awaitable[AccessClaims]]:
-    """The one check behind `require_token` and `token_claims`: the bearer token the
-    scheme found (`credentials`), exactly one Authorization header, the validator,
-    the required scopes."""
+    """The one check behind `require_token` and `token_claims`: the token the scheme
+    found (`credentials`), or a `DPoP` one with its proof; exactly one Authorization
+    header; the validator; the required scopes."""
     get_validator: ValidatorGetter
     if isinstance(validator, Validator):
         fixed = validator
         get_validator = lambda _request: fixed  # noqa: E731
     else:
         get_validator = validator
+    get_checker: CheckerGetter
+    if isinstance(dpop, ProofChecker) or dpop is None:
+        checker = dpop or ProofChecker(replay=MemoryReplayCache())
+        get_checker = lambda _request: checker  # noqa: E731
+    else:
+        get_checker = dpop
 
     async def check(request: Request, credentials: Any) -> AccessClaims:
         token = (
@@ -553,11 +594,26 @@ def _claims_checker(
             else credentials
         )
         if not token or not isinstance(token, str):
-            raise MissingTokenError()
+            authorization = request.headers.get("authorization", "")
+            if authorization[:5].lower() != "dpop ":
+                raise MissingTokenError()
+            token = authorization[5:].strip()
+            if not token:
+                raise MissingTokenError()
+            dpop_token = True
+        else:
+            dpop_token = False
         if len(request.headers.getlist("authorization")) > 1:
             # A proxy and this server might each read a different one of them.
             raise MalformedBearerRequestError("Send exactly one Authorization header.")
-        claims = await get_validator(request).validate(token)
+        if dpop_token:
+            claims = await _dpop_claims(
+                request, token, get_validator(request), get_checker(request)
+            )
+        else:
+            claims = await get_validator(request).validate(token)
+            if "cnf" in claims.raw:  # RFC 9449 §7.2: a bound token is no bearer token
+                raise InvalidTokenError(_BOUND)
         if required:
             missing = [s for s in required if s not in claims.scope]
             if missing:
@@ -574,8 +630,11 @@ def require_token(
     scopes: Iterable[str] = (),
     *,
     scheme: Callable[..., Any] | None = None,
+    dpop: ProofChecker | CheckerGetter | None = None,
 ) -> Callable[..., Any]:
-    """A FastAPI dependency that returns the `AccessClaims` of the request's bearer token.
+    """A FastAPI dependency that returns the `AccessClaims` of the request's access token:
+    `Authorization: Bearer <token>`, or `Authorization: DPoP <token>` with a `DPoP` proof
+    (RFC 9449 §7) for a DPoP-bound token, which is refused as a Bearer token.
 
     `validator` is a `TokenValidator` (or any `Validator`), or a function of the
     request returning one (for a validator built in the app's lifespan). Every
@@ -583,10 +642,15 @@ def require_token(
     is what the OpenAPI document advertises (`HTTPBearer` by default; pass an
     `OAuth2PasswordBearer` to give the Swagger UI a login form). The app needs
     `install_error_handler(app)` so the errors become RFC 6750 responses.
+
+    `dpop` checks the proofs (a `ProofChecker`, or a function of the request returning
+    one); by default one with a replay cache in this process's memory. An API served by
+    several processes gives them a shared `ReplayCache`, so that a proof replayed to
+    another process is refused too.
     """
     required = tuple(scopes)
     security = scheme or _bearer
-    check = _claims_checker(validator, required)
+    check = _claims_checker(validator, required, dpop)
 
     # Annotations are strings here (`from __future__`), so the security
     # dependency goes in the default, where FastAPI reads it as an object.
@@ -603,12 +667,13 @@ def token_claims(
     scopes: Iterable[str] = (),
     *,
     scheme: Callable[..., Any] | None = None,
+    dpop: ProofChecker | CheckerGetter | None = None,
 ) -> ClaimsOfRequest:
     """`require_token`'s check as a plain function of the request, for a handler that
     reads the request itself: the same scheme, the same answers, without FastAPI's
     dependency resolution (which costs more than a cached token's check)."""
     security = scheme or _bearer
-    check = _claims_checker(validator, tuple(scopes))
+    check = _claims_checker(validator, tuple(scopes), dpop)
 
     async def claims_of(request: Request) -> AccessClaims:
         return await check(request, await security(request))

@@ -10,6 +10,7 @@ Every failure, whatever raised it, becomes `InvalidTokenError`.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import secrets
 import time
@@ -25,8 +26,8 @@ from jose import jws
 from jose.backends.base import Key as JoseKey
 from jose.jwk import construct
 
-from authserver.errors import InvalidTokenError
-from authserver.keys import ALGORITHMS, KeyRing
+from authserver.errors import InvalidDPoPProofError, InvalidTokenError
+from authserver.keys import ALGORITHMS, KEY_TYPES, KeyRing, public_key_of, thumbprint
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
@@ -98,11 +99,13 @@ def mint_access_token(
     ttl: int,
     now: float | None = None,
     sid: str | None = None,
+    jkt: str | None = None,
 ) -> tuple[str, int]:
     """Sign an RFC 9068 access token; returns the token and its `expires_in`.
 
     `sid` names the session (the refresh family) of a user's token; a client's own
-    token (client_credentials) has none.
+    token (client_credentials) has none. `jkt` binds the token to a DPoP key
+    (RFC 9449 §6.1: `cnf.jkt`, the key's RFC 7638 thumbprint).
     """
     issued = int(now if now is not None else time.time())
     claims = {
@@ -117,6 +120,8 @@ def mint_access_token(
     }
     if sid is not None:
         claims["sid"] = sid
+    if jkt is not None:
+        claims["cnf"] = {"jkt": jkt}
     payload = orjson.dumps(claims)
     token: str = jws.sign(
         payload, key, headers={"kid": kid, "typ": ACCESS_TOKEN_TYPE}, algorithm=alg
@@ -139,6 +144,15 @@ def _b64decode(segment: bytes) -> bytes:
         return binascii.a2b_base64(segment.translate(_URLSAFE_TO_STANDARD), strict_mode=True)
     except binascii.Error as exc:
         raise InvalidTokenError("The access token is malformed.") from exc
+
+
+def _lenient_b64decode(segment: bytes) -> bytes:
+    if not segment:
+        raise InvalidTokenError("The token is malformed.")
+    try:
+        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidTokenError("The token is malformed.") from exc
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -226,6 +240,103 @@ def verify_assertion(assertion: str, keys: Sequence[VerificationKey]) -> dict[st
         except Exception:
             continue
     raise InvalidTokenError("The assertion signature is invalid.")
+
+
+# RFC 9449 §4.2: a proof's `jwk` header holds the public key and nothing private.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# RFC 7638 §3.2: the members that make a key's thumbprint, and all a public key needs.
+_REQUIRED_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}
+_MAX_EMBEDDED_KEYS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedKey:
+    """A public key carried in a JWS header (`jwk`), prepared, with its RFC 7638 thumbprint."""
+
+    key: JoseKey
+    thumbprint: str
+
+
+# Clients keep their DPoP key for a long time: parse and thumbprint each key once.
+_embedded_keys: dict[tuple[str, tuple[tuple[str, str], ...]], EmbeddedKey] = {}
+
+
+def _embedded_key(jwk: object, alg: str) -> EmbeddedKey:
+    if not isinstance(jwk, dict):
+        raise InvalidDPoPProofError("The DPoP proof has no 'jwk' header.")
+    if not _PRIVATE_MEMBERS.isdisjoint(jwk):
+        raise InvalidDPoPProofError("The DPoP proof's jwk holds a private key.")
+    kty = KEY_TYPES[alg]
+    if jwk.get("kty") != kty:
+        raise InvalidDPoPProofError("The DPoP proof's jwk does not match its algorithm.")
+    members = tuple((name, jwk.get(name)) for name in _REQUIRED_MEMBERS[kty])
+    if not all(isinstance(value, str) and value for _, value in members):
+        raise InvalidDPoPProofError("The DPoP proof's jwk is incomplete.")
+    cache_key = (alg, tuple((name, str(value)) for name, value in members))
+    known = _embedded_keys.get(cache_key)
+    if known is not None:
+        return known
+    try:
+        public = public_key_of(dict(cache_key[1]))  # RSA of 2048 bits at least, or P-256
+        prepared = EmbeddedKey(prepare_key(public, alg), thumbprint(public))
+    except Exception as exc:
+        raise InvalidDPoPProofError("The DPoP proof's jwk is not a usable public key.") from exc
+    if len(_embedded_keys) >= _MAX_EMBEDDED_KEYS:
+        _embedded_keys.pop(next(iter(_embedded_keys)))
+    _embedded_keys[cache_key] = prepared
+    return prepared
+
+
+def verify_self_signed(jwt: str, *, typ: str) -> tuple[dict[str, Any], str]:
+    """The claims of a JWT of type `typ` signed by the public key in its own `jwk` header
+    (a DPoP proof, RFC 9449 §4.3 steps 2 to 7), and that key's RFC 7638 thumbprint;
+    raises `InvalidDPoPProofError`.
+
+    The header is checked before the signature: `typ` exactly, `alg` one of
+    `keys.ALGORITHMS` (asymmetric: never `none` or HS*), the key's type the
+    algorithm's, no private member and no `crit`. The claims are the caller's to check.
+    """
+    if not isinstance(jwt, str) or len(jwt) > MAX_TOKEN_LENGTH:
+        raise InvalidDPoPProofError("The DPoP proof is malformed.")
+    try:
+        parts = jwt.encode("ascii").split(b".")
+        if len(parts) != 3:
+            raise InvalidDPoPProofError("The DPoP proof is malformed.")
+        # Not `_b64decode`'s one-spelling check: the signature covers the segments as
+        # sent, and a proof is single-use by its `jti`, whatever its spelling.
+        header = _json_object(_lenient_b64decode(parts[0]), "header")
+        signature = _lenient_b64decode(parts[2])
+        payload = parts[1]
+    except (UnicodeEncodeError, InvalidTokenError) as exc:
+        raise InvalidDPoPProofError("The DPoP proof is malformed.") from exc
+    if header.get("typ") != typ:
+        raise InvalidDPoPProofError(f"The DPoP proof's typ must be {typ}.")
+    alg = header.get("alg")
+    if alg not in ALGORITHMS:
+        raise InvalidDPoPProofError("The DPoP proof's algorithm is not allowed.")
+    if "crit" in header:
+        raise InvalidDPoPProofError("The DPoP proof has unsupported critical headers.")
+    key = _embedded_key(header.get("jwk"), alg)
+    try:
+        valid = key.key.verify(parts[0] + b"." + payload, signature)
+    except Exception:
+        valid = False
+    if not valid:
+        raise InvalidDPoPProofError("The DPoP proof's signature is invalid.")
+    try:
+        claims = _json_object(_lenient_b64decode(payload), "payload")
+    except InvalidTokenError as exc:
+        raise InvalidDPoPProofError("The DPoP proof is malformed.") from exc
+    return claims, key.thumbprint
+
+
+def sign_with_embedded_key(
+    claims: Mapping[str, Any], *, key: JoseKey, alg: str, jwk: Mapping[str, str], typ: str
+) -> str:
+    """Sign `claims` with the public key in the header (`jwk`): a DPoP proof's shape."""
+    headers = {"typ": typ, "jwk": dict(jwk)}
+    token: str = jws.sign(orjson.dumps(dict(claims)), key, headers=headers, algorithm=alg)
+    return token
 
 
 class AccessTokenVerifier:

@@ -23,7 +23,18 @@ from bench import report
 from bench.load import wrk_path
 from bench.runs import FULL, QUICK, Bench, Plan, cores
 
-SECTIONS = ("startup", "protected", "login", "refresh", "clients", "memory", "scaling", "purge")
+SECTIONS = (
+    "startup",
+    "protected",
+    "dpop-protected",
+    "login",
+    "refresh",
+    "dpop-refresh",
+    "clients",
+    "memory",
+    "scaling",
+    "purge",
+)
 # Run only when named: what metrics cost /protected (issue 15).
 EXTRA_SECTIONS = ("metrics",)
 DEFAULT_OUT = Path(__file__).resolve().parent
@@ -214,12 +225,21 @@ class Runner:
     def _run_all(self, bench: Bench) -> None:
         if "startup" in self.only:
             self.section("startup", bench.startup)
-        if self.only & {"protected", "login", "refresh", "clients"}:
+        if self.only & {
+            "protected",
+            "login",
+            "refresh",
+            "clients",
+            "dpop-protected",
+            "dpop-refresh",
+        }:
             url, keys_dir = bench.sqlite_target("sqlite")
             server = bench.start_authserver("sqlite", url, keys_dir)
             self.results["meta"]["server_runs_on"] = server.runs_on()
             if "protected" in self.only:
                 self.section("protected", lambda: bench.protected(server, keys_dir))
+            if "dpop-protected" in self.only:
+                self.section("dpop-protected", lambda: bench.dpop_protected(server, url, keys_dir))
             if "login" in self.only:
                 self.section("login", lambda: bench.login(server, url, keys_dir))
             if "refresh" in self.only:
@@ -230,6 +250,8 @@ class Runner:
                 self.section(
                     "clients", lambda: bench.clients(server, url, keys_dir), "clients", "sqlite"
                 )
+            if "dpop-refresh" in self.only:
+                self.section("dpop-refresh", lambda: bench.dpop_refresh(server, url, keys_dir))
             bench.stop(server)
         if "metrics" in self.only:
             url, keys_dir = bench.sqlite_target("sqlite")

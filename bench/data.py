@@ -139,6 +139,41 @@ def mint_access_tokens(keys_dir: Path, *, issuer: str, count: int, processes: in
     return tokens[:count]
 
 
+# -- DPoP proofs (RFC 9449) -----------------------------------------------------------
+
+
+def _proof_batch(
+    key_pem: bytes, method: str, url: str, access_token: str | None, count: int
+) -> list[str]:
+    from authserver.client import DPoPKey
+
+    key = DPoPKey(key_pem)
+    return [key.proof(method, url, access_token=access_token) for _ in range(count)]
+
+
+def dpop_proofs(
+    key_pem: bytes,
+    method: str,
+    url: str,
+    count: int,
+    *,
+    access_token: str | None = None,
+    processes: int = 2,
+) -> list[str]:
+    """`count` proofs (each its own jti, iat now) by the client kit's `DPoPKey`, made
+    before a run: the load generator only sends them, as it sends pre-minted tokens."""
+    if count <= 200 or processes <= 1:
+        return _proof_batch(key_pem, method, url, access_token, count)
+    share = -(-count // processes)
+    with ProcessPoolExecutor(processes) as pool:
+        batches = pool.map(
+            _proof_batch,
+            *zip(*[(key_pem, method, url, access_token, share)] * processes, strict=True),
+        )
+        proofs = [p for batch in batches for p in batch]
+    return proofs[:count]
+
+
 # -- databases ---------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ Kinds:
   `expect_body`, an answer that does not contain it counts as an error;
 - `refresh`: POST /refresh, `tokens` being one refresh token per family; each
   family is rotated by one request at a time, its successor taken from the answer;
-- `probe`: like `get` on one connection, pausing `delay_ms` between requests.
+- `probe`: like `get` on one connection, pausing `delay_ms` between requests;
+- `dpop`: GET `path` with the DPoP-bound access token `tokens[0]` and the next of
+  `proofs` per request (RFC 9449); `refresh` with `proofs` sends one per request too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
-Kind = Literal["get", "tokens", "post", "refresh", "probe"]
+Kind = Literal["get", "tokens", "post", "refresh", "probe", "dpop"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Load:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: str = ""
     tokens: Sequence[str] = ()
+    proofs: Sequence[str] = ()
     offset: int = 0
     delay_ms: float = 0.0
     timeout: float = 10.0
@@ -90,6 +93,13 @@ def run_wrk(base_url: str, load: Load) -> LoadResult:
             tokens_file = Path(tmp) / "tokens.txt"
             tokens_file.write_text("\n".join(load.tokens) + "\n")
             args = [str(tokens_file), str(threads), str(load.offset // threads)]
+        if load.proofs:
+            proofs_file = Path(tmp) / "proofs.txt"
+            proofs_file.write_text("\n".join(load.proofs) + "\n")
+            if load.kind == "dpop":
+                args = [str(proofs_file), str(threads), load.tokens[0]]
+            else:
+                args.append(str(proofs_file))
         elif load.kind == "post":
             args = [load.body, load.expect_body]
         elif load.kind == "probe":

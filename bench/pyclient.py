@@ -62,10 +62,19 @@ class _Worker:
         self.errors = 0
         self.queue: collections.deque[str] = collections.deque(spec["tokens"])
         self.position = spec["offset"]
+        self.proofs = spec["proofs"]
+        self.proof = 0
 
     def next_request(self) -> bytes:
         spec, kind = self.spec, self.spec["kind"]
         headers = dict(spec["headers"])
+        if self.proofs:
+            # RFC 9449: a fresh proof per request (out of them: replays, refused).
+            headers["DPoP"] = self.proofs[self.proof % len(self.proofs)]
+            self.proof += 1
+        if kind == "dpop":
+            headers["Authorization"] = f"DPoP {spec['tokens'][0]}"
+            return _request("GET", self.hostport, spec["path"], headers, b"")
         if kind == "tokens":
             tokens = spec["tokens"]
             self.position = (self.position + 1) % len(tokens)
@@ -165,7 +174,12 @@ def run_python(base_url: str, load: Load) -> LoadResult:
                 "path": load.path,
                 "headers": dict(load.headers),
                 "body": load.body,
-                "tokens": _share(list(load.tokens), index, processes),
+                "tokens": (
+                    list(load.tokens)
+                    if load.kind == "dpop"
+                    else _share(list(load.tokens), index, processes)
+                ),
+                "proofs": _share(list(load.proofs), index, processes),
                 "offset": load.offset // processes,
                 "delay_ms": load.delay_ms if load.kind == "probe" else 0.0,
                 "timeout": load.timeout,

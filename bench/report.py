@@ -83,6 +83,12 @@ def targets(results: dict[str, Any]) -> list[Target]:
         0.55,
         cpu=_cpu(protected_cpu, "fresh", "bare"),
     )
+    ratio(
+        "1c",
+        "/protected, DPoP token + fresh proof / bare FastAPI",
+        ("dpop-protected", "ratio"),
+        0.45,
+    )
     ratio("2a", "/login (bcrypt 12) / bcrypt bound", ("login", "login_ratio"), 0.85)
     ratio("2b", "/protected p99 under logins / idle", ("login", "p99_ratio"), 2.0, most=True)
     for backend in ("sqlite", "postgresql"):
@@ -127,6 +133,21 @@ def targets(results: dict[str, Any]) -> list[Target]:
                     _cpu(_get(results, "clients", backend, "cpu_us_per_request"), key, peer),
                 )
             )
+    value = _get(results, "dpop-refresh", "ratio")
+    if _ok(value):
+        errors = _get(results, "dpop-refresh", "errors")
+        out.append(
+            Target(
+                "3c",
+                "/refresh, DPoP-bound + fresh proof / sign-only app, sqlite",
+                f"{value:.2f}x, {errors} errors",
+                ">= 0.40x, 0 errors",
+                value >= 0.40 and errors == 0,
+            )
+        )
+    else:
+        name = "/refresh, DPoP-bound + fresh proof / sign-only app"
+        out.append(Target("3c", name, "not measured", ">= 0.40x", None))
     speedup = _get(results, "scaling", "speedup")
     if isinstance(speedup, dict) and speedup:
         figure = ", ".join(
@@ -254,6 +275,24 @@ def details(results: dict[str, Any]) -> str:
                 f"{rps['bare']:.0f}/s; server CPU us/req: "
                 + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
             )
+    d = results.get("dpop-protected")
+    if isinstance(d, dict) and "rps" in d:
+        lines.append(
+            "/protected DPoP  req/s: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in d["rps"].items())
+            + "   server CPU us/req: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in d["cpu_us_per_request"].items())
+            + f"   CPU ratio {d['cpu_ratio']:.2f}x, a proof adds {d['dpop_cpu_us']:.0f} us,"
+            f" {d['errors']} errors"
+        )
+    d = results.get("dpop-refresh")
+    if isinstance(d, dict) and "refresh_per_s" in d:
+        cpu = d["cpu_us_per_request"]
+        lines.append(
+            f"/refresh DPoP    sqlite: {d['refresh_per_s']:.0f}/s vs sign {d['sign_per_s']:.0f}/s;"
+            f" server CPU us/req: refresh {cpu['refresh']:.0f}, sign {cpu['sign']:.0f}"
+            f"   CPU ratio {d['cpu_ratio']:.2f}x, {d['errors']} errors"
+        )
     m = results.get("memory")
     if isinstance(m, dict) and "rows" in m:
         lines.append(

@@ -27,6 +27,7 @@ from typing import Any
 
 import bcrypt
 
+from authserver.client import DPoPKey
 from bench import data
 from bench.load import Load, LoadResult, run_load
 from bench.peers.settings import peer_env
@@ -45,6 +46,7 @@ from bench.server import (
 )
 
 REFRESH_CLIENTS = 32
+DPOP_USER = "dpopuser"
 GET_CONNECTIONS = 32
 LOGIN_CLIENTS = 8
 MB = 1024 * 1024
@@ -195,9 +197,16 @@ class Bench:
             self.servers.remove(server)
 
     def seed_families(
-        self, database_url: str, keys_dir: Path, count: int, *, refresh_ttl: int | None = None
+        self,
+        database_url: str,
+        keys_dir: Path,
+        count: int,
+        *,
+        refresh_ttl: int | None = None,
+        dpop_key_pem: bytes | None = None,
     ) -> list[str]:
-        """`count` new refresh families of the bench user, by logins to a seeding server."""
+        """`count` new refresh families of the bench user, by logins to a seeding server
+        (DPoP logins, the families bound to that key, with `dpop_key_pem`)."""
         seeder = self._seeders.get((database_url, refresh_ttl))
         if seeder is None:
             if database_url not in self._seeded_databases:
@@ -210,7 +219,7 @@ class Bench:
             name = f"seed-{len(self._seeders) + 1}"
             seeder = self.start_authserver(name, database_url, keys_dir, **env)
             self._seeders[database_url, refresh_ttl] = seeder
-        return login_families(seeder.url, count)
+        return login_families(seeder.url, count, dpop_key_pem=dpop_key_pem)
 
     def stop_seeders(self) -> None:
         """Seeding servers stop with their section: idle, they still hold memory and connections."""
@@ -388,6 +397,94 @@ class Bench:
             "cpu_ratio": cpu_ratio,
             "rps_ratio": median([r["rps_ratio"] for r in rounds]),
             "overhead": cpu_ratio - 1,
+        }
+
+    # -- 1c. /protected with DPoP (RFC 9449) -------------------------------------------
+
+    def dpop_protected(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """/protected with a DPoP-bound token and a fresh proof per request, vs bare.
+
+        The token comes from a real DPoP login to the server; the proofs are made by
+        the client kit before each run (a proof is good once, so each run gets as many
+        as it may send), and the bare peer is sent the same requests, which it ignores.
+        """
+        key = DPoPKey()
+        data.add_user(database_url, keys_dir, DPOP_USER, rounds=SEED_BCRYPT_ROUNDS)
+        proof = key.proof("POST", server.url + "/login")
+        body = json.dumps({"username": DPOP_USER, "password": data.BENCH_PASSWORD}).encode()
+        request = urllib.request.Request(
+            server.url + "/login",
+            data=body,
+            headers={"Content-Type": "application/json", "DPoP": proof},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            token = json.loads(response.read())["access_token"]
+        (bearer,) = data.mint_access_tokens(keys_dir, issuer=server.url, count=1)
+        bare = self.start_peer("bare", "bare-dpop", peer_env_for(server, keys_dir))
+        try:
+            return self._dpop_protected(server, bare, key, token, bearer)
+        finally:
+            self.stop(bare)
+
+    def _dpop_protected(
+        self, server: Server, bare: Server, key: DPoPKey, token: str, bearer: str
+    ) -> dict[str, Any]:
+        plan = self.plan
+        url = server.url + "/protected"
+        pem = key.private_pem()
+        # The bare peer checks nothing: one small list, sent round and round.
+        bare_proofs = data.dpop_proofs(pem, "GET", url, 200, access_token=token)
+        expected = {"dpop": 4000.0}
+
+        def load(variant: str, duration: int) -> Load:
+            if variant == "bearer":  # the same server, a plain token: what DPoP adds to it
+                headers = {"Authorization": f"Bearer {bearer}"}
+                return Load("get", "/protected", duration, GET_CONNECTIONS, headers=headers)
+            if variant == "bare":
+                proofs = bare_proofs
+            else:
+                count = int(expected["dpop"] * duration * 1.5) + 500
+                proofs = data.dpop_proofs(pem, "GET", url, count, access_token=token)
+            return Load(
+                "dpop", "/protected", duration, GET_CONNECTIONS, tokens=[token], proofs=proofs
+            )
+
+        targets = {"bare": bare, "bearer": server, "dpop": server}
+        for variant in targets:
+            warm = self.measure(targets[variant], load(variant, plan.warmup))
+            self._check_errors(f"/protected DPoP warm-up ({variant})", warm)
+            if variant == "dpop" and warm.load.rps:
+                expected["dpop"] = max(expected["dpop"] / 4, warm.load.rps)
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.rounds):
+            row: dict[str, Any] = {}
+            for variant, target in targets.items():
+                measured = self.measure(target, load(variant, plan.duration))
+                row[variant] = measured.as_dict()
+            expected["dpop"] = max(expected["dpop"], row["dpop"]["rps"])
+            row["ratio"] = row["dpop"]["rps"] / row["bare"]["rps"]
+            row["bearer_ratio"] = row["bearer"]["rps"] / row["bare"]["rps"]
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: bare {row['bare']['rps']:.0f}/s, "
+                f"bearer {row['bearer']['rps']:.0f}/s ({row['bearer_ratio']:.2f}x), DPoP "
+                f"{row['dpop']['rps']:.0f}/s ({row['ratio']:.2f}x), "
+                f"{row['dpop']['errors']} errors"
+            )
+        cpu = {v: median([r[v]["cpu_us_per_request"] for r in rounds]) for v in targets}
+        return {
+            "rounds": rounds,
+            "rps": {v: median([r[v]["rps"] for r in rounds]) for v in targets},
+            "cpu_us_per_request": cpu,
+            "p99_ms": {v: median([r[v]["p99_ms"] for r in rounds]) for v in targets},
+            "errors": sum(r["dpop"]["errors"] for r in rounds),
+            "ratio": median([r["ratio"] for r in rounds]),
+            "bearer_ratio": median([r["bearer_ratio"] for r in rounds]),
+            "cpu_ratio": cpu["bare"] / cpu["dpop"],
+            # The server CPU a proof adds to a request with a (reused) token.
+            "dpop_cpu_us": cpu["dpop"] - cpu["bearer"],
+            "connections": GET_CONNECTIONS,
         }
 
     # -- 2. /login -------------------------------------------------------------------
@@ -652,6 +749,89 @@ class Bench:
                 n: sum(r[n]["errors"] for r in rounds) for n in ("client_credentials", "introspect")
             },
             "peer_errors": sum(r[n]["errors"] for r in rounds for n in ("sign", "bare")),
+        }
+
+    def dpop_refresh(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
+        """/refresh of DPoP-bound families, a fresh proof per request, vs the sign-only peer.
+
+        The families are bound by DPoP logins (to a seeding server); the sign-only peer
+        is sent the same requests, proofs included, and ignores them.
+        """
+        key = DPoPKey()
+        pem = key.private_pem()
+        families = self.seed_families(
+            database_url, keys_dir, REFRESH_CLIENTS * (self.plan.rounds + 1), dpop_key_pem=pem
+        )
+        self.stop_seeders()
+        sign = self.start_peer("sign", f"{server.name}-sign-dpop", peer_env_for(server, keys_dir))
+        try:
+            return self._dpop_refresh(server, sign, families, pem)
+        finally:
+            self.stop(sign)
+
+    def _dpop_refresh(
+        self, server: Server, sign: Server, families: list[str], pem: bytes
+    ) -> dict[str, Any]:
+        plan = self.plan
+        url = server.url + "/refresh"
+        batches = [
+            families[i : i + REFRESH_CLIENTS] for i in range(0, len(families), REFRESH_CLIENTS)
+        ]
+        starts = [secrets.token_urlsafe(32) for _ in range(REFRESH_CLIENTS)]
+        sign_proofs = data.dpop_proofs(pem, "POST", url, 200)
+        expected = 1500.0
+
+        def proofs(duration: int) -> list[str]:
+            return data.dpop_proofs(pem, "POST", url, int(expected * duration * 1.5) + 500)
+
+        def signing(duration: int) -> Load:
+            return Load(
+                "refresh", "/refresh", duration, REFRESH_CLIENTS, tokens=starts, proofs=sign_proofs
+            )
+
+        def refresh(tokens: list[str], duration: int) -> Load:
+            return Load(
+                "refresh",
+                "/refresh",
+                duration,
+                REFRESH_CLIENTS,
+                tokens=tokens,
+                proofs=proofs(duration),
+            )
+
+        self._check_errors("sign-only warm-up", self.measure(sign, signing(plan.warmup)))
+        warm = self.measure(server, refresh(batches[0], plan.warmup))
+        expected = max(expected / 4, warm.load.rps)
+        rounds: list[dict[str, Any]] = []
+        for index in range(plan.rounds):
+            signed = self.measure(sign, signing(plan.duration))
+            refreshed = self.measure(server, refresh(batches[index + 1], plan.duration))
+            expected = max(expected, refreshed.load.rps)
+            row = {
+                "sign": signed.as_dict(),
+                "refresh": refreshed.as_dict(),
+                "ratio": refreshed.load.rps / signed.load.rps,
+            }
+            rounds.append(row)
+            self.say(
+                f"  round {index + 1}: sign {signed.load.rps:.0f}/s, DPoP refresh "
+                f"{refreshed.load.rps:.0f}/s ({row['ratio']:.2f}x), "
+                f"{refreshed.load.errors} errors"
+            )
+        cpu = {
+            "sign": median([r["sign"]["cpu_us_per_request"] for r in rounds]),
+            "refresh": median([r["refresh"]["cpu_us_per_request"] for r in rounds]),
+        }
+        return {
+            "clients": REFRESH_CLIENTS,
+            "rounds": rounds,
+            "sign_per_s": median([r["sign"]["rps"] for r in rounds]),
+            "refresh_per_s": median([r["refresh"]["rps"] for r in rounds]),
+            "ratio": median([r["ratio"] for r in rounds]),
+            "cpu_us_per_request": cpu,
+            "cpu_ratio": cpu["sign"] / cpu["refresh"],
+            "p99_ms": median([r["refresh"]["p99_ms"] for r in rounds]),
+            "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
         }
 
     def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:

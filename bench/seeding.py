@@ -14,27 +14,36 @@ import asyncio
 
 import httpx
 
+from authserver.client import DPoPKey
 from bench.data import BENCH_PASSWORD, BENCH_USER
 
 SEED_BCRYPT_ROUNDS = 4  # the lowest authserver accepts
 _CONCURRENCY = 8
 
 
-async def _login(client: httpx.AsyncClient, username: str, password: str) -> str:
-    response = await client.post("/login", json={"username": username, "password": password})
+async def _login(
+    client: httpx.AsyncClient, username: str, password: str, dpop: DPoPKey | None
+) -> str:
+    # With `dpop`, a DPoP login: the family is bound to that key (RFC 9449 §5).
+    headers = {"DPoP": dpop.proof("POST", client.base_url.join("/login"))} if dpop else {}
+    response = await client.post(
+        "/login", json={"username": username, "password": password}, headers=headers
+    )
     if response.status_code != 200:
         raise RuntimeError(f"seeding login: {response.status_code} {response.text[:300]}")
     token: str = response.json()["refresh_token"]
     return token
 
 
-async def _logins(base_url: str, count: int, username: str, password: str) -> list[str]:
+async def _logins(
+    base_url: str, count: int, username: str, password: str, dpop: DPoPKey | None
+) -> list[str]:
     gate = asyncio.Semaphore(_CONCURRENCY)
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
 
         async def one() -> str:
             async with gate:
-                return await _login(client, username, password)
+                return await _login(client, username, password, dpop)
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
@@ -56,7 +65,14 @@ def login_access_token(
 
 
 def login_families(
-    base_url: str, count: int, username: str = BENCH_USER, password: str = BENCH_PASSWORD
+    base_url: str,
+    count: int,
+    username: str = BENCH_USER,
+    password: str = BENCH_PASSWORD,
+    *,
+    dpop_key_pem: bytes | None = None,
 ) -> list[str]:
-    """Log `username` in `count` times at `base_url`; the refresh token of each new family."""
-    return asyncio.run(_logins(base_url, count, username, password))
+    """Log `username` in `count` times at `base_url`; the refresh token of each new family
+    (bound to the DPoP key `dpop_key_pem`, if given)."""
+    dpop = DPoPKey(dpop_key_pem) if dpop_key_pem else None
+    return asyncio.run(_logins(base_url, count, username, password, dpop))

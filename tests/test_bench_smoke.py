@@ -40,7 +40,7 @@ def run_bench(out: Path, *args: str) -> dict[str, Any]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=360,  # every section, the two DPoP ones included
         check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -64,6 +64,12 @@ def test_every_section_is_measured(tmp_path: Path) -> None:
     assert results["login"]["bound_per_s"] > 0
     assert results["refresh"]["sqlite"]["errors"] == 0
     assert results["refresh"]["sqlite"]["refresh_per_s"] > 0
+    dpop = results["dpop-protected"]
+    assert dpop["errors"] == 0  # no proof refused: each sent once, within its window
+    assert set(dpop["rps"]) == {"bare", "bearer", "dpop"}
+    assert dpop["dpop_cpu_us"] > 0
+    assert results["dpop-refresh"]["errors"] == 0
+    assert results["dpop-refresh"]["refresh_per_s"] > 0
     assert results["memory"]["refreshes"] >= 300
     assert results["memory"]["errors"] == 0
     assert results["purge"]["ok"] is True

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from authserver import audit
+from authserver.client import DPoPKey
 from authserver.config import Settings
 from authserver.keys import generate_key
 from authserver.store.sql import SqlStore
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.slow
 CONCURRENCY = 50
 KEY_PICKUP_DEADLINE = 60.0
 CREDENTIALS = {"username": "alice", "password": DEFAULT_PASSWORD}
+ISSUER = "http://127.0.0.1:8000"  # every server's default AUTHSERVER_ISSUER
 
 
 @pytest.fixture
@@ -221,6 +223,28 @@ async def test_reuse_on_one_server_revokes_the_family_on_all(cluster: Cluster) -
         # Only that family: the user's other session lives on.
         alive = await refresh(client, b, other_session["refresh_token"])
         assert alive.status_code == 200, alive.text
+
+
+@needs_postgres
+async def test_a_dpop_proof_replayed_to_another_server_is_refused(cluster: Cluster) -> None:
+    """RFC 9449 §11.1: a proof's jti is single-use across every server of the database.
+    Proofs name the issuer's URL, as clients behind a load balancer do."""
+    a, b, c = cluster.servers
+    key = DPoPKey()
+    async with httpx.AsyncClient(timeout=30) as client:
+        proof = key.proof("POST", ISSUER + "/login")
+        first = await client.post(f"{a.url}/login", json=CREDENTIALS, headers={"DPoP": proof})
+        assert first.status_code == 200, first.text
+        replay = await client.post(f"{b.url}/login", json=CREDENTIALS, headers={"DPoP": proof})
+        assert replay.status_code == 400
+        assert replay.json()["error"] == "invalid_dpop_proof"
+        token = first.json()["access_token"]
+        proof = key.proof("GET", ISSUER + "/protected", access_token=token)
+        headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+        responses = await asyncio.gather(
+            *(client.get(f"{s.url}/protected", headers=headers) for s in (a, b, c, a, b, c))
+        )
+    assert Counter(r.status_code for r in responses) == {200: 1, 401: 5}
 
 
 @needs_postgres

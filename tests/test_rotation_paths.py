@@ -50,6 +50,9 @@ TTL = 600
 PLAIN = Lifetimes(refresh_ttl=TTL, session_max_age=86_400, reuse_grace=0)
 SHORT_SESSION = Lifetimes(refresh_ttl=TTL, session_max_age=100, reuse_grace=0)
 GRACE = Lifetimes(refresh_ttl=TTL, session_max_age=86_400, reuse_grace=5)
+# RFC 7638 thumbprints of two DPoP keys (any distinct values do for the store).
+KEY = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+OTHER_KEY = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
 class Clock:
@@ -69,6 +72,8 @@ class World:
     clock: Clock
     client: str | None  # the client presenting the token (None: the request names none)
     issued_to: str  # the client of every family it logs in
+    bound_to: str | None = None  # the DPoP key of every family it logs in
+    proof_key: str | None = None  # the DPoP key the presenting request proves
     tokens: list[str] = field(default_factory=list)  # in the order they were issued
     families: list[str] = field(default_factory=list)
     user_ids: dict[int, str] = field(default_factory=dict)
@@ -89,6 +94,7 @@ class World:
             client_id=self.issued_to,
             lifetimes=self.lifetimes,
             now=self.clock.now,
+            dpop_jkt=self.bound_to,
         )
         assert issued is not None
         self.families.append(issued.family_id)
@@ -98,7 +104,8 @@ class World:
     async def rotate(
         self, token: str, *, fast_path: bool = True, owner: bool = False, **kw: Any
     ) -> Issued | Refused:
-        """Present `token` as the case's client, or (`owner`) as the one it was issued to."""
+        """Present `token` as the case's client with its proof, or (`owner`) as the one it
+        was issued to, with the key its family is bound to."""
         outcome = await rotate(
             self.store,
             self.auditor,
@@ -108,6 +115,7 @@ class World:
             now=self.clock.now,
             fast_path=fast_path,
             client_id=self.issued_to if owner else self.client,
+            dpop_jkt=self.bound_to if owner else self.proof_key,
             **kw,
         )
         if isinstance(outcome, Issued):
@@ -171,6 +179,7 @@ class World:
                     f.expires_at,
                     f.revoked_at,
                     f.revoked_reason,
+                    f.dpop_jkt,
                 )
                 for f in families
             ),
@@ -197,6 +206,8 @@ class Case:
     issued_to: str = "app"  # the client the token's family was issued to
     # The registered clients, (id, public, disabled): by default the confidential "app".
     registered: tuple[tuple[str, bool, bool], ...] = (("app", False, False),)
+    bound_to: str | None = None  # the DPoP key (thumbprint) the family is bound to
+    proof_key: str | None = None  # the DPoP key the presenting request proves; None: no proof
 
 
 async def plain(world: World) -> str:
@@ -357,6 +368,35 @@ CASES = {
     ),
     "its own client, since removed": Case(plain, Refusal.CLIENT_DISABLED, registered=()),
     "malformed token": Case(malformed, Refusal.MALFORMED),
+    # RFC 9449 §5: a family bound to a DPoP key; a request without it spends nothing.
+    "DPoP-bound, proved by its key": Case(
+        plain, None, one_step=True, successor_expires_in=TTL, bound_to=KEY, proof_key=KEY
+    ),
+    "DPoP-bound, no proof": Case(plain, Refusal.DPOP_KEY, bound_to=KEY),
+    "DPoP-bound, proved by another key": Case(
+        plain, Refusal.DPOP_KEY, bound_to=KEY, proof_key=OTHER_KEY
+    ),
+    "DPoP-bound, a spent token without the key: no reuse detection": Case(
+        lambda w: spent_then(w, 1), Refusal.DPOP_KEY, bound_to=KEY
+    ),
+    "DPoP-bound, a spent token with the key: reuse": Case(
+        lambda w: spent_then(w, 1), Refusal.REUSE, bound_to=KEY, proof_key=KEY
+    ),
+    "DPoP-bound, another client": Case(
+        plain, Refusal.WRONG_CLIENT, client="other", bound_to=KEY, proof_key=KEY
+    ),
+    "DPoP-bound, revoked family, with the key": Case(
+        revoked_family_only, Refusal.REVOKED, bound_to=KEY, proof_key=KEY
+    ),
+    "DPoP-bound, revoked family, without the key": Case(
+        revoked_family_only, Refusal.DPOP_KEY, bound_to=KEY
+    ),
+    "unbound, with a proof": Case(
+        plain, None, one_step=True, successor_expires_in=TTL, proof_key=KEY
+    ),
+    "DPoP-bound, no client named, a public client's token, no proof": Case(
+        plain, Refusal.DPOP_KEY, client=None, registered=(("app", True, False),), bound_to=KEY
+    ),
 }
 
 
@@ -368,7 +408,15 @@ async def _empty(store: SqlStore) -> None:
 
 async def _arrange(store: SqlStore, case: Case, t0: float) -> tuple[World, str]:
     await _empty(store)
-    world = World(store, case.lifetimes, Clock(t0), case.client, case.issued_to)
+    world = World(
+        store,
+        case.lifetimes,
+        Clock(t0),
+        case.client,
+        case.issued_to,
+        bound_to=case.bound_to,
+        proof_key=case.proof_key,
+    )
     for client_id, public, disabled in case.registered:
         await make_client(store, client_id, public=public, disabled=disabled)
     user = await make_user(store, "alice")
@@ -450,6 +498,7 @@ async def _one_step(
         refresh_ttl=world.lifetimes.refresh_ttl,
         event=world.auditor.build(audit.REFRESHED, CTX),
         client_id=case.client,
+        dpop_jkt=case.proof_key,
     )
     if not case.one_step:
         assert done is None

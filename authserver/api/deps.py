@@ -14,6 +14,7 @@ from fastapi.security import OAuth2PasswordBearer
 from authserver.audit import RequestContext
 from authserver.authorize import Authorizer
 from authserver.clients import ClientAuthenticator, ClientService
+from authserver.dpop import ProofChecker
 from authserver.grants import AuthService
 from authserver.introspection import Introspector
 from authserver.keys import KeyRing
@@ -42,6 +43,7 @@ class Services:
     keyring: KeyRing
     verifier: AccessTokenVerifier
     validator: TokenValidator
+    dpop: ProofChecker
     issuer: str
     scopes: tuple[str, ...]
 
@@ -103,11 +105,15 @@ def get_validator(request: Request) -> Validator:
     return services_of(request).validator
 
 
+def get_proof_checker(request: Request) -> ProofChecker:
+    return services_of(request).dpop
+
+
 # The very dependency a resource server builds with `authserver.resource`, over
 # the server's own keys: local, so the validator never awaits anything.
-get_claims = require_token(get_validator, scheme=oauth2_scheme)
+get_claims = require_token(get_validator, scheme=oauth2_scheme, dpop=get_proof_checker)
 # The same check as a function of the request, for /protected's direct handler.
-claims_of = token_claims(get_validator, scheme=oauth2_scheme)
+claims_of = token_claims(get_validator, scheme=oauth2_scheme, dpop=get_proof_checker)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -59,6 +59,16 @@ class RevokeForm(BaseModel):
     token_type_hint: str | None = None
 
 
+async def dpop_key(request: Request, services: Services) -> str | None:
+    """The key (RFC 7638 thumbprint) of the request's DPoP proof, checked as RFC 9449 §4.3
+    asks; None without a `DPoP` header."""
+    proofs = request.headers.getlist("dpop")
+    if not proofs:
+        return None
+    proof = await services.dpop.check(proofs, method=request.method, url=str(request.url))
+    return proof.jkt
+
+
 def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -> str:
     value = params.get(name)
     if value is None or (not value and not empty_ok):
@@ -67,7 +77,12 @@ def _required(params: Mapping[str, str], name: str, *, empty_ok: bool = False) -
 
 
 async def token_request(
-    auth: AuthService, ctx: RequestContext, params: Mapping[str, str], *, client: Client
+    auth: AuthService,
+    ctx: RequestContext,
+    params: Mapping[str, str],
+    *,
+    client: Client,
+    dpop_jkt: str | None = None,
 ) -> dict[str, Any]:
     """The RFC 6749 token endpoint's form: dispatch on `grant_type` (§4.1.3, §4.3, §4.4, §6)."""
     grant_type = params.get("grant_type")
@@ -81,6 +96,7 @@ async def token_request(
             password=_required(params, "password", empty_ok=True),
             scope=params.get("scope"),
             client=client,
+            dpop_jkt=dpop_jkt,
         )
     if grant_type == REFRESH_TOKEN:
         return await auth.refresh_grant(
@@ -88,6 +104,7 @@ async def token_request(
             refresh_token=_required(params, "refresh_token"),
             scope=params.get("scope"),
             client=client,
+            dpop_jkt=dpop_jkt,
         )
     if grant_type == AUTHORIZATION_CODE:
         return await auth.authorization_code_grant(
@@ -96,9 +113,12 @@ async def token_request(
             redirect_uri=_required(params, "redirect_uri"),
             code_verifier=params.get("code_verifier"),
             client=client,
+            dpop_jkt=dpop_jkt,
         )
     if grant_type == CLIENT_CREDENTIALS:
-        return await auth.client_credentials_grant(ctx, client=client, scope=params.get("scope"))
+        return await auth.client_credentials_grant(
+            ctx, client=client, scope=params.get("scope"), dpop_jkt=dpop_jkt
+        )
     raise UnsupportedGrantTypeError(f"Unsupported grant_type; use one of {', '.join(GRANT_TYPES)}.")
 
 
@@ -132,6 +152,7 @@ async def login(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, LoginRequest)
     client = await _seed_client(services, ctx, body.client_id, endpoint="/login")
+    jkt = await dpop_key(request, services)
     try:
         tokens = await services.auth.password_grant(
             ctx,
@@ -139,6 +160,7 @@ async def login(request: Request) -> JSON:
             password=body.password,
             scope=body.scope,
             client=client or BUILTIN_CLIENT,
+            dpop_jkt=jkt,
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -156,9 +178,10 @@ async def refresh(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     body = await read_json_or_form(request, RefreshRequest)
     client = await _seed_client(services, ctx, body.client_id, endpoint="/refresh")
+    jkt = await dpop_key(request, services)
     try:
         tokens = await services.auth.refresh_grant(
-            ctx, refresh_token=body.refresh_token, scope=body.scope, client=client
+            ctx, refresh_token=body.refresh_token, scope=body.scope, client=client, dpop_jkt=jkt
         )
     except InvalidGrantError as exc:
         raise _seed_refusal(exc) from exc
@@ -176,7 +199,10 @@ async def token(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
     client = await client_of(request, form, ctx, endpoint="/token")
-    return token_response(await token_request(services.auth, ctx, form, client=client))
+    jkt = await dpop_key(request, services)
+    return token_response(
+        await token_request(services.auth, ctx, form, client=client, dpop_jkt=jkt)
+    )
 
 
 @router.post(

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from authserver.api.deps import ServicesDep
 from authserver.authorize import PROMPTS, S256
 from authserver.clients import AUTH_METHODS
+from authserver.dpop import SIGNING_ALGORITHMS as DPOP_ALGORITHMS
 from authserver.grants import GRANT_TYPES
 from authserver.keys import ALGORITHMS
 from authserver.oidc import OPENID, discovery
@@ -48,6 +49,8 @@ def metadata(issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
         "introspection_endpoint_auth_methods_supported": [m for m in AUTH_METHODS if m != "none"],
         "introspection_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "scopes_supported": [OPENID, *(s for s in scopes if s != OPENID)],
+        # RFC 9449 §5.1: the algorithms DPoP proofs may be signed with.
+        "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
         "service_documentation": f"{issuer}/docs",
     }
 

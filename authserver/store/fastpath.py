@@ -40,6 +40,7 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from authserver.store import rotation
@@ -50,6 +51,7 @@ from authserver.store.schema import (
     clients,
     refresh_families,
     refresh_tokens,
+    used_jtis,
     users,
 )
 
@@ -64,6 +66,7 @@ class Exchange:
     refresh_ttl: int
     event: AuditEvent
     client_id: str | None  # the requesting client; None: any public one (see rotation.py)
+    dpop_jkt: str | None = None  # the request's DPoP proof key, if it sent a proof
 
 
 # -- the statements, built from the schema and the shared rules ------------------
@@ -118,7 +121,7 @@ def _pg_rotate() -> sa.Select[Any]:
         rotation.SPEND.where(
             _t.family_id == _f.id,
             _f.user_id == _u.id,
-            rotation.refusal(now, rotation.CLIENT).is_(None),
+            rotation.refusal(now, rotation.CLIENT, rotation.DPOP_KEY).is_(None),
         )
         .returning(_t.token_hash, _t.family_id, _t.scope, _f.client_id, _u.username)
         .cte("spent")
@@ -151,8 +154,26 @@ def _dialect(url: str) -> sa.Dialect:
     return sa.make_url(url).get_dialect()()
 
 
+def _use_jti(insert: Any) -> Any:
+    """Record a single-use id in one statement: inserted, or taking the place of an
+    expired row of the same key; a live row makes it change nothing (a replay)."""
+    statement = insert(used_jtis).values(
+        key=sa.bindparam("b_key", type_=sa.String),
+        expires_at=sa.bindparam("b_expires", type_=Time),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[used_jtis.c.key],
+        set_={"expires_at": statement.excluded.expires_at},
+        where=used_jtis.c.expires_at <= sa.bindparam("b_now", type_=Time),
+    )
+
+
 # The dialects of the drivers the statements run on: `$1` for asyncpg, `?` for sqlite3.
 _PG_ROTATE = _compile(_pg_rotate(), _dialect("postgresql+asyncpg://"))
+# Every DPoP-protected request records its proof's jti: one round trip, no transaction.
+_PG_USE_JTI = _compile(
+    _use_jti(postgresql.insert).returning(used_jtis.c.key), _dialect("postgresql+asyncpg://")
+)
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -193,6 +214,7 @@ class PgRotator:
             b_at=exchange.now,
             b_ttl=exchange.refresh_ttl,
             b_client=exchange.client_id,
+            b_jkt=exchange.dpop_jkt,
             **_event_values(exchange),
         )
         async with pool.acquire(timeout=self._wait) as conn:
@@ -207,6 +229,12 @@ class PgRotator:
         async with pool.acquire(timeout=self._wait) as conn:
             row = await conn.fetchrow(read.pg.sql, *read.pg.args(**values))
         return None if row is None else dict(row)
+
+    async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+        pool = await self._get_pool()
+        args = _PG_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
+        async with pool.acquire(timeout=self._wait) as conn:
+            return await conn.fetchval(_PG_USE_JTI.sql, *args) is not None
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -266,11 +294,14 @@ _SQLITE_FIND = _compile(
     .where(
         _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
         _t.status == "active",
-        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT).is_(None),
+        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT, rotation.DPOP_KEY).is_(
+            None
+        ),
     ),
     _sqlite,
 )
 _SQLITE_SPEND = _compile(rotation.SPEND, _sqlite)
+_SQLITE_USE_JTI = _compile(_use_jti(sqlite.insert), _sqlite)
 _SQLITE_ISSUE = _compile(rotation.ISSUE, _sqlite)
 _SQLITE_AUDIT = _compile(
     audit_events.insert().values(
@@ -285,6 +316,13 @@ _SQLITE_AUDIT = _compile(
 )
 
 
+def sqlite_use_jti(conn: sqlite3.Connection, key: str, *, expires_at: float, now: float) -> bool:
+    """Record a single-use id (see `_use_jti`); False for a replay. `conn` is in
+    autocommit mode and the caller holds the process's SQLite write lock."""
+    args = _SQLITE_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
+    return conn.execute(_SQLITE_USE_JTI.sql, args).rowcount == 1
+
+
 def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | None:
     """The plain rotation in one write transaction; blocking, but a local call.
 
@@ -297,7 +335,9 @@ def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | Non
     try:
         found = conn.execute(
             _SQLITE_FIND.sql,
-            _SQLITE_FIND.args(b_hash=token_hash, b_now=now, b_client=exchange.client_id),
+            _SQLITE_FIND.args(
+                b_hash=token_hash, b_now=now, b_client=exchange.client_id, b_jkt=exchange.dpop_jkt
+            ),
         ).fetchone()
         if found is None:
             conn.execute("ROLLBACK")

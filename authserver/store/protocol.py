@@ -11,7 +11,13 @@ T = TypeVar("T")
 TokenStatus = Literal["active", "spent", "revoked"]
 # Why a stored token cannot be exchanged, whatever the request (`rotation.refusal`).
 TokenRefusal = Literal[
-    "wrong_client", "client_disabled", "revoked", "user_disabled", "session_expired", "expired"
+    "wrong_client",
+    "dpop_key",
+    "client_disabled",
+    "revoked",
+    "user_disabled",
+    "session_expired",
+    "expired",
 ]
 
 
@@ -64,6 +70,7 @@ class RefreshRecord:
     username: str
     # None when the token is active and exchangeable, or spent; decided in SQL.
     refusal: TokenRefusal | None
+    dpop_jkt: str | None = None  # the DPoP key its family is bound to
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +164,12 @@ class RefreshTransaction(Protocol):
     """The refresh-token operations that must run together in one transaction."""
 
     async def get_refresh(
-        self, token_hash: str, *, now: float, client_id: str | None
+        self, token_hash: str, *, now: float, client_id: str | None, dpop_jkt: str | None = None
     ) -> RefreshRecord | None:
         """Read a token and lock it against concurrent writers until commit; its
         `refusal` is the one it has at `now` for the client `client_id` (None: a request
-        that names no client, which only a public client's token allows)."""
+        that names no client, which only a public client's token allows) proving the
+        DPoP key `dpop_jkt` (None: no proof)."""
 
     async def get_user(self, username: str) -> User | None: ...
 
@@ -178,8 +186,10 @@ class RefreshTransaction(Protocol):
         expires_at: float,
         ip: str | None = None,
         user_agent: str | None = None,
+        dpop_jkt: str | None = None,
     ) -> None:
-        """Begin a session; `ip` and `user_agent` are those of the login that began it."""
+        """Begin a session; `ip` and `user_agent` are those of the login that began it,
+        `dpop_jkt` binds it to a DPoP key (RFC 9449 §5)."""
 
     async def add_refresh(
         self,
@@ -260,6 +270,7 @@ class Store(Protocol):
         refresh_ttl: int,
         event: AuditEvent,
         client_id: str | None,
+        dpop_jkt: str | None = None,
     ) -> Rotated | None:
         """The common exchange as one atomic step, where the backend has one.
 

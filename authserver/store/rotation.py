@@ -48,19 +48,30 @@ def _issued_to_a_live_client() -> sa.ColumnElement[bool]:
     return sa.or_(_f.client_id == BUILTIN_CLIENT_ID, enabled)
 
 
+def _proves_the_family_key(jkt: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """RFC 9449 §5: a family bound to a DPoP key may be refreshed only with a proof signed
+    by that key; `jkt` is the thumbprint of the request's proof key, NULL without one."""
+    return sa.or_(_f.dpop_jkt.is_(None), sa.and_(jkt.is_not(None), _f.dpop_jkt == jkt))
+
+
 def refusal(
-    now: sa.ColumnElement[float], client: sa.ColumnElement[Any]
+    now: sa.ColumnElement[float],
+    client: sa.ColumnElement[Any],
+    jkt: sa.ColumnElement[Any],
 ) -> sa.ColumnElement[str | None]:
     """Why the token (over `TOKEN_FAMILY_USER`) cannot be exchanged at `now` by `client`
-    (see `_client_may_present`): one of `protocol.TokenRefusal`, in this order of
-    precedence. Another client's request comes first: it learns nothing of the token,
-    and spends and revokes nothing.
+    (see `_client_may_present`) proving possession of the DPoP key `jkt`: one of
+    `protocol.TokenRefusal`, in this order of precedence. Another client's request comes
+    first, then a request without the family's DPoP key: neither learns anything of the
+    token, and neither spends nor revokes anything (a thief holding a copy of a bound
+    token, spent or not, cannot even end the session).
 
     NULL for an active token that can, and for a spent one, whose fate (the grace
     window or reuse detection, RFC 6819 §5.2.2.3) depends on more than its own row.
     """
     return sa.case(
         (sa.not_(_client_may_present(client)), "wrong_client"),
+        (sa.not_(_proves_the_family_key(jkt)), "dpop_key"),
         (sa.not_(_issued_to_a_live_client()), "client_disabled"),
         (_f.revoked_at.is_not(None), "revoked"),
         (_u.disabled, "user_disabled"),
@@ -73,6 +84,8 @@ def refusal(
 
 # The requesting client: see `_client_may_present`.
 CLIENT = sa.bindparam("b_client", type_=sa.String)
+# The thumbprint of the request's DPoP proof key: see `_proves_the_family_key`.
+DPOP_KEY = sa.bindparam("b_jkt", type_=sa.String)
 
 # Compare-and-set: spend the token only if it is still in the `b_expected` state, so of
 # concurrent exchanges of one token exactly one wins.

@@ -49,6 +49,9 @@ refresh_families = sa.Table(
     # is the `created_at` of the family's active token, which each rotation writes anyway.
     sa.Column("ip", sa.String(64), nullable=True),
     sa.Column("user_agent", sa.String(USER_AGENT_LENGTH), nullable=True),
+    # RFC 9449 §5: a public client's family bound to its DPoP key (the RFC 7638
+    # thumbprint); every refresh must then prove possession of that key.
+    sa.Column("dpop_jkt", sa.String(64), nullable=True),
     sa.Index("ix_refresh_families_user_id", "user_id"),
 )
 

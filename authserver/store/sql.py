@@ -56,7 +56,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from authserver import metrics
 from authserver.config import Settings
 from authserver.store import fastpath, rotation
-from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate
+from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate, sqlite_use_jti
 from authserver.store.protocol import (
     AuditEvent,
     AuthorizationCode,
@@ -308,6 +308,7 @@ def _record(row: Row[Any]) -> RefreshRecord:
         user_id=m["user_id"],
         username=m["username"],
         refusal=m["refusal"],
+        dpop_jkt=m["dpop_jkt"],
     )
 
 
@@ -327,9 +328,12 @@ _GET_REFRESH = (
     sa.select(
         refresh_tokens,
         refresh_families.c.client_id,
+        refresh_families.c.dpop_jkt,
         refresh_families.c.user_id,
         users.c.username,
-        rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT).label("refusal"),
+        rotation.refusal(
+            sa.bindparam("b_now", type_=Time), rotation.CLIENT, rotation.DPOP_KEY
+        ).label("refusal"),
     )
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
@@ -340,11 +344,14 @@ _FIND_REFRESH = (
     sa.select(
         refresh_tokens,
         refresh_families.c.client_id,
+        refresh_families.c.dpop_jkt,
         refresh_families.c.user_id,
         users.c.username,
-        rotation.refusal(sa.bindparam("b_now", type_=Time), refresh_families.c.client_id).label(
-            "refusal"
-        ),
+        rotation.refusal(
+            sa.bindparam("b_now", type_=Time),
+            refresh_families.c.client_id,
+            refresh_families.c.dpop_jkt,
+        ).label("refusal"),
     )
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(refresh_tokens.c.token_hash == sa.bindparam("b_hash"))
@@ -387,7 +394,9 @@ def _live_sessions(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
             f.user_agent,
         )
         .select_from(rotation.TOKEN_FAMILY_USER)
-        .where(where, t.status == "active", rotation.refusal(now, f.client_id).is_(None))
+        .where(
+            where, t.status == "active", rotation.refusal(now, f.client_id, f.dpop_jkt).is_(None)
+        )
         .order_by(f.created_at, f.id)
     )
 
@@ -422,9 +431,9 @@ class SqlTransaction:
         self._conn = conn
 
     async def get_refresh(
-        self, token_hash: str, *, now: float, client_id: str | None
+        self, token_hash: str, *, now: float, client_id: str | None, dpop_jkt: str | None = None
     ) -> RefreshRecord | None:
-        params = {"b_hash": token_hash, "b_now": now, "b_client": client_id}
+        params = {"b_hash": token_hash, "b_now": now, "b_client": client_id, "b_jkt": dpop_jkt}
         row = (await self._conn.execute(_GET_REFRESH, params)).first()
         return _record(row) if row is not None else None
 
@@ -445,6 +454,7 @@ class SqlTransaction:
         expires_at: float,
         ip: str | None = None,
         user_agent: str | None = None,
+        dpop_jkt: str | None = None,
     ) -> None:
         await self._conn.execute(
             _INSERT_FAMILY,
@@ -456,6 +466,7 @@ class SqlTransaction:
                 "expires_at": expires_at,
                 "ip": ip,
                 "user_agent": user_agent,
+                "dpop_jkt": dpop_jkt,
             },
         )
 
@@ -822,8 +833,11 @@ class SqlStore:
         refresh_ttl: int,
         event: AuditEvent,
         client_id: str | None,
+        dpop_jkt: str | None = None,
     ) -> Rotated | None:
-        exchange = Exchange(token_hash, successor_hash, now, refresh_ttl, event, client_id)
+        exchange = Exchange(
+            token_hash, successor_hash, now, refresh_ttl, event, client_id, dpop_jkt
+        )
         rotator, write_lock = self._rotator, self._write_lock
         if rotator is not None:
             return await self._retrying(lambda: rotator.rotate(exchange))
@@ -1043,18 +1057,25 @@ class SqlStore:
             return await _sessions(conn, now=now, username=username, session_id=session_id)
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
-        async def work(conn: Executor) -> bool:
-            # An expired row of the same key no longer guards anything: make way.
-            await conn.execute(
-                used_jtis.delete().where(used_jtis.c.key == key, used_jtis.c.expires_at <= now)
+        # One statement on the raw driver (fastpath.py): every DPoP-protected request
+        # records its proof here, so it must cost no more than it has to.
+        rotator, write_lock = self._rotator, self._write_lock
+        if rotator is not None:
+            return await self._retrying(
+                lambda: rotator.use_jti(key, expires_at=expires_at, now=now)
             )
-            await conn.execute(used_jtis.insert().values(key=key, expires_at=expires_at))
-            return True
+        assert write_lock is not None
 
-        try:
-            return await self._run_write(work)
-        except IntegrityError:
-            return False
+        async def once() -> bool:
+            async with write_lock:
+                return self._sqlite_use_jti(key, expires_at=expires_at, now=now)
+
+        return await self._retrying(once)
+
+    def _sqlite_use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+        raw = self._kept_writer().connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        return sqlite_use_jti(raw, key, expires_at=expires_at, now=now)
 
     async def purge_used_jtis(self, *, before: float) -> int:
         async def work(conn: Executor) -> int:

@@ -2,7 +2,8 @@
 -- connection per thread (-t N -c N): wrk may call request() twice for one send
 -- (when the first write would block), so the token in flight is only taken off
 -- the queue when its answer arrives, and a repeated call repeats the same token.
--- args = refresh tokens file (one per family), thread count.
+-- args = refresh tokens file (one per family), thread count, start offset, and
+-- optionally a DPoP proofs file: then each request carries the next proof.
 dofile(debug.getinfo(1, "S").source:sub(2):match("(.*/)") .. "common.lua")
 
 function init(args)
@@ -10,11 +11,21 @@ function init(args)
   head, tail, bad = 1, #queue, 0
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
+  if args[4] then
+    proofs, pos = read_share(args[4], tonumber(args[2])), 0
+  end
 end
 
 function request()
   local token = queue[head] or "no-family-left"
-  return wrk.format(nil, nil, nil, '{"refresh_token":"' .. token .. '"}')
+  local body = '{"refresh_token":"' .. token .. '"}'
+  if proofs then
+    pos = pos + 1
+    if pos > #proofs then pos = 1 end
+    local headers = { ["Content-Type"] = "application/json", DPoP = proofs[pos] }
+    return wrk.format(nil, nil, headers, body)
+  end
+  return wrk.format(nil, nil, nil, body)
 end
 
 function response(status, headers, body)

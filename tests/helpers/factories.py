@@ -47,6 +47,7 @@ async def make_client(
     disabled: bool = False,
     third_party: bool = False,
     name: str | None = None,
+    require_dpop: bool = False,
 ) -> tuple[Client, str | None]:
     """A registered client, and its secret if it has one (confidential without keys)."""
     secret, digest = (None, None) if public or jwks is not None else new_secret()
@@ -65,7 +66,7 @@ async def make_client(
         post_logout_redirect_uris=post_logout_redirect_uris,
         audience=audience,
         third_party=third_party,
-        require_dpop=False,
+        require_dpop=require_dpop,
         disabled=disabled,
         created_at=now,
         updated_at=now,

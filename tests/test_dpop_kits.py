@@ -1,0 +1,165 @@
+"""DPoP in the kits: `TokenAuth(dpop=...)` against the real app, and `authserver.resource`
+accepting DPoP-bound tokens in another app (CONTRACT §8, RFC 9449)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from authserver.client import DPoPKey, LoginEndpoints, TokenAuth, TokenEndpoint, TokenEndpointError
+from authserver.resource import (
+    AccessClaims,
+    JwksKeySource,
+    TokenValidator,
+    install_error_handler,
+    require_token,
+)
+from authserver.tokens import AccessTokenVerifier
+from tests.helpers.app import Running, StartApp
+from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.tokens import jwt_parts
+
+BASE = "http://testserver"
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the kits behave alike whatever the server's store."""
+    return f"sqlite:///{tmp_path / 'authserver.db'}"
+
+
+class Clock:
+    """The kit's clock, `now` seconds ahead of the server's: it finds tokens stale."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.now
+
+
+def resource_app(server: Running) -> FastAPI:
+    """Another API, verifying the server's tokens from its JWKS with the resource kit."""
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app), base_url=BASE)
+    keys = JwksKeySource(BASE, http=http)
+    validator = TokenValidator(AccessTokenVerifier(keys, issuer=BASE, audience="authserver"), keys)
+    app = FastAPI()
+    install_error_handler(app)
+
+    @app.get("/hello")
+    async def hello(claims: AccessClaims = Depends(require_token(validator))) -> dict[str, Any]:
+        return {"sub": claims.sub}
+
+    return app
+
+
+def client_for(server: Running, auth: TokenAuth, hits: Counter[str]) -> httpx.AsyncClient:
+    async def count(request: httpx.Request) -> None:
+        hits[request.url.path] += 1
+
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=server.app),
+        mounts={"http://resource": httpx.ASGITransport(app=resource_app(server))},
+        base_url=BASE,
+        auth=auth,
+        event_hooks={"request": [count]},
+    )
+
+
+@pytest.mark.parametrize("endpoint", ["token", "login"])
+async def test_token_auth_binds_and_proves(server: Running, endpoint: str) -> None:
+    clock = Clock()
+    auth = TokenAuth(
+        TokenEndpoint(BASE + "/token") if endpoint == "token" else LoginEndpoints(BASE),
+        username="alice",
+        password=DEFAULT_PASSWORD,
+        dpop=True,
+        clock=clock,
+    )
+    hits: Counter[str] = Counter()
+    async with client_for(server, auth, hits) as client:
+        for url in ("/protected", "/protected", "http://resource/hello"):
+            r = await client.get(url)
+            assert r.status_code == 200, r.text
+        assert auth.tokens is not None and auth.dpop_key is not None
+        assert auth.tokens.token_type == "DPoP"
+        first = auth.tokens
+        assert jwt_parts(first.access_token)[1]["cnf"] == {"jkt": auth.dpop_key.thumbprint}
+        # Stale: many callers at once, one refresh (single flight), with a proof.
+        clock.now += 10_000
+        results = await asyncio.gather(*(client.get("/protected") for _ in range(20)))
+        assert all(r.status_code == 200 for r in results)
+        assert auth.tokens is not first
+    refresh_path = "/token" if endpoint == "token" else "/refresh"
+    login_path = "/token" if endpoint == "token" else "/login"
+    assert hits[login_path] + (hits[refresh_path] if refresh_path != login_path else 0) == 2
+    assert hits["/protected"] == 22
+
+
+async def test_a_kept_key_resumes_the_session_and_another_key_cannot(server: Running) -> None:
+    key = DPoPKey()
+    auth = TokenAuth(BASE + "/token", username="alice", password=DEFAULT_PASSWORD, dpop=key)
+    async with client_for(server, auth, Counter()) as client:
+        assert (await client.get("/protected")).status_code == 200
+    assert auth.tokens is not None and auth.tokens.refresh_token is not None
+    saved = auth.tokens.refresh_token
+    # Another process, another key: the stolen refresh token is refused, and not spent.
+    thief = TokenAuth(BASE + "/token", tokens=auth.tokens.from_refresh_token(saved), dpop=True)
+    async with client_for(server, thief, Counter()) as client:
+        with pytest.raises(TokenEndpointError) as refused:
+            await client.get("/protected")
+    assert refused.value.error == "invalid_dpop_proof"
+    # The application restarts with the key it kept (its PEM) and carries on.
+    again = TokenAuth(
+        BASE + "/token",
+        tokens=auth.tokens.from_refresh_token(saved),
+        dpop=DPoPKey(key.private_pem()),
+    )
+    async with client_for(server, again, Counter()) as client:
+        assert (await client.get("/protected")).status_code == 200
+
+
+async def test_token_auth_answers_nonce_challenges(start_app: StartApp) -> None:
+    server = await start_app(dpop_nonce=True)
+    await make_user(server.store, "alice")
+    auth = TokenAuth(BASE + "/token", username="alice", password=DEFAULT_PASSWORD, dpop=True)
+    hits: Counter[str] = Counter()
+    async with client_for(server, auth, hits) as client:
+        for _ in range(3):
+            r = await client.get("/protected")
+            assert r.status_code == 200, r.text
+    # One challenge at the token endpoint; the nonce it gave works at /protected too.
+    assert hits == {"/token": 2, "/protected": 3}
+
+
+async def test_the_resource_kit_refuses_replays_and_downgrades(server: Running) -> None:
+    auth = TokenAuth(BASE + "/token", username="alice", password=DEFAULT_PASSWORD, dpop=True)
+    async with client_for(server, auth, Counter()) as client:
+        assert (await client.get("http://resource/hello")).status_code == 200
+    assert auth.tokens is not None and auth.dpop_key is not None
+    token = auth.tokens.access_token
+    url = "http://resource/hello"
+    resource = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=resource_app(server)), base_url="http://resource"
+    )
+    async with resource:
+        proof = auth.dpop_key.proof("GET", url, access_token=token)
+        headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+        assert (await resource.get("/hello", headers=headers)).status_code == 200
+        replay = await resource.get("/hello", headers=headers)
+        assert replay.status_code == 401
+        assert replay.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+        downgraded = await resource.get("/hello", headers={"Authorization": f"Bearer {token}"})
+        assert downgraded.status_code == 401
+        assert downgraded.json()["error"] == "invalid_token"
+        # Bearer tokens keep working unchanged.
+        plain = (await server.login())["access_token"]
+        bearer = await resource.get("/hello", headers={"Authorization": f"Bearer {plain}"})
+        assert bearer.status_code == 200, bearer.text
