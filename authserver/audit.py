@@ -40,7 +40,16 @@ CLIENT_AUTH_FAILED = "client_auth_failed"
 CLIENT_TOKEN_ISSUED = "client_token_issued"
 SESSION_ENDED = "session_ended"
 
-_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED}
+# Every other event logs at INFO. A client's token issued is routine and changes nothing:
+# at DEBUG (AUTHSERVER_LOG_LEVEL=DEBUG shows it), since a service asks every few minutes,
+# a log line per issuance cost more than the issuance, and authserver_tokens_issued_total
+# counts them per client and grant.
+_LEVELS = {
+    REUSE_DETECTED: logging.WARNING,
+    LOGIN_THROTTLED: logging.WARNING,
+    CLIENT_AUTH_FAILED: logging.WARNING,
+    CLIENT_TOKEN_ISSUED: logging.DEBUG,
+}
 
 # The events the Prometheus metrics count (metrics.py), each once it is true: `emit` runs
 # after the change it describes has committed.
@@ -90,7 +99,9 @@ class Auditor:
         counter = _COUNTED.get(event.event)
         if counter is not None:
             counter.inc()
-        level = logging.WARNING if event.event in _WARNINGS else logging.INFO
+        level = _LEVELS.get(event.event, logging.INFO)
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             event.event,
