@@ -116,17 +116,17 @@ class Auditor:
 
     def event(
         self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
-    ) -> AuditEvent:
-        """Build and log an event that is not stored."""
-        event = self.build(name, ctx, username=username, **details)
-        self.emit(event)
-        return event
+    ) -> None:
+        """Log an event that is not stored; not even built if nothing would see it."""
+        if name in _COUNTED or log.isEnabledFor(_LEVELS.get(name, logging.INFO)):
+            self.emit(self.build(name, ctx, username=username, **details))
 
     async def record(
         self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
     ) -> None:
         """Log and store an event on its own; a store failure is logged, not raised."""
-        event = self.event(name, ctx, username=username, **details)
+        event = self.build(name, ctx, username=username, **details)
+        self.emit(event)
         try:
             await self._store.add_audit_event(event)
         except StoreError:
