@@ -74,7 +74,9 @@ EVENTS: dict[str, str] = {
     CLIENT_REMOVED: "`authserver clients remove`: the client's sessions were revoked",
     CLIENT_AUTH_FAILED: "a client failed to authenticate (wrong secret, bad assertion, "
     "unknown or disabled client)",
-    CLIENT_TOKEN_ISSUED: "a client was issued a token for itself (client-credentials grant)",
+    CLIENT_TOKEN_ISSUED: "a client was issued a token for itself (client-credentials grant); "
+    "a log line at DEBUG only, never stored: routine, and `authserver_tokens_issued_total` "
+    "counts it",
     SESSION_ENDED: "a session was ended by its user (`DELETE /sessions/{id}`, `DELETE "
     "/sessions`: `by=user`) or `authserver sessions revoke` (`by=operator`)",
     CODE_EXCHANGED: "an authorization code became tokens: a new session (refresh family)",
@@ -83,8 +85,17 @@ EVENTS: dict[str, str] = {
     CONSENT_DENIED: "a user refused a third-party app on its consent page",
     BROWSER_SIGNED_OUT: "`/end-session` ended a browser session and the sessions begun from it",
 }
-
-_WARNINGS = {REUSE_DETECTED, LOGIN_THROTTLED, CLIENT_AUTH_FAILED, CODE_REUSE_DETECTED}
+# Every other event logs at INFO. A client's token issued is routine and changes nothing:
+# at DEBUG (AUTHSERVER_LOG_LEVEL=DEBUG shows it), since a service asks every few minutes,
+# a log line per issuance cost more than the issuance, and authserver_tokens_issued_total
+# counts them per client and grant.
+_LEVELS = {
+    REUSE_DETECTED: logging.WARNING,
+    LOGIN_THROTTLED: logging.WARNING,
+    CLIENT_AUTH_FAILED: logging.WARNING,
+    CODE_REUSE_DETECTED: logging.WARNING,
+    CLIENT_TOKEN_ISSUED: logging.DEBUG,
+}
 
 # The events the Prometheus metrics count (metrics.py), each once it is true: `emit` runs
 # after the change it describes has committed.
@@ -136,7 +147,9 @@ class Auditor:
         counter = _COUNTED.get(event.event)
         if counter is not None:
             counter.inc()
-        level = logging.WARNING if event.event in _WARNINGS else logging.INFO
+        level = _LEVELS.get(event.event, logging.INFO)
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             event.event,
@@ -151,17 +164,17 @@ class Auditor:
 
     def event(
         self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
-    ) -> AuditEvent:
-        """Build and log an event that is not stored."""
-        event = self.build(name, ctx, username=username, **details)
-        self.emit(event)
-        return event
+    ) -> None:
+        """Log an event that is not stored; not even built if nothing would see it."""
+        if name in _COUNTED or log.isEnabledFor(_LEVELS.get(name, logging.INFO)):
+            self.emit(self.build(name, ctx, username=username, **details))
 
     async def record(
         self, name: str, ctx: RequestContext, *, username: str | None = None, **details: Any
     ) -> None:
         """Log and store an event on its own; a store failure is logged, not raised."""
-        event = self.event(name, ctx, username=username, **details)
+        event = self.build(name, ctx, username=username, **details)
+        self.emit(event)
         try:
             await self._store.add_audit_event(event)
         except StoreError:

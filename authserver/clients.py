@@ -199,6 +199,14 @@ class ClientService:
             return self.builtin
         return await self.store.get_client(client_id) if is_client_id(client_id) else None
 
+    async def get_with_session(self, client_id: str, session: str) -> tuple[Client | None, bool]:
+        """`get`, and whether `session` is live, in one read of the store."""
+        if client_id == BUILTIN_CLIENT_ID:
+            return self.builtin, await self.store.session_live(session)
+        if not is_client_id(client_id):
+            return None, False
+        return await self.store.get_client_and_session(client_id, session)
+
     async def list(self) -> Sequence[Client]:
         return [BUILTIN_CLIENT, *await self.store.list_clients()]
 
@@ -453,18 +461,37 @@ class ClientAuthenticator:
         self, ctx: RequestContext, credentials: ClientCredentials, *, endpoint: str
     ) -> Client:
         """The client `credentials` prove, for a request to `endpoint` (its path)."""
+        client, _live = await self._authenticate(ctx, credentials, endpoint=endpoint, session=None)
+        return client
+
+    async def authenticate_with_session(
+        self, ctx: RequestContext, credentials: ClientCredentials, *, endpoint: str, session: str
+    ) -> tuple[Client, bool]:
+        """As `authenticate`, and whether `session` is live: read in the same query as the
+        client (introspection's one round trip), told only once the client is proven."""
+        return await self._authenticate(ctx, credentials, endpoint=endpoint, session=session)
+
+    async def _authenticate(
+        self,
+        ctx: RequestContext,
+        credentials: ClientCredentials,
+        *,
+        endpoint: str,
+        session: str | None,
+    ) -> tuple[Client, bool]:
         c = credentials
         if c.client_id is None and c.assertion is None:
             if c.secret:
                 raise InvalidClientError(_REFUSED)
-            return self.clients.builtin  # the seed's flow names no client
+            # The seed's flow names no client.
+            return self.clients.builtin, await self._session_live(session)
         claimed = c.client_id or (_assertion_subject(c.assertion) if c.assertion else None)
-        client = await self.clients.get(claimed) if claimed else None
+        client, live = await self._lookup(claimed, session)
         if client is not None and client.public and not client.disabled:
             # Nothing to check, and so nothing to guess: a public client only names itself.
             if c.method != "none":
                 raise InvalidClientError("A public client sends no client secret.")
-            return client
+            return client, live
         now = self.clock()
         if (
             client is not None
@@ -473,7 +500,7 @@ class ClientAuthenticator:
         ):
             # Right: no count to check. A 256-bit secret is not guessed however many tries
             # the throttle allows, so the throttle's reads are spent on failures only.
-            return client
+            return client, live
         await self.clients.auditor.record(
             audit.CLIENT_AUTH_FAILED,
             ctx,
@@ -486,6 +513,16 @@ class ClientAuthenticator:
         )
         await self.throttle.failed(attempt, now=now)  # 429 once the failures reach a limit
         raise InvalidClientError(_REFUSED)
+
+    async def _lookup(self, claimed: str | None, session: str | None) -> tuple[Client | None, bool]:
+        if not claimed:
+            return None, False
+        if session is None:
+            return await self.clients.get(claimed), False
+        return await self.clients.get_with_session(claimed, session)
+
+    async def _session_live(self, session: str | None) -> bool:
+        return session is not None and await self.clients.store.session_live(session)
 
     async def _verify(
         self, client: Client, c: ClientCredentials, *, endpoint: str, now: float

@@ -18,10 +18,16 @@ from typing import Any
 from authserver.clients import ClientService
 from authserver.errors import InvalidTokenError
 from authserver.refresh import MAX_REFRESH_TOKEN_LENGTH, digest
-from authserver.store.protocol import Store
-from authserver.tokens import AccessTokenVerifier
+from authserver.store.protocol import Client, Store
+from authserver.tokens import AccessClaims, AccessTokenVerifier
 
 INACTIVE: dict[str, Any] = {"active": False}
+
+
+def session_of(claims: AccessClaims | None) -> str | None:
+    """The session (`sid`) a user's access token belongs to; None for a client's own."""
+    sid = claims.raw.get("sid") if claims is not None else None
+    return sid if isinstance(sid, str) else None
 
 
 class Introspector:
@@ -33,17 +39,33 @@ class Introspector:
         self.store = store
         self.clients = clients
 
-    async def introspect(self, token: str) -> dict[str, Any]:
-        """The RFC 7662 §2.2 answer for `token`, an access or a refresh token."""
+    def access_claims(self, token: str) -> AccessClaims | None:
+        """The claims of `token` if it is a valid access token (CPU only, no store read)."""
         try:
-            claims = self.verifier.verify(token)
+            return self.verifier.verify(token)
         except InvalidTokenError:
+            return None
+
+    async def answer(
+        self,
+        token: str,
+        claims: AccessClaims | None,
+        *,
+        session_live: bool | None,
+        caller: Client,
+    ) -> dict[str, Any]:
+        """The RFC 7662 §2.2 answer for `token`, an access or a refresh token, given
+        `access_claims(token)` and, for a user's access token, whether its session
+        (`session_of(claims)`) was live when read with `caller`, the client asking, just
+        authenticated."""
+        if claims is None:
             return await self._refresh_token(token)
-        sid = claims.raw.get("sid")
-        if isinstance(sid, str):
-            if not await self.store.session_live(sid):
+        sid = session_of(claims)
+        if sid is not None:
+            if not session_live:
                 return INACTIVE
-        else:
+        elif claims.client_id != caller.client_id:
+            # A resource server asking about its own token has just been read, enabled.
             client = await self.clients.get(claims.client_id)
             if client is None or client.disabled:
                 return INACTIVE
@@ -59,7 +81,7 @@ class Introspector:
             "iat": int(claims.iat),
             "jti": claims.jti,
         }
-        if isinstance(sid, str):
+        if sid is not None:
             answer["username"] = claims.sub
             answer["sid"] = sid
         cnf = claims.raw.get("cnf")

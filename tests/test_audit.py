@@ -23,7 +23,7 @@ from authserver.cli import app as cli_app
 from authserver.keys import generate_key, key_files
 from authserver.store.protocol import AuditEvent
 from tests.helpers.app import Running, StartApp
-from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.helpers.procs import ServerPool, base_env, run_cli
 
 WRONG_PASSWORD = "wrong-Pa55word-x9q"
@@ -307,3 +307,27 @@ def test_audit_event_names_are_a_closed_set(tmp_path: Path) -> None:
     assert not (tmp_path / "a.db").exists()  # refused before touching the database
     with pytest.raises(ValueError, match="audit.EVENTS"):
         audit.Auditor(cast(Any, None)).build("made_up", audit.CLI)
+
+
+async def test_a_client_token_issued_is_logged_at_debug_only(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_app()
+    _, secret = await make_client(running.store, "svc")
+    assert secret is not None
+
+    async def issued() -> list[logging.LogRecord]:
+        caplog.clear()
+        r = await running.client.post(
+            "/token", data={"grant_type": "client_credentials"}, auth=("svc", secret)
+        )
+        assert r.status_code == 200, r.text
+        return [r for r in caplog.records if r.getMessage() == "client_token_issued"]
+
+    caplog.set_level(logging.INFO, logger="authserver")
+    assert await issued() == []
+    caplog.set_level(logging.DEBUG, logger="authserver")
+    (record,) = await issued()
+    assert record.levelno == logging.DEBUG
+    assert vars(record)["client_id"] == "svc"
+    assert await running.store.list_audit_events(event="client_token_issued") == []

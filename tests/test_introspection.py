@@ -110,6 +110,40 @@ async def test_a_client_token_is_active_while_its_client_is_enabled(
     assert (await introspect(token)).json() == {"active": False}
 
 
+async def test_a_resource_server_may_introspect_its_own_token_while_enabled(
+    app: Running, introspect: Introspect
+) -> None:
+    r = await app.client.post(
+        "/token", data={"grant_type": "client_credentials"}, headers=introspect.headers
+    )
+    token = r.json()["access_token"]
+    body = (await introspect(token)).json()
+    assert body["active"] is True and body["client_id"] == "api"
+    await app.app.state.services.clients.set_disabled(RequestContext(), "api", True)
+    r = await app.client.post("/introspect", data={"token": token}, headers=introspect.headers)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
+
+
+async def test_a_users_token_tells_nothing_to_a_client_that_fails_authentication(
+    app: Running, introspect: Introspect
+) -> None:
+    # The session is read in the client's query: an unknown, disabled or wrongly
+    # authenticated client still gets the one 401, audited, and nothing of the token.
+    token = (await app.login())["access_token"]
+    await make_client(app.store, "off")
+    await app.app.state.services.clients.set_disabled(RequestContext(), "off", True)
+    for headers in (basic("nobody", "x"), basic("api", "wrong"), basic("off", "x")):
+        r = await app.client.post("/introspect", data={"token": token}, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.json() == {
+            "error": "invalid_client",
+            "error_description": "Client authentication failed.",
+        }
+    failures = await app.store.list_audit_events(event="client_auth_failed")
+    assert sorted(str(e.details.get("client_id")) for e in failures) == ["None", "api", "off"]
+    assert (await introspect(token)).json()["active"] is True
+
+
 @pytest.mark.parametrize(
     "token", ["garbage", "a.b.c", "", "x" * 10_000], ids=["garbage", "dots", "empty", "long"]
 )

@@ -19,7 +19,8 @@ dialect at import; only their execution skips SQLAlchemy:
 
 The two reads asked on every client-authenticated request run here too: a
 client by id (/token, /introspect, /revoke) and whether a session is live
-(introspection). They stay reads of the database on every request, so a
+(introspection), the two together in one statement when introspection needs
+both. They stay reads of the database on every request, so a
 client disabled or removed, or a session revoked, by any process is seen by
 the next request everywhere; only SQLAlchemy's execution layer is skipped.
 
@@ -224,7 +225,7 @@ class PgRotator:
         return Rotated(row["family_id"], row["username"], row["scope"], row["client_id"])
 
     async def fetch_one(self, read: Read, **values: Any) -> dict[str, Any] | None:
-        """One row of a hot read (`GET_CLIENT`, `SESSION_LIVE`), or None."""
+        """One row of a hot read (`GET_CLIENT`, `SESSION_LIVE`, ...), or None."""
         pool = await self._get_pool()
         async with pool.acquire(timeout=self._wait) as conn:
             row = await conn.fetchrow(read.pg.sql, *read.pg.args(**values))
@@ -274,6 +275,21 @@ SESSION_LIVE = _read(
         refresh_families.c.id == sa.bindparam("b_id", type_=sa.String),
         refresh_families.c.revoked_at.is_(None),
     )
+)
+
+
+# Introspection of a user's token: its client and its session in one round trip. The
+# session's answer rides on the client's row, so an unknown client finds no row at all.
+CLIENT_AND_SESSION = _read(
+    sa.select(
+        clients,
+        sa.exists()
+        .where(
+            refresh_families.c.id == sa.bindparam("b_sid", type_=sa.String),
+            refresh_families.c.revoked_at.is_(None),
+        )
+        .label("session_live"),
+    ).where(clients.c.client_id == sa.bindparam("b_id", type_=sa.String))
 )
 
 

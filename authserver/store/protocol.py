@@ -327,6 +327,12 @@ class Store(Protocol):
     async def session_live(self, family_id: str) -> bool:
         """Whether the session (refresh family) exists and has not been revoked."""
 
+    async def get_client_and_session(
+        self, client_id: str, family_id: str
+    ) -> tuple[Client | None, bool]:
+        """`get_client` and `session_live` read together (one round trip); (None, False)
+        if the client does not exist."""
+
     async def live_sessions(
         self, *, now: float, username: str | None = None, session_id: str | None = None
     ) -> Sequence[Session]:

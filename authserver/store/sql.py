@@ -1033,6 +1033,15 @@ class SqlStore:
     async def session_live(self, family_id: str) -> bool:
         return await self._fast_read(fastpath.SESSION_LIVE, b_id=family_id) is not None
 
+    async def get_client_and_session(
+        self, client_id: str, family_id: str
+    ) -> tuple[Client | None, bool]:
+        row = await self._fast_read(fastpath.CLIENT_AND_SESSION, b_id=client_id, b_sid=family_id)
+        if row is None:
+            return None, False
+        live = bool(row.pop("session_live"))
+        return _client(row), live
+
     async def _fast_read(self, read: fastpath.Read, **values: Any) -> dict[str, Any] | None:
         """A hot read on the driver itself (`fastpath.py`): asyncpg's pool, or the
         SQLite reader connection, inline like every SQLite read here."""
