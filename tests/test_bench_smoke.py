@@ -1,7 +1,9 @@
 """`python -m bench` runs end to end (a smoke test: the figures themselves are not judged).
 
-`--quick` mode with shorter runs still. This is the only place CI runs the
-benchmark (`.ci/run` installs the `bench` extra first, so the chart is drawn
+`--quick` mode with shorter runs still. Marked `bench`: the suite deselects them
+(they load the machine for minutes, which is the benchmark's business, not the suite's),
+and CI runs them as a step of their own (`pytest -m bench`). This is the only place CI
+runs the benchmark (`.ci/run` installs the `bench` extra first, so the chart is drawn
 and checked too). Each test starts real server processes and a real load generator.
 """
 
@@ -51,6 +53,7 @@ def run_bench(out: Path, *args: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_every_section_is_measured(tmp_path: Path) -> None:
     results = run_bench(tmp_path, "--memory-refreshes", "300", "--fresh-tokens", "1500")
 
@@ -91,6 +94,7 @@ def test_every_section_is_measured(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_python_client_rotates_families_without_errors(tmp_path: Path) -> None:
     """The load generator used where wrk is not installed."""
     results = run_bench(tmp_path, "--client", "python", "--only", "refresh", "--postgres-url", "")
