@@ -196,12 +196,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_oauth2_redirect_url=None,
     )
     install_error_handlers(app)
-    # /protected first: routes are matched in order, and it is the hottest GET.
+    # Routes are matched in order: the hot ones first (/protected, the hottest GET, then
+    # the token endpoints and introspection), the browser's pages after them.
     for router in (
         protected.router,
         token.router,
-        authorize.router,
         introspect.router,
+        authorize.router,
         sessions.router,
         wellknown.router,
         health.router,

@@ -15,7 +15,8 @@ dialect at import; only their execution skips SQLAlchemy:
   its connections never change session state, and asyncpg notices a connection
   the server closed (the socket's EOF) and replaces it at the next checkout.
 - SQLite: find, spend, issue and audit in one `BEGIN IMMEDIATE` transaction on
-  the store's kept writer connection, through `sqlite3`.
+  the store's kept writer connection, through `sqlite3`; the rotations that
+  arrive in one turn of the event loop share that transaction (`batching.py`).
 
 The two reads asked on every client-authenticated request run here too: a
 client by id (/token, /introspect, /revoke) and whether a session is live
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,39 +117,109 @@ _client_addr = sa.bindparam("b_client_addr", type_=sa.String)
 _request_id = sa.bindparam("b_request_id", type_=sa.String)
 
 
+# What each exchange of a batch brings to `_pg_rotate`: one array per column, unnested
+# into one row per exchange (`ord` is its place in the batch).
+_BATCH_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("ord", sa.Integer),
+    ("hash", sa.String),
+    ("successor", sa.String),
+    ("client", sa.String),
+    ("jkt", sa.String),
+    ("at", Time),
+    ("ttl", sa.Integer),
+    ("event_at", Time),
+    ("event", sa.String),
+    ("client_addr", sa.String),
+    ("request_id", sa.String),
+)
+
+
+def _batch_values(exchanges: Sequence[Exchange]) -> dict[str, list[Any]]:
+    rows = [
+        (
+            ord_,
+            e.token_hash,
+            e.successor_hash,
+            e.client_id,
+            e.dpop_jkt,
+            e.now,
+            e.refresh_ttl,
+            e.event.at,
+            e.event.event,
+            e.event.client_addr,
+            e.event.request_id,
+        )
+        for ord_, e in enumerate(exchanges)
+    ]
+    columns = zip(*rows, strict=True)
+    return {
+        f"b_{name}": list(column) for (name, _), column in zip(_BATCH_COLUMNS, columns, strict=True)
+    }
+
+
 def _pg_rotate() -> sa.Select[Any]:
-    """Spend (the compare-and-set, on a token no rule refuses), issue and audit."""
-    now = sa.bindparam("b_at", type_=Time)
+    """Spend (the compare-and-set, on a token no rule refuses), issue and audit, for a
+    batch of exchanges (`batching.py`) in one statement. Two exchanges of one token in a
+    batch update its row once: one wins, the other finds nothing, as if serial."""
+    batch = (
+        sa.func.unnest(
+            *(
+                sa.bindparam(f"b_{name}", type_=postgresql.ARRAY(kind))
+                for name, kind in _BATCH_COLUMNS
+            )
+        )
+        .table_valued(*(sa.column(name, kind) for name, kind in _BATCH_COLUMNS))
+        .render_derived(name="batch")
+    )
+    b = batch.c
     spent = (
-        rotation.SPEND.where(
+        rotation.spend(
+            token_hash=b.hash, expected=sa.literal("active"), successor_hash=b.successor, at=b.at
+        )
+        .where(
             _t.family_id == _f.id,
             _f.user_id == _u.id,
-            rotation.refusal(now, rotation.CLIENT, rotation.DPOP_KEY).is_(None),
+            rotation.refusal(b.at, b.client, b.jkt).is_(None),
         )
-        .returning(_t.token_hash, _t.family_id, _t.scope, _f.client_id, _u.username)
+        .returning(
+            _t.token_hash,
+            _t.family_id,
+            _t.scope,
+            _f.client_id,
+            _u.username,
+            b.ord,
+            b.successor,
+            b.at,
+            b.ttl,
+            b.event_at,
+            b.event,
+            b.client_addr,
+            b.request_id,
+        )
         .cte("spent")
     )
+    s = spent.c
     issued = rotation.issue(
-        token_hash=sa.bindparam("b_successor", type_=sa.String),
-        family_id=spent.c.family_id,
-        parent_hash=spent.c.token_hash,
-        scope=spent.c.scope,
-        now=now,
-        refresh_ttl=sa.bindparam("b_ttl", type_=sa.Integer),
+        token_hash=s.successor,
+        family_id=s.family_id,
+        parent_hash=s.token_hash,
+        scope=s.scope,
+        now=s.at,
+        refresh_ttl=s.ttl,
     ).cte("issued")
     # The details as `sql.py` stores an event's: compact JSON. A family id is a UUID,
     # so nothing in it needs escaping.
-    details = sa.literal('{"family_id":"') + spent.c.family_id + sa.literal('"}')
+    details = sa.literal('{"family_id":"') + s.family_id + sa.literal('"}')
     audited = (
         audit_events.insert()
         .from_select(
             _AUDIT_COLUMNS,
-            sa.select(_event_at, _event, spent.c.username, _client_addr, _request_id, details),
+            sa.select(s.event_at, s.event, s.username, s.client_addr, s.request_id, details),
         )
         .cte("audited")
     )
     # The two inserts are referenced by nothing; `add_cte` has them rendered anyway.
-    answer = sa.select(spent.c.family_id, spent.c.username, spent.c.scope, spent.c.client_id)
+    answer = sa.select(s.ord, s.family_id, s.username, s.scope, s.client_id)
     return answer.add_cte(issued, audited)
 
 
@@ -206,23 +278,19 @@ class PgRotator:
                     )
         return self._pool
 
-    async def rotate(self, exchange: Exchange) -> Rotated | None:
+    async def rotate(self, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
+        """The plain rotations of a batch, in one round trip; None for each exchange
+        the plain case does not take."""
         pool = await self._get_pool()
-        args = _PG_ROTATE.args(
-            b_hash=exchange.token_hash,
-            b_expected="active",
-            b_successor=exchange.successor_hash,
-            b_at=exchange.now,
-            b_ttl=exchange.refresh_ttl,
-            b_client=exchange.client_id,
-            b_jkt=exchange.dpop_jkt,
-            **_event_values(exchange),
-        )
+        args = _PG_ROTATE.args(**_batch_values(exchanges))
         async with pool.acquire(timeout=self._wait) as conn:
-            row = await conn.fetchrow(_PG_ROTATE.sql, *args)
-        if row is None:
-            return None
-        return Rotated(row["family_id"], row["username"], row["scope"], row["client_id"])
+            rows = await conn.fetch(_PG_ROTATE.sql, *args)
+        done: list[Rotated | None] = [None] * len(exchanges)
+        for row in rows:
+            done[row["ord"]] = Rotated(
+                row["family_id"], row["username"], row["scope"], row["client_id"]
+            )
+        return done
 
     async def fetch_one(self, read: Read, **values: Any) -> dict[str, Any] | None:
         """One row of a hot read (`GET_CLIENT`, `SESSION_LIVE`, ...), or None."""
@@ -339,55 +407,61 @@ def sqlite_use_jti(conn: sqlite3.Connection, key: str, *, expires_at: float, now
     return conn.execute(_SQLITE_USE_JTI.sql, args).rowcount == 1
 
 
-def sqlite_rotate(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | None:
-    """The plain rotation in one write transaction; blocking, but a local call.
+def sqlite_rotate(conn: sqlite3.Connection, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
+    """The plain rotations, one after the other, in one write transaction (a group
+    commit: `batching.py`); blocking, but a local call.
 
     The caller holds the process's SQLite write lock, and `conn` is in autocommit
     mode (its driver-level transaction control is off), so BEGIN IMMEDIATE takes
     the database's write lock before anything is read.
     """
-    now, token_hash, successor_hash = exchange.now, exchange.token_hash, exchange.successor_hash
     conn.execute("BEGIN IMMEDIATE")
     try:
-        found = conn.execute(
-            _SQLITE_FIND.sql,
-            _SQLITE_FIND.args(
-                b_hash=token_hash, b_now=now, b_client=exchange.client_id, b_jkt=exchange.dpop_jkt
-            ),
-        ).fetchone()
-        if found is None:
-            conn.execute("ROLLBACK")
-            return None
-        family_id, scope, client_id, username = found
-        spent = conn.execute(
-            _SQLITE_SPEND.sql,
-            _SQLITE_SPEND.args(
-                b_hash=token_hash, b_expected="active", b_successor=successor_hash, b_at=now
-            ),
-        )
-        if spent.rowcount != 1:  # cannot happen under the write lock; stay safe anyway
-            conn.execute("ROLLBACK")
-            return None
-        conn.execute(
-            _SQLITE_ISSUE.sql,
-            _SQLITE_ISSUE.args(
-                b_token=successor_hash,
-                b_family=family_id,
-                b_parent=token_hash,
-                b_scope=scope,
-                b_now=now,
-                b_ttl=exchange.refresh_ttl,
-            ),
-        )
-        details = json.dumps({"family_id": family_id}, separators=(",", ":"))
-        conn.execute(
-            _SQLITE_AUDIT.sql,
-            _SQLITE_AUDIT.args(b_username=username, b_details=details, **_event_values(exchange)),
-        )
+        done = [_sqlite_rotate_one(conn, exchange) for exchange in exchanges]
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+    return done
+
+
+def _sqlite_rotate_one(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | None:
+    """One plain rotation inside the caller's transaction; None (having changed
+    nothing) when the token is not one the plain case takes."""
+    now, token_hash, successor_hash = exchange.now, exchange.token_hash, exchange.successor_hash
+    found = conn.execute(
+        _SQLITE_FIND.sql,
+        _SQLITE_FIND.args(
+            b_hash=token_hash, b_now=now, b_client=exchange.client_id, b_jkt=exchange.dpop_jkt
+        ),
+    ).fetchone()
+    if found is None:
+        return None
+    family_id, scope, client_id, username = found
+    spent = conn.execute(
+        _SQLITE_SPEND.sql,
+        _SQLITE_SPEND.args(
+            b_hash=token_hash, b_expected="active", b_successor=successor_hash, b_at=now
+        ),
+    )
+    if spent.rowcount != 1:  # cannot happen under the write lock; stay safe anyway
+        return None
+    conn.execute(
+        _SQLITE_ISSUE.sql,
+        _SQLITE_ISSUE.args(
+            b_token=successor_hash,
+            b_family=family_id,
+            b_parent=token_hash,
+            b_scope=scope,
+            b_now=now,
+            b_ttl=exchange.refresh_ttl,
+        ),
+    )
+    details = json.dumps({"family_id": family_id}, separators=(",", ":"))
+    conn.execute(
+        _SQLITE_AUDIT.sql,
+        _SQLITE_AUDIT.args(b_username=username, b_details=details, **_event_values(exchange)),
+    )
     return Rotated(family_id, username, scope, client_id)

@@ -87,19 +87,29 @@ CLIENT = sa.bindparam("b_client", type_=sa.String)
 # The thumbprint of the request's DPoP proof key: see `_proves_the_family_key`.
 DPOP_KEY = sa.bindparam("b_jkt", type_=sa.String)
 
-# Compare-and-set: spend the token only if it is still in the `b_expected` state, so of
-# concurrent exchanges of one token exactly one wins.
-SPEND = (
-    refresh_tokens.update()
-    .where(
-        _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
-        _t.status == sa.bindparam("b_expected", type_=sa.String),
+
+def spend(
+    *,
+    token_hash: sa.ColumnElement[str],
+    expected: sa.ColumnElement[str],
+    successor_hash: sa.ColumnElement[str],
+    at: sa.ColumnElement[float],
+) -> sa.Update:
+    """Compare-and-set: spend the token only if it is still in the `expected` state, so
+    of concurrent exchanges of one token exactly one wins."""
+    return (
+        refresh_tokens.update()
+        .where(_t.token_hash == token_hash, _t.status == expected)
+        .values(status="spent", successor_hash=successor_hash, spent_at=at)
     )
-    .values(
-        status="spent",
-        successor_hash=sa.bindparam("b_successor", type_=sa.String),
-        spent_at=sa.bindparam("b_at", type_=Time),
-    )
+
+
+# `spend` with every value a parameter.
+SPEND = spend(
+    token_hash=sa.bindparam("b_hash", type_=sa.String),
+    expected=sa.bindparam("b_expected", type_=sa.String),
+    successor_hash=sa.bindparam("b_successor", type_=sa.String),
+    at=sa.bindparam("b_at", type_=Time),
 )
 
 

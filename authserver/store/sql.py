@@ -56,6 +56,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from authserver import metrics
 from authserver.config import Settings
 from authserver.store import fastpath, rotation
+from authserver.store.batching import Batcher
 from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate, sqlite_use_jti
 from authserver.store.protocol import (
     AuditEvent,
@@ -708,6 +709,10 @@ class SqlStore:
         # Within one process, queue SQLite writers on the event loop: only one
         # may hold the write lock, and an inline writer must never wait for it.
         self._write_lock = asyncio.Lock() if self._sqlite else None
+        # Group commit of the plain rotations (`batching.py`).
+        self._rotations: Batcher[Exchange, Rotated | None] = Batcher(
+            self._rotate_batch, shared_failure=lambda exc: isinstance(exc, StoreUnavailable)
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SqlStore:
@@ -783,12 +788,24 @@ class SqlStore:
             self._writer = kept
         return kept
 
-    def _sqlite_rotate(self, exchange: Exchange) -> Rotated | None:
+    async def _rotate_batch(self, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
+        rotator, write_lock = self._rotator, self._write_lock
+        if rotator is not None:
+            return await self._retrying(lambda: rotator.rotate(exchanges))
+        assert write_lock is not None
+
+        async def once() -> list[Rotated | None]:
+            async with write_lock:
+                return self._sqlite_rotate(exchanges)
+
+        return await self._retrying(once)
+
+    def _sqlite_rotate(self, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
         writer = self._kept_writer()
         raw = writer.connection.dbapi_connection
         assert isinstance(raw, sqlite3.Connection)
         try:
-            return sqlite_rotate(raw, exchange)
+            return sqlite_rotate(raw, exchanges)
         finally:
             if raw.in_transaction:  # its rollback failed: start the next one afresh
                 writer.invalidate()
@@ -838,16 +855,7 @@ class SqlStore:
         exchange = Exchange(
             token_hash, successor_hash, now, refresh_ttl, event, client_id, dpop_jkt
         )
-        rotator, write_lock = self._rotator, self._write_lock
-        if rotator is not None:
-            return await self._retrying(lambda: rotator.rotate(exchange))
-        assert write_lock is not None
-
-        async def once() -> Rotated | None:
-            async with write_lock:
-                return self._sqlite_rotate(exchange)
-
-        return await self._retrying(once)
+        return await self._rotations.submit(exchange)
 
     async def _run_write(self, work: Callable[[Executor], Awaitable[T]]) -> T:
         async def once() -> T:
