@@ -192,8 +192,9 @@ class HttpMetrics:
 
     Not prometheus-fastapi-instrumentator or starlette-exporter: both match the route a
     second time and build Request objects for every request. On a small FastAPI app they
-    added 30-190 µs of CPU per request, this about 4 µs with a histogram observation per
-    request, and under 2 µs since that observation is batched.
+    added 30-190 µs of CPU per request. This added about 3.3 µs around a bare ASGI app
+    while it observed prometheus-client's histogram per request (multiprocess mode), and
+    1.3 µs batched; inside the app, on /protected, about 8 µs then and 3 µs now.
     """
 
     def __init__(self, app: ASGIApp) -> None:
