@@ -99,12 +99,12 @@ _LEVELS = {
 
 # The events the Prometheus metrics count (metrics.py), each once it is true: `emit` runs
 # after the change it describes has committed.
-_COUNTED = {
-    LOGIN_SUCCEEDED: metrics.LOGINS.labels("ok"),
-    LOGIN_FAILED: metrics.LOGINS.labels("bad_credentials"),
-    LOGIN_THROTTLED: metrics.LOGINS.labels("throttled"),
-    REFRESHED: metrics.REFRESH_ROTATIONS,
-    REUSE_DETECTED: metrics.REUSE_DETECTIONS,
+_COUNTED: dict[str, tuple[metrics.BatchedCounter, tuple[str, ...]]] = {
+    LOGIN_SUCCEEDED: (metrics.LOGINS_BATCH, ("ok",)),
+    LOGIN_FAILED: (metrics.LOGINS_BATCH, ("bad_credentials",)),
+    LOGIN_THROTTLED: (metrics.LOGINS_BATCH, ("throttled",)),
+    REFRESHED: (metrics.REFRESH_ROTATIONS_BATCH, ()),
+    REUSE_DETECTED: (metrics.REUSE_DETECTIONS_BATCH, ()),
 }
 
 
@@ -144,9 +144,9 @@ class Auditor:
 
     def emit(self, event: AuditEvent) -> None:
         """Write the event's log line and count it (once the change it describes has happened)."""
-        counter = _COUNTED.get(event.event)
-        if counter is not None:
-            counter.inc()
+        counted = _COUNTED.get(event.event)
+        if counted is not None:
+            counted[0].inc(*counted[1])
         level = _LEVELS.get(event.event, logging.INFO)
         if not log.isEnabledFor(level):
             return

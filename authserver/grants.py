@@ -119,7 +119,7 @@ class AuthService:
             jkt=jkt,
         )
         # Only a registered client gets this far, so the label's values stay bounded.
-        metrics.TOKENS_ISSUED.labels(grant, client.client_id).inc()
+        metrics.TOKENS_ISSUED_BATCH.inc(grant, client.client_id)
         return {
             "access_token": access_token,
             "token_type": "DPoP" if jkt is not None else "bearer",

@@ -9,11 +9,13 @@ and /metrics shows their total.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,11 @@ import httpx
 import pytest
 
 from authserver.config import Settings
-from authserver.metrics import WorkersCollector
+from authserver.metrics import FLUSH_INTERVAL, WorkersCollector
 from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
 from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
-from tests.helpers.metrics import Samples, scrape, value
+from tests.helpers.metrics import Samples, scrape, scrape_until, value
 from tests.helpers.procs import (
     ServerPool,
     ServerProcess,
@@ -50,6 +52,9 @@ class Metered:
 
     def samples(self) -> Samples:
         return scrape(self.metrics_url)
+
+    def samples_until(self, condition: Callable[[Samples], bool], within: float = 15.0) -> Samples:
+        return scrape_until(self.metrics_url, condition, within)
 
 
 async def _seed(database_url: str) -> str:
@@ -121,6 +126,15 @@ async def test_counts_are_summed_over_both_workers(metered: Metered, tmp_path: P
     before = metered.samples()
     sent = 0
     directory = _multiproc_dir(metered.server)
+
+    def ok_logins(samples: Samples) -> float:
+        return value(samples, "authserver_logins_total", outcome="ok") - value(
+            before, "authserver_logins_total", outcome="ok"
+        )
+
+    def all_logins(samples: Samples, sent: int) -> bool:
+        return ok_logins(samples) == sent
+
     # New connections, many at once: the kernel hands them to both workers.
     for _ in range(20):
         async with httpx.AsyncClient(
@@ -131,17 +145,27 @@ async def test_counts_are_summed_over_both_workers(metered: Metered, tmp_path: P
             answers = await asyncio.gather(*(client.post("/login", json=ALICE) for _ in range(12)))
         assert all(a.status_code == 200 for a in answers)
         sent += len(answers)
+        # Each worker writes its files once it flushes: wait for every login to be there.
+        metered.samples_until(functools.partial(all_logins, sent=sent))
         if sum(1 for c in _per_worker_logins(directory, tmp_path / str(sent)) if c > 0) >= 2:
             break
+    issued = {"grant": "password", "client_id": "authserver"}
+    http = {"route": "/login", "status": "200"}
+
+    def all_counted(samples: Samples) -> bool:
+        return (
+            ok_logins(samples) == sent
+            and value(samples, TOKENS, **issued) - value(before, TOKENS, **issued) == sent
+            and value(samples, HTTP_COUNT, **http) - value(before, HTTP_COUNT, **http) == sent
+        )
+
+    after = metered.samples_until(all_counted)
     per_worker = _per_worker_logins(directory, tmp_path / "final")
     assert len([c for c in per_worker if c > 0]) == 2, per_worker
-    after = metered.samples()
     ok = value(after, "authserver_logins_total", outcome="ok")
     assert ok == sum(per_worker)
     assert ok - value(before, "authserver_logins_total", outcome="ok") == sent
-    issued = {"grant": "password", "client_id": "authserver"}
     assert value(after, TOKENS, **issued) - value(before, TOKENS, **issued) == sent
-    http = {"route": "/login", "status": "200"}
     assert value(after, HTTP_COUNT, **http) - value(before, HTTP_COUNT, **http) == sent
     assert value(after, "authserver_password_hash_seconds_count") >= sent
     assert value(after, "authserver_signing_keys_loaded") == 1
@@ -159,23 +183,40 @@ async def test_counts_are_summed_over_both_workers(metered: Metered, tmp_path: P
             "/token", data={"grant_type": "client_credentials"}, auth=("svc", metered.client_secret)
         )
         assert service.status_code == 200
-    after = metered.samples()
+    expected = {
+        ("authserver_logins_total", (("outcome", "ok"),)): 1,
+        ("authserver_refresh_rotations_total", ()): 1,
+        ("authserver_refresh_reuse_detections_total", ()): 1,
+        ("authserver_logins_total", (("outcome", "bad_credentials"),)): 2,
+        ("authserver_logins_total", (("outcome", "throttled"),)): 1,
+        (TOKENS, (("grant", "refresh_token"), ("client_id", "authserver"))): 1,
+        (TOKENS, (("grant", "client_credentials"), ("client_id", "svc"))): 1,
+        (HTTP_COUNT, (("route", "/login"), ("status", "429"))): 1,
+    }
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+    def deltas(samples: Samples) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (name, labels): value(samples, name, **dict(labels))
+            - value(before, name, **dict(labels))
+            for (name, labels) in expected
+        }
 
-    assert delta("authserver_logins_total", outcome="ok") == 1
-    assert delta("authserver_refresh_rotations_total") == 1
-    assert delta("authserver_refresh_reuse_detections_total") == 1
-    assert delta("authserver_logins_total", outcome="bad_credentials") == 2
-    assert delta("authserver_logins_total", outcome="throttled") == 1
-    assert (
-        delta("authserver_tokens_issued_total", grant="refresh_token", client_id="authserver") == 1
+    after = metered.samples_until(lambda s: deltas(s) == expected)
+    assert deltas(after) == expected
+
+
+async def test_a_count_is_exported_within_the_flush_interval(metered: Metered) -> None:
+    """The supervisor serves /metrics from the workers' files, which they write every
+    FLUSH_INTERVAL: a request shows there soon after, with no other request to push it."""
+    live = {"route": "/health/live", "status": "200"}
+    before = value(metered.samples(), HTTP_COUNT, **live)
+    assert httpx.get(f"{metered.server.url}/health/live", timeout=10).status_code == 200
+    time.sleep(FLUSH_INTERVAL)
+    # Generous beyond the interval: a busy test machine may run the worker's timer late.
+    after = metered.samples_until(
+        lambda s: value(s, HTTP_COUNT, **live) == before + 1, within=10 * FLUSH_INTERVAL
     )
-    assert delta("authserver_tokens_issued_total", grant="client_credentials", client_id="svc") == 1
-    assert (
-        delta("authserver_http_request_duration_seconds_count", route="/login", status="429") == 1
-    )
+    assert value(after, HTTP_COUNT, **live) == before + 1
 
 
 async def test_own_listener_and_bounded_labels(metered: Metered) -> None:
@@ -191,10 +232,15 @@ async def test_own_listener_and_bounded_labels(metered: Metered) -> None:
         for i in range(5):
             assert (await client.get(f"/{marker}/{i}")).status_code == 404
         assert (await client.get(f"/protected/{marker}")).status_code == 404
-        text = httpx.get(metered.metrics_url, timeout=10).text
+
+    def routes_of(samples: Samples) -> set[str | None]:
+        return {dict(labels).get("route") for (_, labels) in samples} - {None}
+
+    # Once the 404s are written (their flush): then the marker would show, were it a label.
+    samples = metered.samples_until(lambda s: "unmatched" in routes_of(s))
+    text = httpx.get(metered.metrics_url, timeout=10).text
     assert marker not in text
-    samples = metered.samples()
-    routes = {dict(labels).get("route") for (_, labels) in samples} - {None}
+    routes = routes_of(samples)
     assert routes <= {"unmatched", "/login", "/refresh", "/token", "/health", "/health/live"}
     assert "unmatched" in routes
     clients = {dict(labels).get("client_id") for (_, labels) in samples} - {None}

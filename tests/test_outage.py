@@ -31,7 +31,7 @@ from tests.helpers.databases import (
     needs_postgres,
 )
 from tests.helpers.factories import DEFAULT_PASSWORD, seed_user
-from tests.helpers.metrics import scrape, value
+from tests.helpers.metrics import Samples, scrape_until, value
 from tests.helpers.procs import ServerPool, ServerProcess, base_env, free_port
 
 pytestmark = [pytest.mark.slow, needs_postgres]
@@ -234,9 +234,17 @@ async def test_outage_answers_503_and_recovers_without_restart(
         assert (await client.get("/protected", headers=bearer)).status_code == 200
 
     # /login, /refresh and /token (and /health) met the database down, and said 503.
-    samples = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+    routes = ("/health", "/login", "/refresh", "/token")
+
+    def counted(samples: Samples) -> bool:
+        return value(samples, "authserver_database_errors_total") >= 3 and all(
+            value(samples, HTTP_COUNT, route=route, status="503") >= 1 for route in routes
+        )
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    samples = await asyncio.to_thread(scrape_until, url, counted)
     assert value(samples, "authserver_database_errors_total") >= 3
-    for route in ("/health", "/login", "/refresh", "/token"):
+    for route in routes:
         count = value(samples, HTTP_COUNT, route=route, status="503")
         assert count >= 1, route
 
