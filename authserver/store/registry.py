@@ -174,10 +174,16 @@ class PgListener:
         conn = self._connection
         return None if conn is None or conn.is_closed() else conn.get_server_pid()
 
-    def start(self) -> None:
-        """Start listening in the background (once; call from the event loop)."""
+    def check(self) -> None:
+        """Call before every use of the registry: starts listening (once), and switches
+        the memory off at once when the connection is closed, since asyncpg calls its
+        termination listeners only at the loop's next turn."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._registry.on:
+            conn = self._connection
+            if conn is None or conn.is_closed():
+                self._registry.switch(False)
 
     async def close(self) -> None:
         task, self._task = self._task, None

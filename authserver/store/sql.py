@@ -1139,7 +1139,7 @@ class SqlStore:
                     raise _unavailable_error(exc) from exc
                 raise
         elif self.listener is not None:
-            self.listener.start()
+            self.listener.check()
         return self.registry.guard()
 
     def _session_guard(self, guard: int | None) -> int | None:
