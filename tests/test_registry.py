@@ -19,6 +19,7 @@ from authserver.config import Settings
 from authserver.store.protocol import Client
 from authserver.store.registry import Registry
 from authserver.store.sql import SqlStore, SqlTransaction
+from tests.helpers.databases import POSTGRESQL_ONLY
 from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.helpers.procs import ServerPool, base_env, run_cli, server_errors
 
@@ -173,7 +174,7 @@ def _client(client_id: str) -> Client:
 # -- PostgreSQL: sessions, and the listener --------------------------------------------
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@POSTGRESQL_ONLY
 async def test_a_session_revoked_by_another_process_is_read_again(
     store: SqlStore, other: SqlStore
 ) -> None:
@@ -209,7 +210,7 @@ async def test_a_session_revoked_by_another_process_is_read_again(
     assert await store.session_live(families[1]) is False
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@POSTGRESQL_ONLY
 async def test_losing_the_listener_turns_the_memory_off_until_it_is_back(
     store: SqlStore, other: SqlStore, database_url: str
 ) -> None:
@@ -242,7 +243,7 @@ async def test_losing_the_listener_turns_the_memory_off_until_it_is_back(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@POSTGRESQL_ONLY
 def test_a_session_ended_on_one_server_is_inactive_at_another_at_once(
     database_url: str, keys_dir: Path, tmp_path: Path
 ) -> None:
