@@ -20,6 +20,10 @@ and caches each of them a single time. The rotation's statements and rules
 `rotation.py`, shared with the hottest write of all, the plain refresh, which
 runs them on the drivers themselves (`fastpath.py`); its errors are retried
 and mapped here like everyone else's.
+
+Clients, and on PostgreSQL live sessions, are remembered per process
+(`registry.py`) and forgotten when the database's triggers say they changed; a
+write made here forgets what it changed itself, after its commit.
 """
 
 from __future__ import annotations
