@@ -331,16 +331,24 @@ async def test_authlib_does_client_credentials(app: Running, method: str) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_a_disabled_or_removed_client_stops_on_every_process_at_once(
     database_url: str, keys_dir: Path, tmp_path: Path
 ) -> None:
-    env = base_env(AUTHSERVER_DATABASE_URL=database_url, AUTHSERVER_KEYS_DIR=str(keys_dir))
+    """Each server remembers the client after its first request (`store/registry.py`):
+    the CLI's every change must reach both at their next request."""
+    env = base_env(
+        AUTHSERVER_DATABASE_URL=database_url,
+        AUTHSERVER_KEYS_DIR=str(keys_dir),
+        # The refused requests below are not guesses to throttle.
+        AUTHSERVER_LOGIN_MAX_FAILURES="1000",
+        AUTHSERVER_LOGIN_MAX_FAILURES_PER_USER="1000",
+    )
     added = run_cli(["clients", "add", "worker"], env, cwd=tmp_path)
     assert added.returncode == 0, added.stderr
-    headers = basic("worker", added.stdout.strip())
+    old = basic("worker", added.stdout.strip())
 
-    def statuses(servers: list[ServerProcess]) -> list[int]:
+    def statuses(servers: list[ServerProcess], headers: dict[str, str] = old) -> list[int]:
         return [
             httpx.post(f"{s.url}/token", data=CC, headers=headers, timeout=10).status_code
             for s in servers
@@ -351,12 +359,22 @@ def test_a_disabled_or_removed_client_stops_on_every_process_at_once(
         for server in servers:
             server.wait_healthy()
         assert statuses(servers) == [200, 200]
+        assert statuses(servers) == [200, 200]  # now answered from memory
         assert run_cli(["clients", "disable", "worker"], env, cwd=tmp_path).returncode == 0
         assert statuses(servers) == [401, 401]
         assert run_cli(["clients", "enable", "worker"], env, cwd=tmp_path).returncode == 0
         assert statuses(servers) == [200, 200]
+        rotated = run_cli(["clients", "rotate-secret", "worker"], env, cwd=tmp_path)
+        assert rotated.returncode == 0, rotated.stderr
+        new = basic("worker", rotated.stdout.strip())
+        assert statuses(servers, new) == [200, 200]
+        assert statuses(servers, old) == [401, 401]
         assert run_cli(["clients", "remove", "worker"], env, cwd=tmp_path).returncode == 0
-        assert statuses(servers) == [401, 401]
+        assert statuses(servers, new) == [401, 401]
+        # Registered again under the same id: an unknown id is never remembered.
+        again = run_cli(["clients", "add", "worker"], env, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert statuses(servers, basic("worker", again.stdout.strip())) == [200, 200]
         for server in servers:
             assert server_errors(server.log()) == []
 

@@ -12,7 +12,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from authserver.store.protocol import RefreshTransaction
+import pytest
+
+from authserver.config import Settings
+from authserver.store.protocol import RefreshTransaction, StoreUnavailable
 from authserver.store.sql import SqlStore
 from tests.helpers.databases import POSTGRESQL_ONLY
 from tests.helpers.factories import make_user
@@ -62,3 +65,24 @@ async def test_deadlock_is_retried(store: SqlStore) -> None:
     assert sorted(done) == ["x", "y"]
     # Exactly one of them was the deadlock's victim, and it ran once more.
     assert sorted(attempts.values()) == [1, 2]
+
+
+@POSTGRESQL_ONLY
+async def test_a_saturated_pool_waits_at_most_its_timeout_then_is_unavailable(
+    database_url: str,
+) -> None:
+    """The hot reads take a free connection without a timer (`fastpath._acquire`), but
+    with none free they still wait `database_pool_timeout` at most."""
+    settings = Settings(database_url=database_url, database_pool_size=1, database_pool_timeout=0.2)
+    store = SqlStore.from_settings(settings)
+    try:
+        assert await store.get_client("nobody") is None  # the pool's one connection, idle
+        rotator = store._rotator
+        assert rotator is not None
+        pool = await rotator._get_pool()
+        async with pool.acquire():  # taken: the pool is saturated
+            with pytest.raises(StoreUnavailable):
+                await store.get_client("nobody")
+        assert await store.get_client("nobody") is None
+    finally:
+        await store.close()

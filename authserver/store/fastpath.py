@@ -18,12 +18,12 @@ dialect at import; only their execution skips SQLAlchemy:
   the store's kept writer connection, through `sqlite3`; the rotations that
   arrive in one turn of the event loop share that transaction (`batching.py`).
 
-The two reads asked on every client-authenticated request run here too: a
-client by id (/token, /introspect, /revoke) and whether a session is live
-(introspection), the two together in one statement when introspection needs
-both. They stay reads of the database on every request, so a
-client disabled or removed, or a session revoked, by any process is seen by
-the next request everywhere; only SQLAlchemy's execution layer is skipped.
+The two reads of client-authenticated requests run here too: a client by id
+(/token, /introspect, /revoke) and whether a session is live (introspection),
+the two together in one statement when introspection needs both. Each process
+remembers what they found (`registry.py`): a client, and on PostgreSQL a live
+session, is read again only after the database's triggers say it changed (a
+NOTIFY, or SQLite's counter), so most requests read nothing here at all.
 
 Anything unusual (reuse, expiry, revocation, a disabled user, a narrowed scope)
 finds no row, changes nothing, and takes the general path in `refresh.py`;
@@ -249,6 +249,16 @@ _PG_USE_JTI = _compile(
 )
 
 
+def _acquire(pool: asyncpg.Pool, wait: float) -> Any:
+    """A pooled connection, waiting at most `wait` seconds for one (then the caller's
+    503). asyncpg's timeout costs a task and a timer per acquire; with a connection
+    idle, the acquire takes it without waiting (its queue hands out live connections
+    first), so the timeout is set only when it can matter."""
+    if pool.get_idle_size():
+        return pool.acquire()
+    return pool.acquire(timeout=wait)
+
+
 async def _keep_session(_connection: asyncpg.Connection) -> None:
     """The pool's reset: nothing to undo (asyncpg still rolls back a stray transaction)."""
 
@@ -283,7 +293,7 @@ class PgRotator:
         the plain case does not take."""
         pool = await self._get_pool()
         args = _PG_ROTATE.args(**_batch_values(exchanges))
-        async with pool.acquire(timeout=self._wait) as conn:
+        async with _acquire(pool, self._wait) as conn:
             rows = await conn.fetch(_PG_ROTATE.sql, *args)
         done: list[Rotated | None] = [None] * len(exchanges)
         for row in rows:
@@ -295,14 +305,14 @@ class PgRotator:
     async def fetch_one(self, read: Read, **values: Any) -> dict[str, Any] | None:
         """One row of a hot read (`GET_CLIENT`, `SESSION_LIVE`, ...), or None."""
         pool = await self._get_pool()
-        async with pool.acquire(timeout=self._wait) as conn:
+        async with _acquire(pool, self._wait) as conn:
             row = await conn.fetchrow(read.pg.sql, *read.pg.args(**values))
         return None if row is None else dict(row)
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
         pool = await self._get_pool()
         args = _PG_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
-        async with pool.acquire(timeout=self._wait) as conn:
+        async with _acquire(pool, self._wait) as conn:
             return await conn.fetchval(_PG_USE_JTI.sql, *args) is not None
 
     async def close(self) -> None:

@@ -143,6 +143,15 @@ clients = sa.Table(
     sa.Column("updated_at", Time, nullable=False),
 )
 
+# One row: a counter that triggers on `clients` bump on every change, by any writer
+# (migration 0007), so a process knows when the clients it remembers are stale.
+registry_version = sa.Table(
+    "registry_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
+
 # Single-use assertion ids (RFC 7523 §3 `jti`), kept until the assertion expires: a
 # replay finds its row, on every process that shares the database.
 used_jtis = sa.Table(

@@ -20,6 +20,10 @@ and caches each of them a single time. The rotation's statements and rules
 `rotation.py`, shared with the hottest write of all, the plain refresh, which
 runs them on the drivers themselves (`fastpath.py`); its errors are retried
 and mapped here like everyone else's.
+
+Clients, and on PostgreSQL live sessions, are remembered per process
+(`registry.py`) and forgotten when the database's triggers say they changed; a
+write made here forgets what it changed itself, after its commit.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -72,6 +76,7 @@ from authserver.store.protocol import (
     TokenStatus,
     User,
 )
+from authserver.store.registry import PgListener, Registry, SqliteCheck
 from authserver.store.schema import (
     Time,
     audit_events,
@@ -181,13 +186,20 @@ _SQLALCHEMY_ONLY_ARGS = frozenset(
 )
 
 
-def _create_rotator(engine: AsyncEngine, settings: Settings) -> PgRotator:
-    """The raw asyncpg pool for the plain refresh, connecting exactly as `engine` does."""
+def _raw_connect_args(engine: AsyncEngine, settings: Settings) -> dict[str, Any]:
+    """What asyncpg itself is given to connect exactly as `engine` does."""
     _, from_url = engine.dialect.create_connect_args(engine.url)
     args = {k: v for k, v in from_url.items() if k not in _SQLALCHEMY_ONLY_ARGS}
     args.update(_pg_session_args(settings))
+    return args
+
+
+def _create_rotator(engine: AsyncEngine, settings: Settings) -> PgRotator:
+    """The raw asyncpg pool for the plain refresh and the hot reads."""
     return PgRotator(
-        args, max_size=settings.database_pool_size, wait=settings.database_pool_timeout
+        _raw_connect_args(engine, settings),
+        max_size=settings.database_pool_size,
+        wait=settings.database_pool_timeout,
     )
 
 
@@ -425,11 +437,31 @@ _KNOWN_ADDRESS = sa.select(login_addresses.c.user_id).where(
 )
 
 
+@dataclass(slots=True)
+class _Changed:
+    """What a write changed that the process's registry may remember: forgotten after
+    the commit, before the request that wrote answers (other processes hear of it from
+    the database's triggers). A failed or retried write forgets too: harmless."""
+
+    clients: bool = False
+    sessions: set[str] = field(default_factory=set)
+    all_sessions: bool = False
+
+    def forget(self, registry: Registry) -> None:
+        if self.clients:
+            registry.forget_clients()
+        if self.all_sessions:
+            registry.forget_sessions()
+        for family_id in self.sessions:
+            registry.forget_session(family_id)
+
+
 class SqlTransaction:
     """`RefreshTransaction` on one open connection."""
 
-    def __init__(self, conn: Executor) -> None:
+    def __init__(self, conn: Executor, changed: _Changed | None = None) -> None:
         self._conn = conn
+        self._changed = changed if changed is not None else _Changed()
 
     async def get_refresh(
         self, token_hash: str, *, now: float, client_id: str | None, dpop_jkt: str | None = None
@@ -515,6 +547,7 @@ class SqlTransaction:
         )
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
+        self._changed.sessions.add(family_id)
         # Tokens before families, the order `revoke_user_families` locks in too.
         await self._conn.execute(
             refresh_tokens.update()
@@ -565,6 +598,7 @@ class SqlTransaction:
         await self._conn.execute(users.update().where(users.c.id == user_id).values(**values))
 
     async def revoke_user_families(self, user_id: int, *, at: float, reason: str) -> int:
+        self._changed.all_sessions = True
         ids = sa.select(refresh_families.c.id).where(
             refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None)
         )
@@ -585,9 +619,11 @@ class SqlTransaction:
         return await _get_client(self._conn, client_id)
 
     async def add_client(self, client: Client) -> None:
+        self._changed.clients = True
         await self._conn.execute(clients.insert().values(**_client_row(client)))
 
     async def update_client(self, client: Client) -> bool:
+        self._changed.clients = True
         result = await self._conn.execute(
             clients.update()
             .where(clients.c.client_id == client.client_id)
@@ -596,6 +632,7 @@ class SqlTransaction:
         return result.rowcount == 1
 
     async def delete_client(self, client_id: str) -> bool:
+        self._changed.clients = True
         # Its users' consents go with it: a client registered later under the same id
         # must ask again.
         await self._conn.execute(consents.delete().where(consents.c.client_id == client_id))
@@ -603,6 +640,7 @@ class SqlTransaction:
         return result.rowcount == 1
 
     async def revoke_client_families(self, client_id: str, *, at: float, reason: str) -> int:
+        self._changed.all_sessions = True
         live = refresh_families.c.client_id == client_id, refresh_families.c.revoked_at.is_(None)
         # Tokens before families, the order `revoke_family` locks in too.
         await self._conn.execute(
@@ -699,10 +737,24 @@ async def _get_user(conn: Executor, username: str) -> User | None:
 class SqlStore:
     """The `Store` protocol over SQLAlchemy: asyncpg, or SQLite run inline."""
 
-    def __init__(self, engine: AsyncEngine, rotator: PgRotator | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        rotator: PgRotator | None = None,
+        listener_args: dict[str, Any] | None = None,
+    ) -> None:
         self.engine = engine
         self._rotator = rotator
         self._sqlite = engine.dialect.name == "sqlite"
+        # Remembered clients (and live sessions): `registry.py`. On PostgreSQL only while
+        # the listener is connected; without one (no `listener_args`), never.
+        self.registry = Registry(on=self._sqlite)
+        self._sqlite_check = SqliteCheck(self.registry) if self._sqlite else None
+        self.listener = (
+            PgListener(listener_args, self.registry)
+            if listener_args is not None and not self._sqlite
+            else None
+        )
         self._inline = _create_inline_engine(engine) if self._sqlite else None
         self._writer: Connection | None = None
         self._reader: Connection | None = None
@@ -719,13 +771,15 @@ class SqlStore:
         if settings.is_sqlite:
             return cls(create_engine(settings))
         engine = create_engine(settings)
-        return cls(engine, _create_rotator(engine, settings))
+        return cls(engine, _create_rotator(engine, settings), _raw_connect_args(engine, settings))
 
     async def close(self) -> None:
         for kept in (self._writer, self._reader):
             if kept is not None:
                 kept.close()
         self._writer = self._reader = None
+        if self.listener is not None:
+            await self.listener.close()
         if self._inline is not None:
             self._inline.dispose()
         if self._rotator is not None:
@@ -836,10 +890,13 @@ class SqlStore:
             yield _AsyncExecutor(conn)
 
     async def atomic(self, work: Callable[[SqlTransaction], Awaitable[T]]) -> T:
+        changed = _Changed()
         try:
-            return await self._run_write(lambda conn: work(SqlTransaction(conn)))
+            return await self._run_write(lambda conn: work(SqlTransaction(conn, changed)))
         except IntegrityError as exc:
             raise Conflict(type(exc.orig).__name__ if exc.orig else "IntegrityError") from exc
+        finally:
+            changed.forget(self.registry)
 
     async def rotate_active(
         self,
@@ -959,7 +1016,10 @@ class SqlStore:
             result = await conn.execute(refresh_families.delete().where(dead))
             return result.rowcount
 
-        return await self._run_write(work)
+        try:
+            return await self._run_write(work)
+        finally:
+            self.registry.forget_sessions()
 
     # -- login failures --------------------------------------------------------
 
@@ -1025,8 +1085,15 @@ class SqlStore:
     # -- clients ---------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> Client | None:
+        registry, guard = self.registry, self._look()
+        if guard is not None and (client := registry.client(client_id)) is not None:
+            return client
         row = await self._fast_read(fastpath.GET_CLIENT, b_id=client_id)
-        return _client(row) if row is not None else None
+        if row is None:
+            return None
+        client = _client(row)
+        registry.keep_client(guard, client)
+        return client
 
     async def list_clients(self) -> Sequence[Client]:
         async with self._read() as conn:
@@ -1039,16 +1106,58 @@ class SqlStore:
         return _record(row) if row is not None else None
 
     async def session_live(self, family_id: str) -> bool:
-        return await self._fast_read(fastpath.SESSION_LIVE, b_id=family_id) is not None
+        registry, guard = self.registry, self._session_guard(self._look())
+        if guard is not None and registry.session_live(family_id):
+            return True
+        live = await self._fast_read(fastpath.SESSION_LIVE, b_id=family_id) is not None
+        if live:
+            registry.keep_session(guard, family_id)
+        return live
 
     async def get_client_and_session(
         self, client_id: str, family_id: str
     ) -> tuple[Client | None, bool]:
-        row = await self._fast_read(fastpath.CLIENT_AND_SESSION, b_id=client_id, b_sid=family_id)
-        if row is None:
-            return None, False
-        live = bool(row.pop("session_live"))
-        return _client(row), live
+        registry, guard = self.registry, self._look()
+        session_guard = self._session_guard(guard)
+        if guard is not None and (client := registry.client(client_id)) is not None:
+            if session_guard is not None and registry.session_live(family_id):
+                return client, True
+            live = await self._fast_read(fastpath.SESSION_LIVE, b_id=family_id) is not None
+        else:
+            row = await self._fast_read(
+                fastpath.CLIENT_AND_SESSION, b_id=client_id, b_sid=family_id
+            )
+            if row is None:
+                return None, False
+            live = bool(row.pop("session_live"))
+            client = _client(row)
+            registry.keep_client(guard, client)
+        if live:
+            registry.keep_session(session_guard, family_id)
+        return client, live
+
+    def _look(self) -> int | None:
+        """Make the registry current for a hot read: its guard (`Registry.guard`), or
+        None when it may be neither used nor added to."""
+        check = self._sqlite_check
+        if check is not None:
+            raw = self._raw_reader()
+            if raw is None:
+                return None
+            try:
+                check.check(raw)
+            except sqlite3.Error as exc:
+                if _unavailable(exc):
+                    raise _unavailable_error(exc) from exc
+                raise
+        elif self.listener is not None:
+            self.listener.check()
+        return self.registry.guard()
+
+    def _session_guard(self, guard: int | None) -> int | None:
+        # Sessions are remembered on PostgreSQL only: SQLite's read is local and cheap,
+        # while its data version moves with every login and refresh anyway.
+        return guard if self.listener is not None else None
 
     async def _fast_read(self, read: fastpath.Read, **values: Any) -> dict[str, Any] | None:
         """A hot read on the driver itself (`fastpath.py`): asyncpg's pool, or the
@@ -1186,7 +1295,10 @@ class SqlStore:
             await _add_audit_event(conn, event)
             return result.rowcount
 
-        return await self._run_write(work)
+        try:
+            return await self._run_write(work)
+        finally:
+            self.registry.forget_sessions()
 
     async def has_consent(self, user_id: int, client_id: str, scope: str) -> bool:
         query = sa.select(consents.c.user_id).where(
