@@ -4,8 +4,11 @@ would refuse: another key, a tampered `jwk`, another `typ`, another URL."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,6 +20,7 @@ from starlette.requests import Request
 from authserver.client import DPoPKey
 from authserver.errors import InvalidDPoPProofError
 from authserver.resource import request_url
+from authserver.store.sql import SqlStore
 from authserver.tokens import _proof_headers, verify_self_signed
 
 TYP = "dpop+jwt"
@@ -139,3 +143,32 @@ def test_the_request_url_is_starlettes(scope: dict[str, Any]) -> None:
     for _ in range(2):
         expected = str(request(scope).url.replace(query=""))
         assert request_url(request(scope)) == expected.rstrip("?")
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite: the jti's shortcut is SQLite's (PostgreSQL's is one statement on the pool)."""
+    return f"sqlite:///{tmp_path / 'authserver.db'}"
+
+
+async def test_a_jti_waits_for_another_process_holding_the_write_lock(
+    store: SqlStore, database_url: str
+) -> None:
+    """Another process's write transaction makes the uncontended shortcut fail with
+    'database is locked': the jti is then recorded by the retrying path once the lock
+    is free, and a replay is still refused."""
+    now = time.time()
+    assert await store.use_jti("dpop:first", expires_at=now + 60, now=now)
+    other = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+        began = time.monotonic()
+        assert await store.use_jti("dpop:second", expires_at=now + 60, now=now)
+        assert time.monotonic() - began >= 0.15  # it did wait for the other writer
+    finally:
+        other.close()
+    assert not await store.use_jti("dpop:second", expires_at=now + 60, now=now)
+    assert not await store.use_jti("dpop:first", expires_at=now + 60, now=now)
+    # An expired entry of the same key is taken over, as before.
+    assert await store.use_jti("dpop:first", expires_at=now + 200, now=now + 100)
