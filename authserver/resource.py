@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import URL
 
 from authserver.client import ClientAuth
 from authserver.dpop import MemoryReplayCache, ProofChecker
@@ -537,6 +539,42 @@ _bearer = HTTPBearer(auto_error=False, description="An access token from the aut
 _BOUND = "The access token is DPoP-bound: send it as 'Authorization: DPoP' with a DPoP proof."
 
 
+@functools.lru_cache(maxsize=4096)  # a resource is asked the same few URLs again and again
+def _url_of(
+    scheme: str, server: tuple[Any, ...] | None, host: bytes | None, root_path: str, path: str
+) -> str:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "scheme": scheme,
+        "server": server,
+        "root_path": root_path,
+        "path": path,
+        "query_string": b"",
+        "headers": [] if host is None else [(b"host", host)],
+    }
+    return str(URL(scope=scope))
+
+
+def request_url(request: Request) -> str:
+    """`str(request.url)` without the query, for a DPoP proof's `htu` (which leaves the
+    query out, RFC 9449 §4.2), remembered by what Starlette builds it from: building it
+    costs ~10 µs a request, a tenth of a proof's whole check besides its signature."""
+    scope = request.scope
+    host = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+            break
+    server = scope.get("server")
+    return _url_of(
+        scope.get("scheme", "http"),
+        None if server is None else tuple(server),
+        host,
+        scope.get("root_path", ""),
+        scope["path"],
+    )
+
+
 async def _dpop_claims(
     request: Request, token: str, validator: Validator, checker: ProofChecker
 ) -> AccessClaims:
@@ -554,7 +592,7 @@ async def _dpop_claims(
         await checker.check(
             request.headers.getlist("dpop"),
             method=request.method,
-            url=str(request.url),
+            url=request_url(request),
             access_token=token,
             jkt=jkt,
         )

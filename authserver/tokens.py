@@ -287,6 +287,37 @@ def _embedded_key(jwk: object, alg: str) -> EmbeddedKey:
     return prepared
 
 
+# A client signs every proof with the same header (`typ`, `alg`, its `jwk`): the header
+# segment, byte for byte, stands for the checks below, so a known one skips them (its
+# base64, JSON and jwk). Only headers that passed are kept; any other byte is a miss.
+_proof_headers: OrderedDict[tuple[bytes, str], EmbeddedKey] = OrderedDict()
+
+
+def _proof_header_key(segment: bytes, typ: str) -> EmbeddedKey:
+    """The key of a self-signed JWT's header `segment` (as sent), its header checked."""
+    cache_key = (segment, typ)
+    known = _proof_headers.get(cache_key)
+    if known is not None:
+        _proof_headers.move_to_end(cache_key)
+        return known
+    try:
+        header = _json_object(_lenient_b64decode(segment), "header")
+    except InvalidTokenError as exc:
+        raise InvalidDPoPProofError("The DPoP proof is malformed.") from exc
+    if header.get("typ") != typ:
+        raise InvalidDPoPProofError(f"The DPoP proof's typ must be {typ}.")
+    alg = header.get("alg")
+    if alg not in ALGORITHMS:
+        raise InvalidDPoPProofError("The DPoP proof's algorithm is not allowed.")
+    if "crit" in header:
+        raise InvalidDPoPProofError("The DPoP proof has unsupported critical headers.")
+    key = _embedded_key(header.get("jwk"), alg)
+    if len(_proof_headers) >= _MAX_EMBEDDED_KEYS:
+        _proof_headers.popitem(last=False)
+    _proof_headers[cache_key] = key
+    return key
+
+
 def verify_self_signed(jwt: str, *, typ: str) -> tuple[dict[str, Any], str]:
     """The claims of a JWT of type `typ` signed by the public key in its own `jwk` header
     (a DPoP proof, RFC 9449 §4.3 steps 2 to 7), and that key's RFC 7638 thumbprint;
@@ -304,19 +335,11 @@ def verify_self_signed(jwt: str, *, typ: str) -> tuple[dict[str, Any], str]:
             raise InvalidDPoPProofError("The DPoP proof is malformed.")
         # Not `_b64decode`'s one-spelling check: the signature covers the segments as
         # sent, and a proof is single-use by its `jti`, whatever its spelling.
-        header = _json_object(_lenient_b64decode(parts[0]), "header")
         signature = _lenient_b64decode(parts[2])
         payload = parts[1]
     except (UnicodeEncodeError, InvalidTokenError) as exc:
         raise InvalidDPoPProofError("The DPoP proof is malformed.") from exc
-    if header.get("typ") != typ:
-        raise InvalidDPoPProofError(f"The DPoP proof's typ must be {typ}.")
-    alg = header.get("alg")
-    if alg not in ALGORITHMS:
-        raise InvalidDPoPProofError("The DPoP proof's algorithm is not allowed.")
-    if "crit" in header:
-        raise InvalidDPoPProofError("The DPoP proof has unsupported critical headers.")
-    key = _embedded_key(header.get("jwk"), alg)
+    key = _proof_header_key(parts[0], typ)
     try:
         valid = key.key.verify(parts[0] + b"." + payload, signature)
     except Exception:

@@ -299,3 +299,30 @@ async def test_user_disabled_by_cli_is_refused_by_every_server(cluster: Cluster)
             dead = await refresh(client, server, token)
             assert dead.status_code == 401, server.name
             assert dead.json()["error"] == "invalid_grant"
+
+
+async def test_a_dpop_proof_replayed_to_another_worker_is_refused_sqlite(
+    pool: ServerPool, sqlite_env: dict[str, str]
+) -> None:
+    """RFC 9449 §11.1 on one SQLite file: a proof's jti is single-use across the workers
+    of `serve --workers 3`, whichever of them each connection lands on."""
+    await seed_user(sqlite_env["AUTHSERVER_DATABASE_URL"])
+    server = pool.start(sqlite_env, name="dpop-workers", workers=3)
+    wait_for_log(server, "Application startup complete.", 3)
+    key = DPoPKey()
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        proof = key.proof("POST", ISSUER + "/login")
+        first = await client.post(f"{server.url}/login", json=CREDENTIALS, headers={"DPoP": proof})
+        assert first.status_code == 200, first.text
+        token = first.json()["access_token"]
+        for _ in range(3):
+            proof = key.proof("GET", ISSUER + "/protected", access_token=token)
+            headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+            responses = await asyncio.gather(
+                *(client.get(f"{server.url}/protected", headers=headers) for _ in range(12))
+            )
+            assert Counter(r.status_code for r in responses) == {200: 1, 401: 11}
+            refused = {r.json()["error_description"] for r in responses if r.status_code == 401}
+            assert refused == {"The DPoP proof was already used."}
+    assert_clean_logs(server)

@@ -36,6 +36,7 @@ from authserver.errors import (
     UnsupportedGrantTypeError,
 )
 from authserver.grants import GRANT_TYPES, AuthService
+from authserver.resource import request_url
 from authserver.responses import JSON, NO_STORE, token_response
 from authserver.store.protocol import Client
 
@@ -65,7 +66,7 @@ async def dpop_key(request: Request, services: Services) -> str | None:
     proofs = request.headers.getlist("dpop")
     if not proofs:
         return None
-    proof = await services.dpop.check(proofs, method=request.method, url=str(request.url))
+    proof = await services.dpop.check(proofs, method=request.method, url=request_url(request))
     return proof.jkt
 
 

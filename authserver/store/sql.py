@@ -1191,6 +1191,13 @@ class SqlStore:
                 lambda: rotator.use_jti(key, expires_at=expires_at, now=now)
             )
         assert write_lock is not None
+        if not write_lock.locked():
+            # Nobody in this process is writing, and nothing awaits between this check
+            # and the (blocking) write: as good as holding the lock, without the lock's
+            # and the retry loop's coroutines. Any failure (another process writing: busy)
+            # takes the general path below, where the failed statement changed nothing.
+            with contextlib.suppress(DBAPIError, *_DRIVER_ERRORS):
+                return self._sqlite_use_jti(key, expires_at=expires_at, now=now)
 
         async def once() -> bool:
             async with write_lock:

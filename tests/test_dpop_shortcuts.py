@@ -1,0 +1,174 @@
+"""What the DPoP check remembers between requests (the checked header of a client's
+proofs, the URL of a request) must never let a proof through that the full check
+would refuse: another key, a tampered `jwk`, another `typ`, another URL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from jose import jws
+from starlette.requests import Request
+
+from authserver.client import DPoPKey
+from authserver.errors import InvalidDPoPProofError
+from authserver.resource import request_url
+from authserver.store.sql import SqlStore
+from authserver.tokens import _proof_headers, verify_self_signed
+
+TYP = "dpop+jwt"
+URL = "https://api.example/items"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def claims() -> dict[str, Any]:
+    return {"jti": b64(time.time_ns().to_bytes(8)), "htm": "GET", "htu": URL, "iat": time.time()}
+
+
+def signed(header: dict[str, Any], signer: Any) -> str:
+    """A proof with exactly this header (jose adds `alg`), signed by `signer`."""
+    token: str = jws.sign(claims(), signer, headers=header, algorithm="ES256")
+    return token
+
+
+def header_segment(proof: str) -> bytes:
+    return proof.encode("ascii").split(b".")[0]
+
+
+def test_a_known_header_signed_by_another_key_is_refused() -> None:
+    key = DPoPKey()
+    good = key.proof("GET", URL)
+    _, thumbprint = verify_self_signed(good, typ=TYP)
+    assert thumbprint == key.thumbprint
+    assert (header_segment(good), TYP) in _proof_headers  # the next one is a hit
+    other = ec.generate_private_key(ec.SECP256R1())
+    forged = signed({"typ": TYP, "jwk": key.jwk}, other)
+    assert header_segment(forged) == header_segment(good)
+    with pytest.raises(InvalidDPoPProofError, match="signature is invalid"):
+        verify_self_signed(forged, typ=TYP)
+    # The genuine key's next proof still passes, with its own thumbprint.
+    assert verify_self_signed(key.proof("GET", URL), typ=TYP)[1] == key.thumbprint
+
+
+def test_a_known_header_is_checked_again_for_another_typ() -> None:
+    key = DPoPKey()
+    proof = key.proof("GET", URL)
+    verify_self_signed(proof, typ=TYP)
+    with pytest.raises(InvalidDPoPProofError, match="typ must be JWT"):
+        verify_self_signed(key.proof("GET", URL), typ="JWT")
+
+
+def test_a_tampered_jwk_after_a_good_proof_is_refused() -> None:
+    key, other = DPoPKey(), DPoPKey()
+    verify_self_signed(key.proof("GET", URL), typ=TYP)
+    # The other key's public members, signed by the first key: the signature is checked
+    # against the key the header names, never against one remembered.
+    swapped = signed({"typ": TYP, "jwk": other.jwk}, key._private)
+    with pytest.raises(InvalidDPoPProofError, match="signature is invalid"):
+        verify_self_signed(swapped, typ=TYP)
+    # One member changed: not a key at all.
+    bent = {**key.jwk, "x": other.jwk["x"]}
+    with pytest.raises(InvalidDPoPProofError, match="not a usable public key"):
+        verify_self_signed(signed({"typ": TYP, "jwk": bent}, key._private), typ=TYP)
+    # A private member added to the cached key's jwk: another header, refused.
+    private = key._private
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    leaked = {**key.jwk, "d": b64(private.private_numbers().private_value.to_bytes(32))}
+    with pytest.raises(InvalidDPoPProofError, match="private key"):
+        verify_self_signed(signed({"typ": TYP, "jwk": leaked}, key._private), typ=TYP)
+
+
+def test_a_refused_header_is_not_remembered() -> None:
+    key = DPoPKey()
+    header = {"typ": "JWT", "jwk": key.jwk}
+    proof = signed(header, key._private)
+    for _ in range(2):
+        with pytest.raises(InvalidDPoPProofError, match="typ must be"):
+            verify_self_signed(proof, typ=TYP)
+    assert (header_segment(proof), TYP) not in _proof_headers
+
+
+def test_a_header_spelled_differently_is_checked_in_full() -> None:
+    key = DPoPKey()
+    verify_self_signed(key.proof("GET", URL), typ=TYP)
+    # The same header with a private member, in another member order: a miss.
+    header = {"jwk": {**key.jwk, "d": "AAAA"}, "typ": TYP, "alg": "ES256"}
+    segment = b64(orjson.dumps(header)).encode()
+    body = b64(orjson.dumps(claims())).encode()
+    with pytest.raises(InvalidDPoPProofError, match="private key"):
+        verify_self_signed(f"{segment.decode()}.{body.decode()}.c2ln", typ=TYP)
+
+
+def request(scope: dict[str, Any]) -> Request:
+    base: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "root_path": "",
+        "path": "/protected",
+        "query_string": b"",
+        "headers": [],
+    }
+    return Request({**base, **scope})
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        {"headers": [(b"host", b"api.example")]},
+        {"headers": [(b"host", b"api.example:8443")], "scheme": "https"},
+        {"headers": [(b"host", b"API.example")], "query_string": b"x=1"},
+        {"headers": []},
+        {"headers": [], "server": ("::1", 80)},
+        {"headers": [], "server": ["10.0.0.1", 443], "scheme": "https"},
+        {"headers": [(b"host", b"evil example")]},
+        {"headers": [(b"host", b"a.example")], "path": "/p?q#f\\g"},
+        {"headers": [(b"host", b"a.example")], "root_path": "/api", "path": "/api/items"},
+        {"headers": [(b"x", b"y"), (b"host", b"a.example"), (b"host", b"b.example")]},
+    ],
+)
+def test_the_request_url_is_starlettes(scope: dict[str, Any]) -> None:
+    # Twice: built once, then remembered; both the URL Starlette builds, without the query.
+    for _ in range(2):
+        expected = str(request(scope).url.replace(query=""))
+        assert request_url(request(scope)) == expected.rstrip("?")
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite: the jti's shortcut is SQLite's (PostgreSQL's is one statement on the pool)."""
+    return f"sqlite:///{tmp_path / 'authserver.db'}"
+
+
+async def test_a_jti_waits_for_another_process_holding_the_write_lock(
+    store: SqlStore, database_url: str
+) -> None:
+    """Another process's write transaction makes the uncontended shortcut fail with
+    'database is locked': the jti is then recorded by the retrying path once the lock
+    is free, and a replay is still refused."""
+    now = time.time()
+    assert await store.use_jti("dpop:first", expires_at=now + 60, now=now)
+    other = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+        began = time.monotonic()
+        assert await store.use_jti("dpop:second", expires_at=now + 60, now=now)
+        assert time.monotonic() - began >= 0.15  # it did wait for the other writer
+    finally:
+        other.close()
+    assert not await store.use_jti("dpop:second", expires_at=now + 60, now=now)
+    assert not await store.use_jti("dpop:first", expires_at=now + 60, now=now)
+    # An expired entry of the same key is taken over, as before.
+    assert await store.use_jti("dpop:first", expires_at=now + 200, now=now + 100)
