@@ -169,3 +169,25 @@ async def test_the_batcher_groups_one_loop_turn() -> None:
     assert seen == [[0, 1, 2, 3, 4]]
     assert await batcher.submit(7) == 70
     assert seen[-1] == [7]
+
+
+async def test_single_use_ids_arriving_together(start_app: StartApp) -> None:
+    """DPoP proofs' and client assertions' ids, recorded a batch at a time: each id
+    is taken once, a repeat within the batch or after it is a replay, and an expired
+    record gives its id back."""
+    running = await start_app()
+    store = running.store
+    assert isinstance(store, SqlStore)
+    now = time.time()
+
+    def use(key: str, *, at: float = now, ttl: float = 60) -> asyncio.Future[bool]:
+        return asyncio.ensure_future(store.use_jti(key, expires_at=at + ttl, now=at))
+
+    first = await asyncio.gather(use("a"), use("b"), use("a"), use("c"), use("b"), use("a"))
+    assert list(first) == [True, True, False, True, False, False]
+    again = await asyncio.gather(use("a"), use("c"), use("d"))
+    assert list(again) == [False, False, True]
+    # Once a record has expired, its id may be used again (its proof is long refused).
+    at = now + 100
+    later = await asyncio.gather(use("a", at=at), use("a", at=at), use("e", at=at))
+    assert list(later) == [True, False, True]

@@ -72,6 +72,26 @@ class Exchange:
     dpop_jkt: str | None = None  # the request's DPoP proof key, if it sent a proof
 
 
+@dataclass(frozen=True, slots=True)
+class UsedJti:
+    """A single-use id (a DPoP proof's, a client assertion's) to record until `expires_at`."""
+
+    key: str
+    expires_at: float
+    now: float
+
+
+def first_uses(jtis: Sequence[UsedJti]) -> list[bool]:
+    """For a batch: False for an id already met earlier in it (a replay, whatever the
+    database says of the first), True for the ones the database must decide."""
+    seen: set[str] = set()
+    first = []
+    for jti in jtis:
+        first.append(jti.key not in seen)
+        seen.add(jti.key)
+    return first
+
+
 # -- the statements, built from the schema and the shared rules ------------------
 
 _t, _f, _u = refresh_tokens.c, refresh_families.c, users.c
@@ -227,13 +247,17 @@ def _dialect(url: str) -> sa.Dialect:
     return sa.make_url(url).get_dialect()()
 
 
-def _use_jti(insert: Any) -> Any:
-    """Record a single-use id in one statement: inserted, or taking the place of an
-    expired row of the same key; a live row makes it change nothing (a replay)."""
-    statement = insert(used_jtis).values(
-        key=sa.bindparam("b_key", type_=sa.String),
-        expires_at=sa.bindparam("b_expires", type_=Time),
-    )
+def _use_jti(insert: Any, rows: sa.Select[Any] | None = None) -> Any:
+    """Record single-use ids in one statement (one id, or the `rows` of key and expiry):
+    inserted, or taking the place of an expired row of the same key; a live row makes
+    it change nothing (a replay)."""
+    if rows is None:
+        statement = insert(used_jtis).values(
+            key=sa.bindparam("b_key", type_=sa.String),
+            expires_at=sa.bindparam("b_expires", type_=Time),
+        )
+    else:
+        statement = insert(used_jtis).from_select(["key", "expires_at"], rows)
     return statement.on_conflict_do_update(
         index_elements=[used_jtis.c.key],
         set_={"expires_at": statement.excluded.expires_at},
@@ -243,9 +267,21 @@ def _use_jti(insert: Any) -> Any:
 
 # The dialects of the drivers the statements run on: `$1` for asyncpg, `?` for sqlite3.
 _PG_ROTATE = _compile(_pg_rotate(), _dialect("postgresql+asyncpg://"))
-# Every DPoP-protected request records its proof's jti: one round trip, no transaction.
-_PG_USE_JTI = _compile(
-    _use_jti(postgresql.insert).returning(used_jtis.c.key), _dialect("postgresql+asyncpg://")
+# Every DPoP-protected request records its proof's jti; those of one loop turn go in one
+# statement (distinct keys only: one INSERT may not touch a row twice).
+_PG_USE_JTIS = _compile(
+    _use_jti(
+        postgresql.insert,
+        rows=sa.select(
+            sa.func.unnest(
+                sa.bindparam("b_keys", type_=postgresql.ARRAY(sa.String)),
+                sa.bindparam("b_expires", type_=postgresql.ARRAY(Time)),
+            )
+            .table_valued(sa.column("key", sa.String), sa.column("expires_at", Time))
+            .render_derived(name="jtis")
+        ),
+    ).returning(used_jtis.c.key),
+    _dialect("postgresql+asyncpg://"),
 )
 
 
@@ -309,11 +345,21 @@ class PgRotator:
             row = await conn.fetchrow(read.pg.sql, *read.pg.args(**values))
         return None if row is None else dict(row)
 
-    async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
+    async def use_jtis(self, jtis: Sequence[UsedJti]) -> list[bool]:
+        """Record a batch of single-use ids in one round trip; False for each replay."""
+        first = first_uses(jtis)
+        fresh = [jti for jti, is_first in zip(jtis, first, strict=True) if is_first]
         pool = await self._get_pool()
-        args = _PG_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
+        args = _PG_USE_JTIS.args(
+            b_keys=[j.key for j in fresh],
+            b_expires=[j.expires_at for j in fresh],
+            # The batch's earliest moment decides what has expired: an id expiring
+            # within the batch's milliseconds counts as live, never the other way.
+            b_now=min(j.now for j in fresh),
+        )
         async with _acquire(pool, self._wait) as conn:
-            return await conn.fetchval(_PG_USE_JTI.sql, *args) is not None
+            recorded = {row[0] for row in await conn.fetch(_PG_USE_JTIS.sql, *args)}
+        return [is_first and jti.key in recorded for jti, is_first in zip(jtis, first, strict=True)]
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -410,11 +456,27 @@ _SQLITE_AUDIT = _compile(
 )
 
 
-def sqlite_use_jti(conn: sqlite3.Connection, key: str, *, expires_at: float, now: float) -> bool:
-    """Record a single-use id (see `_use_jti`); False for a replay. `conn` is in
-    autocommit mode and the caller holds the process's SQLite write lock."""
-    args = _SQLITE_USE_JTI.args(b_key=key, b_expires=expires_at, b_now=now)
-    return conn.execute(_SQLITE_USE_JTI.sql, args).rowcount == 1
+def sqlite_use_jtis(conn: sqlite3.Connection, jtis: Sequence[UsedJti]) -> list[bool]:
+    """Record a batch of single-use ids (see `_use_jti`) in one write transaction, one
+    after the other; False for each replay. `conn` is in autocommit mode and the caller
+    holds the process's SQLite write lock."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        recorded = [
+            conn.execute(
+                _SQLITE_USE_JTI.sql,
+                _SQLITE_USE_JTI.args(b_key=jti.key, b_expires=jti.expires_at, b_now=jti.now),
+            ).rowcount
+            == 1
+            for jti in jtis
+        ]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    return recorded
 
 
 def sqlite_rotate(conn: sqlite3.Connection, exchanges: Sequence[Exchange]) -> list[Rotated | None]:

@@ -61,7 +61,13 @@ from authserver import metrics
 from authserver.config import Settings
 from authserver.store import fastpath, rotation
 from authserver.store.batching import Batcher
-from authserver.store.fastpath import Exchange, PgRotator, sqlite_rotate, sqlite_use_jti
+from authserver.store.fastpath import (
+    Exchange,
+    PgRotator,
+    UsedJti,
+    sqlite_rotate,
+    sqlite_use_jtis,
+)
 from authserver.store.protocol import (
     AuditEvent,
     AuthorizationCode,
@@ -217,6 +223,9 @@ def _create_inline_engine(url: AsyncEngine) -> Engine:
     return engine
 
 
+_SQLITE_WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
+
+
 def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, checkpoint: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -229,6 +238,9 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, checkpoint: bool 
         # WAL + NORMAL keeps every commit atomic; only the last commits before a
         # power loss may be lost, never half of one.
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # Under steady writes the WAL file can grow past 100 MB before a checkpoint
+        # catches up; once the log restarts, the file is cut back to this size.
+        cursor.execute(f"PRAGMA journal_size_limit={_SQLITE_WAL_SIZE_LIMIT}")
         if not checkpoint:
             cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
@@ -297,6 +309,11 @@ def _unavailable(exc: BaseException) -> bool:
     # 57014: a query the server cancelled (its own statement_timeout);
     # 25006: a read-only server, as an old primary is after a failover.
     return sqlstate.startswith(("08", "57P", "53", "3D", "28", "57014", "25006"))
+
+
+def _shared_failure(exc: Exception) -> bool:
+    """Whether every request of a failed batch would have failed alone (`batching.py`)."""
+    return isinstance(exc, StoreUnavailable)
 
 
 def _unavailable_error(exc: BaseException) -> StoreUnavailable:
@@ -763,8 +780,9 @@ class SqlStore:
         self._write_lock = asyncio.Lock() if self._sqlite else None
         # Group commit of the plain rotations (`batching.py`).
         self._rotations: Batcher[Exchange, Rotated | None] = Batcher(
-            self._rotate_batch, shared_failure=lambda exc: isinstance(exc, StoreUnavailable)
+            self._rotate_batch, shared_failure=_shared_failure
         )
+        self._jtis: Batcher[UsedJti, bool] = Batcher(self._use_jtis, shared_failure=_shared_failure)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SqlStore:
@@ -1183,32 +1201,23 @@ class SqlStore:
             return await _sessions(conn, now=now, username=username, session_id=session_id)
 
     async def use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
-        # One statement on the raw driver (fastpath.py): every DPoP-protected request
-        # records its proof here, so it must cost no more than it has to.
+        # Every DPoP-protected request records its proof here: on the raw driver
+        # (fastpath.py), the ids of one loop turn together (batching.py).
+        return await self._jtis.submit(UsedJti(key, expires_at, now))
+
+    async def _use_jtis(self, jtis: Sequence[UsedJti]) -> list[bool]:
         rotator, write_lock = self._rotator, self._write_lock
         if rotator is not None:
-            return await self._retrying(
-                lambda: rotator.use_jti(key, expires_at=expires_at, now=now)
-            )
+            return await self._retrying(lambda: rotator.use_jtis(jtis))
         assert write_lock is not None
-        if not write_lock.locked():
-            # Nobody in this process is writing, and nothing awaits between this check
-            # and the (blocking) write: as good as holding the lock, without the lock's
-            # and the retry loop's coroutines. Any failure (another process writing: busy)
-            # takes the general path below, where the failed statement changed nothing.
-            with contextlib.suppress(DBAPIError, *_DRIVER_ERRORS):
-                return self._sqlite_use_jti(key, expires_at=expires_at, now=now)
 
-        async def once() -> bool:
+        async def once() -> list[bool]:
             async with write_lock:
-                return self._sqlite_use_jti(key, expires_at=expires_at, now=now)
+                raw = self._kept_writer().connection.dbapi_connection
+                assert isinstance(raw, sqlite3.Connection)
+                return sqlite_use_jtis(raw, jtis)
 
         return await self._retrying(once)
-
-    def _sqlite_use_jti(self, key: str, *, expires_at: float, now: float) -> bool:
-        raw = self._kept_writer().connection.dbapi_connection
-        assert isinstance(raw, sqlite3.Connection)
-        return sqlite_use_jti(raw, key, expires_at=expires_at, now=now)
 
     async def purge_used_jtis(self, *, before: float) -> int:
         async def work(conn: Executor) -> int:
