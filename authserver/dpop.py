@@ -20,7 +20,7 @@ import re
 import string
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -178,6 +178,17 @@ def _number(claims: dict[str, Any], name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidDPoPProofError(f"The DPoP proof has no valid '{name}' claim.")
     return float(value)
+
+
+# Where an ASGI middleware that rewrites a request's method (the server's `HeadAsGet`)
+# keeps the method the client sent, which is the one its proof names (`htm`).
+SENT_METHOD = "authserver.sent_method"
+
+
+def sent_method(scope: Mapping[str, Any]) -> str:
+    """The HTTP method the client sent: `scope`'s, unless a middleware rewrote it."""
+    method: str = scope.get(SENT_METHOD) or scope["method"]
+    return method
 
 
 class ProofChecker:

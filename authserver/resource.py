@@ -45,7 +45,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import URL
 
 from authserver.client import ClientAuth
-from authserver.dpop import MemoryReplayCache, ProofChecker
+from authserver.dpop import MemoryReplayCache, ProofChecker, sent_method
 from authserver.errors import (
     DPoPResourceError,
     InsufficientScopeError,
@@ -591,7 +591,7 @@ async def _dpop_claims(
     try:
         await checker.check(
             request.headers.getlist("dpop"),
-            method=request.method,
+            method=sent_method(request.scope),
             url=request_url(request),
             access_token=token,
             jkt=jkt,

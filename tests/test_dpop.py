@@ -309,6 +309,26 @@ async def test_the_query_is_ignored_and_urls_are_normalised(server: Running) -> 
     assert normalise_url("ftp://a.example/") is None
 
 
+async def test_a_head_request_is_proved_with_its_own_method(server: Running) -> None:
+    """HEAD is answered as GET (RFC 9110 §9.3.2), but the proof names what was sent."""
+    key = DPoPKey()
+    token = (await dpop_login(server, key))["access_token"]
+    url = BASE + "/protected"
+
+    async def head(method_proved: str) -> httpx.Response:
+        proof = key.proof(method_proved, url, access_token=token)
+        return await server.client.head(
+            "/protected", headers={"Authorization": f"DPoP {token}", "DPoP": proof}
+        )
+
+    ok = await head("HEAD")
+    assert ok.status_code == 200
+    assert ok.content == b""
+    refused = await head("GET")
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+
+
 async def test_a_client_registered_to_require_dpop(server: Running) -> None:
     await make_client(server.store, "spa", public=True, require_dpop=True)
     form = {"grant_type": "password", "client_id": "spa", **CREDENTIALS}

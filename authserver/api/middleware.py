@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from authserver.dpop import SENT_METHOD
+
 
 class HeadAsGet:
     """Answer HEAD as GET (RFC 9110 §9.3.2: every GET resource takes HEAD too).
@@ -21,7 +23,8 @@ class HeadAsGet:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "HEAD":
-            scope = {**scope, "method": "GET"}
+            # The method sent stays known: a DPoP proof names it (RFC 9449 §4.3, `htm`).
+            scope = {**scope, "method": "GET", SENT_METHOD: "HEAD"}
         await self.app(scope, receive, send)
 
 

@@ -30,6 +30,7 @@ from authserver.clients import (
     ClientCredentials,
     is_client_id,
 )
+from authserver.dpop import sent_method
 from authserver.errors import (
     InvalidGrantError,
     InvalidRequestError,
@@ -66,7 +67,8 @@ async def dpop_key(request: Request, services: Services) -> str | None:
     proofs = request.headers.getlist("dpop")
     if not proofs:
         return None
-    proof = await services.dpop.check(proofs, method=request.method, url=request_url(request))
+    method, url = sent_method(request.scope), request_url(request)
+    proof = await services.dpop.check(proofs, method=method, url=url)
     return proof.jkt
 
 
