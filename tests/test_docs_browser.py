@@ -33,6 +33,7 @@ USERNAME = "swagger"
 ROBOT = "swagger-robot"  # a confidential client, for the client_credentials flow
 PASSWORD = "browser password 1"
 PROTECTED_MESSAGE = "Access granted for protected route."
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,6 @@ def _authorize_and_call_protected(
     expect(live.locator("tbody .response-col_description")).to_contain_text(PROTECTED_MESSAGE)
 
 
-@pytest.mark.browser
 def test_swagger_ui_logs_in_and_calls_protected_offline(
     browser: Browser, docs_server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -221,7 +221,6 @@ def test_swagger_ui_logs_in_and_calls_protected_offline(
     assert server_errors(docs_server.log()) == []
 
 
-@pytest.mark.browser
 def test_swagger_ui_authorizes_a_confidential_client_and_calls_protected(
     browser: Browser, docs_server: ServerProcess, docs_workdir: Path
 ) -> None:
