@@ -147,21 +147,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "browser" in item.keywords:
             item.add_marker(pytest.mark.slow)
-    # The slow tests first, the longest of them (`@pytest.mark.slow(seconds=N)`, a rough
-    # figure) before the rest; a stable sort, so a module's tests keep their order.
-    # pytest-xdist (--dist loadfile, pyproject.toml) hands out whole modules in the order
-    # their first test comes here, as workers free up: the long ones start at once and the
-    # many short ones fill in behind them. Collected alphabetically, a long test near the
-    # end (the README walk-through) started last and ran alone.
-    items.sort(key=_running_time_rank)
-
-
-def _running_time_rank(item: pytest.Item) -> float:
-    slow = item.get_closest_marker("slow")
-    if slow is None:
-        return 0.0
-    seconds: float = slow.kwargs.get("seconds", 1.0)
-    return -seconds
 
 
 @pytest.fixture(scope="session")

@@ -617,7 +617,6 @@ def test_serve_generates_key_creates_demo_user_and_answers(tmp_path: Path) -> No
     assert "PRIVATE KEY" not in text
 
 
-@pytest.mark.slow(seconds=20)
 def test_serve_demo_twice_keeps_key_and_user(tmp_path: Path) -> None:
     cwd = tmp_path / "run"
     cwd.mkdir()
@@ -701,7 +700,6 @@ def _cli(tmp_path: Path, env: Mapping[str, str], *args: str) -> subprocess.Compl
     )
 
 
-@pytest.mark.slow(seconds=20)
 def test_operator_mistakes_are_one_line_naming_the_fix(tmp_path: Path, keys_dir: Path) -> None:
     """Real processes, as an operator meets them: a busy port, a missing database
     directory, an unreachable PostgreSQL."""

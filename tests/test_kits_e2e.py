@@ -181,7 +181,6 @@ def assert_all_succeeded(results: list[httpx.Response | BaseException], dep: Dep
     }
 
 
-@pytest.mark.slow(seconds=30)
 async def test_many_concurrent_requests_over_several_lifetimes(
     tmp_path: Path, repo_root: Path
 ) -> None:
@@ -204,7 +203,6 @@ async def test_many_concurrent_requests_over_several_lifetimes(
         assert len({p.refresh_token for p in saved}) == len(saved)
 
 
-@pytest.mark.slow(seconds=20)
 async def test_key_rotation_is_picked_up_without_a_failed_request(
     tmp_path: Path, repo_root: Path
 ) -> None:

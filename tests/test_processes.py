@@ -169,9 +169,8 @@ class Cluster:
     workdir: Path
 
 
-# The cluster's tests share it (three server starts each cost seconds; the suite hands out
-# whole modules, --dist loadfile, so one worker starts it once). A test that changes a user
-# signs in as one of its own.
+# The cluster's tests share it (three server starts each cost seconds); a test that changes a
+# user signs in as one of its own.
 USERS = ("alice", "carol")
 
 

@@ -189,7 +189,7 @@ def test_readme_lists_every_audit_event() -> None:
     assert dict(rows) == audit.EVENTS
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow
 def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
     for tool in ("curl", "jq"):
         if shutil.which(tool) is None:
