@@ -418,6 +418,12 @@ def run_with_sessions(cfg: Settings, work: Callable[[SessionService], Awaitable[
     return run_with_store(cfg, with_sessions)
 
 
+def _sessions(count: int) -> str:
+    """How many sessions a command ended ("1 session", "3 sessions"), said the same way
+    by `sessions revoke` and `clients remove`."""
+    return f"{count} session{'' if count == 1 else 's'}"
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -450,8 +456,7 @@ def sessions_revoke(
         cfg = settings()
         if user is not None:
             ended = run_with_sessions(cfg, lambda s: s.end_all(CLI, user))
-            plural = "" if ended == 1 else "s"
-            message = f"ended {ended} session{plural} of {normalize_username(user) or user}"
+            message = f"ended {_sessions(ended)} of {normalize_username(user) or user}"
         else:
             assert session_id is not None
             session = run_with_sessions(cfg, lambda s: s.end(CLI, session_id))
@@ -606,7 +611,7 @@ def clients_remove(client_id: str) -> None:
     """Delete a client and revoke every refresh family issued to it."""
     with operator_errors():
         revoked = run_with_clients(settings(), lambda c: c.remove(CLI, client_id))
-    typer.echo(f"removed client {client_id}; revoked {revoked} sessions")
+    typer.echo(f"removed client {client_id}; revoked {_sessions(revoked)}")
 
 
 # -- keys ------------------------------------------------------------------------

@@ -20,10 +20,10 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import bcrypt
 
@@ -108,6 +108,44 @@ def peer_env_for(server: Server, keys_dir: Path) -> dict[str, str]:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+K = TypeVar("K")
+
+
+class Rounds:
+    """A section's per-round rows, and the figures that sum them up: medians over the
+    rounds, their spread, error counts. A row maps each run's name to its
+    `Measured.as_dict()`, beside the round's own figures (ratios); runs named by
+    something else than a string (a worker count) are found under its `str`."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.rows = rows
+
+    def median(self, *path: str) -> float:
+        """The median over the rounds of the value at `path`: ("ratio",), ("fresh", "rps")."""
+        values = []
+        for row in self.rows:
+            value: Any = row
+            for key in path:
+                value = value[key]
+            values.append(value)
+        return median(values)
+
+    def medians(self, names: Iterable[K], field: str) -> dict[K, float]:
+        """`field` of each run named, its median over the rounds."""
+        return {name: self.median(str(name), field) for name in names}
+
+    def spread(self, *keys: str) -> dict[str, list[float]]:
+        """The lowest and the highest over the rounds of each of the round figures `keys`."""
+        return {
+            key: [min(row[key] for row in self.rows), max(row[key] for row in self.rows)]
+            for key in keys
+        }
+
+    def errors(self, *names: object) -> int:
+        """The errors of the runs named, over every round."""
+        return sum(row[str(name)]["errors"] for row in self.rows for name in names)
 
 
 def cores() -> int:
@@ -317,15 +355,16 @@ class Bench:
                 f"  WARNING: {offset} fresh requests cycled through only {count} tokens, "
                 "fewer than the server caches: the fresh figure may include cache hits"
             )
-        cpu = {v: median([r[v]["cpu_us_per_request"] for r in rounds]) for v in variants}
+        summary = Rounds(rounds)
+        cpu = summary.medians(variants, "cpu_us_per_request")
         return {
             "rounds": rounds,
-            "rps": {v: median([r[v]["rps"] for r in rounds]) for v in variants},
+            "rps": summary.medians(variants, "rps"),
             "cpu_us_per_request": cpu,
-            "p99_ms": {v: median([r[v]["p99_ms"] for r in rounds]) for v in variants},
-            "errors": sum(r[v]["errors"] for r in rounds for v in variants),
-            "reused_ratio": median([r["reused_ratio"] for r in rounds]),
-            "fresh_ratio": median([r["fresh_ratio"] for r in rounds]),
+            "p99_ms": summary.medians(variants, "p99_ms"),
+            "errors": summary.errors(*variants),
+            "reused_ratio": summary.median("reused_ratio"),
+            "fresh_ratio": summary.median("fresh_ratio"),
             # What the ratios would be if the server's CPU were all that mattered.
             "reused_cpu_ratio": cpu["bare"] / cpu["reused"],
             "fresh_cpu_ratio": cpu["bare"] / cpu["fresh"],
@@ -387,15 +426,14 @@ class Bench:
                 f"on {row['on']['cpu_us_per_request']:.1f} ({row['cpu_ratio']:.3f}x); "
                 f"req/s off {row['off']['rps']:.0f}, on {row['on']['rps']:.0f}"
             )
-        cpu_ratio = median([r["cpu_ratio"] for r in rounds])
+        summary = Rounds(rounds)
+        cpu_ratio = summary.median("cpu_ratio")
         return {
             "rounds": rounds,
-            "cpu_us_per_request": {
-                v: median([r[v]["cpu_us_per_request"] for r in rounds]) for v in servers
-            },
-            "rps": {v: median([r[v]["rps"] for r in rounds]) for v in servers},
+            "cpu_us_per_request": summary.medians(servers, "cpu_us_per_request"),
+            "rps": summary.medians(servers, "rps"),
             "cpu_ratio": cpu_ratio,
-            "rps_ratio": median([r["rps_ratio"] for r in rounds]),
+            "rps_ratio": summary.median("rps_ratio"),
             "overhead": cpu_ratio - 1,
         }
 
@@ -472,15 +510,16 @@ class Bench:
                 f"{row['dpop']['rps']:.0f}/s ({row['ratio']:.2f}x), "
                 f"{row['dpop']['errors']} errors"
             )
-        cpu = {v: median([r[v]["cpu_us_per_request"] for r in rounds]) for v in targets}
+        summary = Rounds(rounds)
+        cpu = summary.medians(targets, "cpu_us_per_request")
         return {
             "rounds": rounds,
-            "rps": {v: median([r[v]["rps"] for r in rounds]) for v in targets},
+            "rps": summary.medians(targets, "rps"),
             "cpu_us_per_request": cpu,
-            "p99_ms": {v: median([r[v]["p99_ms"] for r in rounds]) for v in targets},
-            "errors": sum(r["dpop"]["errors"] for r in rounds),
-            "ratio": median([r["ratio"] for r in rounds]),
-            "bearer_ratio": median([r["bearer_ratio"] for r in rounds]),
+            "p99_ms": summary.medians(targets, "p99_ms"),
+            "errors": summary.errors("dpop"),
+            "ratio": summary.median("ratio"),
+            "bearer_ratio": summary.median("bearer_ratio"),
             "cpu_ratio": cpu["bare"] / cpu["dpop"],
             # The server CPU a proof adds to a request with a (reused) token.
             "dpop_cpu_us": cpu["dpop"] - cpu["bearer"],
@@ -540,23 +579,24 @@ class Bench:
                 f"/protected p99 idle {idle.load.p99_ms:.2f} ms, "
                 f"under logins {loaded_probe.load.p99_ms:.2f} ms ({row['p99_ratio']:.2f}x)"
             )
+        summary = Rounds(rounds)
         return {
             "bcrypt_rounds": rounds_cost,
             "cores": n,
             "login_clients": LOGIN_CLIENTS,
             "probe_interval_ms": plan.probe_delay_ms,
             "rounds": rounds,
-            "checkpw_ms": median([r["checkpw_s"] for r in rounds]) * 1000,
-            "checkpw_cpu_ms": median([r["checkpw_cpu_s"] for r in rounds]) * 1000,
-            "server_cores_used": median([r["server_cores_used"] for r in rounds]),
-            "bound_per_s": median([r["bound_per_s"] for r in rounds]),
-            "login_per_s": median([r["login"]["rps"] for r in rounds]),
-            "login_ratio": median([r["login_ratio"] for r in rounds]),
-            "cpu_ms_per_login": median([r["login"]["cpu_us_per_request"] for r in rounds]) / 1000,
-            "idle_p99_ms": median([r["idle_probe"]["p99_ms"] for r in rounds]),
-            "loaded_p99_ms": median([r["loaded_probe"]["p99_ms"] for r in rounds]),
-            "p99_ratio": median([r["p99_ratio"] for r in rounds]),
-            "errors": sum(r["login"]["errors"] + r["loaded_probe"]["errors"] for r in rounds),
+            "checkpw_ms": summary.median("checkpw_s") * 1000,
+            "checkpw_cpu_ms": summary.median("checkpw_cpu_s") * 1000,
+            "server_cores_used": summary.median("server_cores_used"),
+            "bound_per_s": summary.median("bound_per_s"),
+            "login_per_s": summary.median("login", "rps"),
+            "login_ratio": summary.median("login_ratio"),
+            "cpu_ms_per_login": summary.median("login", "cpu_us_per_request") / 1000,
+            "idle_p99_ms": summary.median("idle_probe", "p99_ms"),
+            "loaded_p99_ms": summary.median("loaded_probe", "p99_ms"),
+            "p99_ratio": summary.median("p99_ratio"),
+            "errors": summary.errors("login", "loaded_probe"),
         }
 
     @staticmethod
@@ -630,19 +670,17 @@ class Bench:
                 f"{refreshed.load.rps:.0f}/s ({row['ratio']:.2f}x), "
                 f"{refreshed.load.errors} errors"
             )
+        summary = Rounds(rounds)
         return {
             "clients": REFRESH_CLIENTS,
             "rounds": rounds,
-            "sign_per_s": median([r["sign"]["rps"] for r in rounds]),
-            "refresh_per_s": median([r["refresh"]["rps"] for r in rounds]),
-            "ratio": median([r["ratio"] for r in rounds]),
-            "cpu_us_per_request": {
-                "sign": median([r["sign"]["cpu_us_per_request"] for r in rounds]),
-                "refresh": median([r["refresh"]["cpu_us_per_request"] for r in rounds]),
-            },
-            "p99_ms": median([r["refresh"]["p99_ms"] for r in rounds]),
-            "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
-            "sign_errors": sum(r["sign"]["errors"] for r in rounds),
+            "sign_per_s": summary.median("sign", "rps"),
+            "refresh_per_s": summary.median("refresh", "rps"),
+            "ratio": summary.median("ratio"),
+            "cpu_us_per_request": summary.medians(("sign", "refresh"), "cpu_us_per_request"),
+            "p99_ms": summary.median("refresh", "p99_ms"),
+            "errors": warm.load.errors + summary.errors("refresh"),
+            "sign_errors": summary.errors("sign"),
             "sign_peer_runs_on": sign.runs_on(),
         }
 
@@ -732,23 +770,17 @@ class Bench:
                 f"({row['client_credentials_ratio']:.2f}x); bare {row['bare']['rps']:.0f}/s, "
                 f"introspect {row['introspect']['rps']:.0f}/s ({row['introspect_ratio']:.2f}x)"
             )
+        summary = Rounds(rounds)
         return {
             "rounds": rounds,
             "connections": GET_CONNECTIONS,
-            "rps": {n: median([r[n]["rps"] for r in rounds]) for n in runs},
-            "cpu_us_per_request": {
-                n: median([r[n]["cpu_us_per_request"] for r in rounds]) for n in runs
-            },
-            "client_credentials_ratio": median([r["client_credentials_ratio"] for r in rounds]),
-            "introspect_ratio": median([r["introspect_ratio"] for r in rounds]),
-            "spread": {
-                k: [min(r[k] for r in rounds), max(r[k] for r in rounds)]
-                for k in ("client_credentials_ratio", "introspect_ratio")
-            },
-            "errors": {
-                n: sum(r[n]["errors"] for r in rounds) for n in ("client_credentials", "introspect")
-            },
-            "peer_errors": sum(r[n]["errors"] for r in rounds for n in ("sign", "bare")),
+            "rps": summary.medians(runs, "rps"),
+            "cpu_us_per_request": summary.medians(runs, "cpu_us_per_request"),
+            "client_credentials_ratio": summary.median("client_credentials_ratio"),
+            "introspect_ratio": summary.median("introspect_ratio"),
+            "spread": summary.spread("client_credentials_ratio", "introspect_ratio"),
+            "errors": {n: summary.errors(n) for n in ("client_credentials", "introspect")},
+            "peer_errors": summary.errors("sign", "bare"),
         }
 
     def dpop_refresh(self, server: Server, database_url: str, keys_dir: Path) -> dict[str, Any]:
@@ -824,20 +856,18 @@ class Bench:
                 f"{refreshed.load.rps:.0f}/s ({row['ratio']:.2f}x), "
                 f"{refreshed.load.errors} errors"
             )
-        cpu = {
-            "sign": median([r["sign"]["cpu_us_per_request"] for r in rounds]),
-            "refresh": median([r["refresh"]["cpu_us_per_request"] for r in rounds]),
-        }
+        summary = Rounds(rounds)
+        cpu = summary.medians(("sign", "refresh"), "cpu_us_per_request")
         return {
             "clients": REFRESH_CLIENTS,
             "rounds": rounds,
-            "sign_per_s": median([r["sign"]["rps"] for r in rounds]),
-            "refresh_per_s": median([r["refresh"]["rps"] for r in rounds]),
-            "ratio": median([r["ratio"] for r in rounds]),
+            "sign_per_s": summary.median("sign", "rps"),
+            "refresh_per_s": summary.median("refresh", "rps"),
+            "ratio": summary.median("ratio"),
             "cpu_us_per_request": cpu,
             "cpu_ratio": cpu["sign"] / cpu["refresh"],
-            "p99_ms": median([r["refresh"]["p99_ms"] for r in rounds]),
-            "errors": warm.load.errors + sum(r["refresh"]["errors"] for r in rounds),
+            "p99_ms": summary.median("refresh", "p99_ms"),
+            "errors": warm.load.errors + summary.errors("refresh"),
         }
 
     def scaling(self, servers: dict[int, Server], url: str, keys_dir: Path) -> dict[str, Any]:
@@ -863,17 +893,16 @@ class Bench:
                 + ", ".join(f"{w} proc {row[str(w)]['rps']:.0f}/s" for w in servers)
             )
         first = str(min(servers))
+        summary = Rounds(rounds)
         return {
             "workers": list(servers),
             "rounds": rounds,
-            "refresh_per_s": {w: median([r[str(w)]["rps"] for r in rounds]) for w in servers},
+            "refresh_per_s": summary.medians(servers, "rps"),
             "speedup": {
                 w: median([r[str(w)]["rps"] / r[first]["rps"] for r in rounds]) for w in servers
             },
-            "cpu_us_per_request": {
-                w: median([r[str(w)]["cpu_us_per_request"] for r in rounds]) for w in servers
-            },
-            "errors": sum(r[str(w)]["errors"] for r in rounds for w in servers),
+            "cpu_us_per_request": summary.medians(servers, "cpu_us_per_request"),
+            "errors": summary.errors(*servers),
         }
 
     # -- 4. memory and purge -----------------------------------------------------------
@@ -1048,9 +1077,9 @@ class Bench:
         return {
             "keys": 3,
             "runs": runs,
-            "median_s": median([r["seconds"] for r in runs]),
+            "median_s": Rounds(runs).median("seconds"),
             "max_s": max(r["seconds"] for r in runs),
-            "cpu_s": median([r["cpu_seconds"] for r in runs]),
+            "cpu_s": Rounds(runs).median("cpu_seconds"),
         }
 
     # -- helpers -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,10 @@ async def audit_events(database_url: str, event: str) -> int:
         await store.close()
 
 
-async def login(client: httpx.AsyncClient, server: ServerProcess) -> dict[str, Any]:
-    response = await client.post(f"{server.url}/login", json=CREDENTIALS)
+async def login(
+    client: httpx.AsyncClient, server: ServerProcess, credentials: dict[str, str] = CREDENTIALS
+) -> dict[str, Any]:
+    response = await client.post(f"{server.url}/login", json=credentials)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -167,39 +169,61 @@ class Cluster:
     workdir: Path
 
 
-@pytest.fixture
-async def cluster(pool: ServerPool, keys_dir: Path, tmp_path: Path) -> AsyncIterator[Cluster]:
+# The cluster's tests share it (three server starts each cost seconds); a test that changes a
+# user signs in as one of its own.
+USERS = ("alice", "carol")
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(
+    tmp_path_factory: pytest.TempPathFactory, rsa_key_pem: bytes
+) -> Iterator[Cluster]:
     if not POSTGRES_URL:
         pytest.skip("needs PostgreSQL: AUTHSERVER_TEST_POSTGRES_URL is not set")
-    database_url = await create_pg_database()
+    workdir = tmp_path_factory.mktemp("cluster")
+    keys_dir = workdir / "keys"
+    keys_dir.mkdir(mode=0o700)
+    key_file = keys_dir / "20200101T000000000000Z-rs256.pem"
+    key_file.write_bytes(rsa_key_pem)
+    key_file.chmod(0o600)
+    database_url = asyncio.run(create_pg_database())
     try:
         env = base_env(
             AUTHSERVER_DATABASE_URL=database_url,
             AUTHSERVER_KEYS_DIR=str(keys_dir),
             AUTHSERVER_KEYS_RELOAD_INTERVAL="1",
         )
-        # Started together on an empty database: their migrations race, and must not fail.
-        servers = [pool.spawn(env, name=name) for name in ("a", "b", "c")]
-        for server in servers:
-            server.wait_healthy()
-        await seed_user(database_url)
-        yield Cluster(servers, env, database_url, keys_dir, tmp_path)
-        assert_clean_logs(*servers)
+        with ServerPool(workdir) as pool:
+            # Started together on an empty database: their migrations race, and must not fail.
+            servers = [pool.spawn(env, name=name) for name in ("a", "b", "c")]
+            for server in servers:
+                server.wait_healthy()
+            for username in USERS:
+                asyncio.run(seed_user(database_url, username))
+            yield Cluster(servers, env, database_url, keys_dir, workdir)
     finally:
-        pool.stop_all()
-        await drop_pg_database(database_url)
+        asyncio.run(drop_pg_database(database_url))
+
+
+@pytest.fixture
+def cluster(shared_cluster: Cluster) -> Iterator[Cluster]:
+    """The shared cluster; its logs hold no error after each test that used it."""
+    yield shared_cluster
+    assert_clean_logs(*shared_cluster.servers)
 
 
 @needs_postgres
 async def test_concurrent_refresh_across_three_servers(cluster: Cluster) -> None:
     a, b, c = cluster.servers
+    # Counted from here: other tests of the shared database detect reuse too.
+    reuse_before = await audit_events(cluster.database_url, audit.REUSE_DETECTED)
     async with httpx.AsyncClient(timeout=30) as client:
         tokens = await login(client, a)
         winner, _ = await refresh_storm(cluster.servers, tokens["refresh_token"])
         for server in cluster.servers:
             late = await refresh(client, server, winner["refresh_token"])
             assert late.status_code == 401
-    assert await audit_events(cluster.database_url, audit.REUSE_DETECTED) >= 1
+    assert await audit_events(cluster.database_url, audit.REUSE_DETECTED) >= reuse_before + 1
 
 
 @needs_postgres
@@ -282,16 +306,17 @@ async def test_new_key_is_served_and_trusted_by_every_server(cluster: Cluster) -
 
 @needs_postgres
 async def test_user_disabled_by_cli_is_refused_by_every_server(cluster: Cluster) -> None:
+    carol = {**CREDENTIALS, "username": "carol"}  # not alice: the other tests sign her in
     async with httpx.AsyncClient(timeout=30) as client:
-        sessions = [await login(client, server) for server in cluster.servers]
+        sessions = [await login(client, server, carol) for server in cluster.servers]
 
         result = await asyncio.to_thread(
-            run_cli, ["users", "disable", "alice"], cluster.env, cwd=cluster.workdir
+            run_cli, ["users", "disable", "carol"], cluster.env, cwd=cluster.workdir
         )
         assert result.returncode == 0, result.stderr
 
         for i, server in enumerate(cluster.servers):
-            refused = await client.post(f"{server.url}/login", json=CREDENTIALS)
+            refused = await client.post(f"{server.url}/login", json=carol)
             assert refused.status_code == 401, server.name
             assert refused.json()["error"] == "invalid_grant"
             # Each session's token, on a server other than the one that issued it.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -143,6 +143,29 @@ def _form_policy(auth: AuthorizationRequest) -> dict[str, str]:
     return {"Content-Security-Policy": content_security_policy(f"{parts.scheme}://{parts.netloc}")}
 
 
+def _form_page(
+    request: Request,
+    services: Services,
+    auth: AuthorizationRequest,
+    name: str,
+    context: dict[str, Any],
+    *,
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """A page whose form carries `auth` on: its parameters, the CSRF value (cookie and
+    field), and a policy that lets the form end in the redirect back to the application."""
+    token = _csrf_token(request, services)
+    page = _page(
+        request,
+        name,
+        {"client_name": auth.client.name, "params": auth.params, "csrf_token": token, **context},
+        status_code=status_code,
+        headers={**_form_policy(auth), **(headers or {})},
+    )
+    return _with_csrf(page, services, token)
+
+
 def _sign_in_page(
     request: Request,
     services: Services,
@@ -153,41 +176,24 @@ def _sign_in_page(
     status_code: int = 200,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    token = _csrf_token(request, services)
-    page = _page(
-        request,
-        "login.html",
-        {
-            "client_name": auth.client.name,
-            "params": auth.params,
-            "csrf_token": token,
-            "error": error,
-            "username": username if username is not None else auth.login_hint or "",
-        },
-        status_code=status_code,
-        headers={**_form_policy(auth), **(headers or {})},
+    context = {
+        "error": error,
+        "username": username if username is not None else auth.login_hint or "",
+    }
+    return _form_page(
+        request, services, auth, "login.html", context, status_code=status_code, headers=headers
     )
-    return _with_csrf(page, services, token)
 
 
 def _consent_page(
     request: Request, services: Services, auth: AuthorizationRequest, session: BrowserSession
 ) -> Response:
-    token = _csrf_token(request, services)
-    page = _page(
-        request,
-        "consent.html",
-        {
-            "client_name": auth.client.name,
-            "username": session.username,
-            "scopes": auth.scope,
-            "describe": lambda s: _SCOPE_TEXT.get(s, f"use the {s} scope"),
-            "params": auth.params,
-            "csrf_token": token,
-        },
-        headers=_form_policy(auth),
-    )
-    return _with_csrf(page, services, token)
+    context = {
+        "username": session.username,
+        "scopes": auth.scope,
+        "describe": lambda s: _SCOPE_TEXT.get(s, f"use the {s} scope"),
+    }
+    return _form_page(request, services, auth, "consent.html", context)
 
 
 async def _onwards(
@@ -231,23 +237,29 @@ _FORM_EXPIRED = (
     "This form has expired or did not come from this site. Go back to the application and "
     "sign in again."
 )
+_FormAnswer = Callable[
+    [Request, Services, Mapping[str, str], AuthorizationRequest], Awaitable[Response]
+]
 
 
-async def _posted(
-    request: Request, services: Services
-) -> tuple[dict[str, str], AuthorizationRequest] | Response:
-    """A sign-in or consent form's fields, and the authorization request it carries on
-    (checked again, every time); or the page refusing it: unreadable, or failing the
-    CSRF check. Raises `AuthorizationError` as /authorize would."""
+async def _form_post(request: Request, answer: _FormAnswer) -> Response:
+    """A sign-in or consent form: read it, check its CSRF token, recover the authorization
+    request it carries on (checked again, every time), then `answer` it. An unreadable
+    form or a failed CSRF check gets our page; an `AuthorizationError` is refused as
+    /authorize would refuse it."""
+    services = services_of(request)
     try:
-        form = await read_form(request)
-    except OAuthError:
-        return _message(request, "Bad request", "The form could not be read.", status_code=400)
-    items = [(k, v) for k, v in form.items() if k not in _FORM_FIELDS]
-    auth = await services.authorizer.check_request(items)
-    if not _csrf_ok(request, services, form):
-        return _message(request, "Please try again", _FORM_EXPIRED, status_code=400)
-    return form, auth
+        try:
+            form = await read_form(request)
+        except OAuthError:
+            return _message(request, "Bad request", "The form could not be read.", status_code=400)
+        items = [(k, v) for k, v in form.items() if k not in _FORM_FIELDS]
+        auth = await services.authorizer.check_request(items)
+        if not _csrf_ok(request, services, form):
+            return _message(request, "Please try again", _FORM_EXPIRED, status_code=400)
+        return await answer(request, services, form, auth)
+    except AuthorizationError as exc:
+        return _refused(request, services, exc)
 
 
 def _sign_in_refused(
@@ -276,57 +288,53 @@ def _sign_in_refused(
     )
 
 
+async def _answer_sign_in(
+    request: Request, services: Services, form: Mapping[str, str], auth: AuthorizationRequest
+) -> Response:
+    ctx, authorizer = request_context(request), services.authorizer
+    username, password = form.get("username", ""), form.get("password", "")
+    if not username or not password:  # nothing to check: no failure counted
+        return _sign_in_refused(request, services, auth, "", InvalidGrantError())
+    try:
+        user = await services.auth.authenticate_user(
+            ctx, username=username, password=password, now=authorizer.clock()
+        )
+    except (InvalidGrantError, SlowDownError) as exc:
+        return _sign_in_refused(request, services, auth, username, exc)
+    session, cookie = await authorizer.start_session(ctx, user, client_id=auth.client.client_id)
+    try:
+        response = await _onwards(request, services, auth, session)
+    except AuthorizationError as exc:  # prompt=none: no consent page to show
+        response = _refused(request, services, exc)
+    _set_cookie(response, services, "authserver_session", cookie, authorizer.session_max_age)
+    return response
+
+
+async def _answer_consent(
+    request: Request, services: Services, form: Mapping[str, str], auth: AuthorizationRequest
+) -> Response:
+    session = await _session(request, services)
+    if session is None:
+        return _sign_in_page(request, services, auth)
+    decision = form.get("decision")
+    if decision not in {"allow", "deny"}:
+        return _consent_page(request, services, auth, session)
+    authorizer = services.authorizer
+    await authorizer.consent(request_context(request), auth, session, allow=decision == "allow")
+    target = await authorizer.issue_code(auth, session)
+    return RedirectResponse(target, status_code=303, headers=_PAGE_HEADERS)
+
+
 @router.post("/authorize/sign-in", include_in_schema=False)
 async def sign_in(request: Request) -> Response:
     """The sign-in form: the same password rule, throttle and audit as /login."""
-    services, ctx = services_of(request), request_context(request)
-    authorizer = services.authorizer
-    try:
-        posted = await _posted(request, services)
-        if isinstance(posted, Response):
-            return posted
-        form, auth = posted
-        username, password = form.get("username", ""), form.get("password", "")
-        if not username or not password:  # nothing to check: no failure counted
-            return _sign_in_refused(request, services, auth, "", InvalidGrantError())
-        try:
-            user = await services.auth.authenticate_user(
-                ctx, username=username, password=password, now=authorizer.clock()
-            )
-        except (InvalidGrantError, SlowDownError) as exc:
-            return _sign_in_refused(request, services, auth, username, exc)
-        session, cookie = await authorizer.start_session(ctx, user, client_id=auth.client.client_id)
-        try:
-            response = await _onwards(request, services, auth, session)
-        except AuthorizationError as exc:  # prompt=none: no consent page to show
-            response = _refused(request, services, exc)
-    except AuthorizationError as exc:
-        return _refused(request, services, exc)
-    _set_cookie(response, services, "authserver_session", cookie, authorizer.session_max_age)
-    return response
+    return await _form_post(request, _answer_sign_in)
 
 
 @router.post("/authorize/consent", include_in_schema=False)
 async def consent(request: Request) -> Response:
     """The consent form's answer: remembered per user, client and scope set."""
-    services, ctx = services_of(request), request_context(request)
-    authorizer = services.authorizer
-    try:
-        posted = await _posted(request, services)
-        if isinstance(posted, Response):
-            return posted
-        form, auth = posted
-        session = await _session(request, services)
-        if session is None:
-            return _sign_in_page(request, services, auth)
-        decision = form.get("decision")
-        if decision not in {"allow", "deny"}:
-            return _consent_page(request, services, auth, session)
-        await authorizer.consent(ctx, auth, session, allow=decision == "allow")
-        target = await authorizer.issue_code(auth, session)
-        return RedirectResponse(target, status_code=303, headers=_PAGE_HEADERS)
-    except AuthorizationError as exc:
-        return _refused(request, services, exc)
+    return await _form_post(request, _answer_consent)
 
 
 @router.get("/end-session", include_in_schema=False)
