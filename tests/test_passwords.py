@@ -10,6 +10,7 @@ from typing import Any
 import bcrypt
 import pytest
 
+from authserver import metrics
 from authserver.config import Settings
 from authserver.password_policy import PasswordPolicy
 from authserver.passwords import (
@@ -161,22 +162,33 @@ async def test_higher_cost_hash_is_left_alone(start_app: StartApp) -> None:
 # -- the timing guard --------------------------------------------------------------------------
 
 
-def bcrypt_check_seconds(rounds: int) -> float:
+def bcrypt_check_seconds(rounds: int, tries: int = 5) -> float:
     hashed = bcrypt.hashpw(b"calibration", bcrypt.gensalt(rounds))
     times = []
-    for _ in range(3):
+    for _ in range(tries):
         started = time.perf_counter()
         bcrypt.checkpw(b"other", hashed)
         times.append(time.perf_counter() - started)
     return min(times)
 
 
+def hash_checks() -> float:
+    """How many hashes and checks this process's hasher has timed (its metric's count)."""
+    for metric in metrics.PASSWORD_HASH_SECONDS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                return sample.value
+    raise AssertionError("authserver_password_hash_seconds has no _count")
+
+
 @SQLITE_ONLY
 async def test_failed_login_always_spends_a_bcrypt_check(start_app: StartApp) -> None:
-    # Lower bounds only: a login that skipped bcrypt would answer in a few milliseconds.
+    """Each failed login runs exactly one check (the hasher's own count says so), and a
+    full-cost one: slower than a cost-4 check by far more than any load explains (the
+    two costs are 2**6 apart; a shortcut would answer in about the cheap check's time)."""
     running = await start_app(bcrypt_rounds=10, login_max_failures=100)
     await make_user(running.store, "alice", rounds=10)
-    one_check = bcrypt_check_seconds(10)
+    cheap_check = bcrypt_check_seconds(4)
     cases = [
         ("nobody", "whatever"),
         ("nobody", LONG_ASCII),
@@ -187,13 +199,15 @@ async def test_failed_login_always_spends_a_bcrypt_check(start_app: StartApp) ->
     for username, password in cases:
         elapsed = []
         for _ in range(2):
+            checks = hash_checks()
             started = time.perf_counter()
             r = await running.client.post(
                 "/login", json={"username": username, "password": password}
             )
             elapsed.append(time.perf_counter() - started)
             assert r.status_code == 401
-        assert max(elapsed) >= 0.5 * one_check, (username, len(password), elapsed, one_check)
+            assert hash_checks() == checks + 1, (username, len(password))
+        assert max(elapsed) >= 8 * cheap_check, (username, len(password), elapsed, cheap_check)
 
 
 # -- bcrypt off the event loop --------------------------------------------------------------
