@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -456,32 +456,9 @@ _SQLITE_AUDIT = _compile(
 )
 
 
-def sqlite_use_jtis(conn: sqlite3.Connection, jtis: Sequence[UsedJti]) -> list[bool]:
-    """Record a batch of single-use ids (see `_use_jti`) in one write transaction, one
-    after the other; False for each replay. `conn` is in autocommit mode and the caller
-    holds the process's SQLite write lock."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        recorded = [
-            conn.execute(
-                _SQLITE_USE_JTI.sql,
-                _SQLITE_USE_JTI.args(b_key=jti.key, b_expires=jti.expires_at, b_now=jti.now),
-            ).rowcount
-            == 1
-            for jti in jtis
-        ]
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
-    return recorded
-
-
-def sqlite_rotate(conn: sqlite3.Connection, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
-    """The plain rotations, one after the other, in one write transaction (a group
-    commit: `batching.py`); blocking, but a local call.
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One `BEGIN IMMEDIATE` transaction, committed, or rolled back on any error.
 
     The caller holds the process's SQLite write lock, and `conn` is in autocommit
     mode (its driver-level transaction control is off), so BEGIN IMMEDIATE takes
@@ -489,14 +466,34 @@ def sqlite_rotate(conn: sqlite3.Connection, exchanges: Sequence[Exchange]) -> li
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        done = [_sqlite_rotate_one(conn, exchange) for exchange in exchanges]
+        yield
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
-    return done
+
+
+def sqlite_use_jtis(conn: sqlite3.Connection, jtis: Sequence[UsedJti]) -> list[bool]:
+    """Record a batch of single-use ids (see `_use_jti`) in one write transaction, one
+    after the other; False for each replay."""
+    with _write_transaction(conn):
+        return [
+            conn.execute(
+                _SQLITE_USE_JTI.sql,
+                _SQLITE_USE_JTI.args(b_key=jti.key, b_expires=jti.expires_at, b_now=jti.now),
+            ).rowcount
+            == 1
+            for jti in jtis
+        ]
+
+
+def sqlite_rotate(conn: sqlite3.Connection, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
+    """The plain rotations, one after the other, in one write transaction (a group
+    commit: `batching.py`); blocking, but a local call."""
+    with _write_transaction(conn):
+        return [_sqlite_rotate_one(conn, exchange) for exchange in exchanges]
 
 
 def _sqlite_rotate_one(conn: sqlite3.Connection, exchange: Exchange) -> Rotated | None:

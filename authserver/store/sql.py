@@ -861,27 +861,35 @@ class SqlStore:
         return kept
 
     async def _rotate_batch(self, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
+        return await self._raw_write(
+            lambda rotator: rotator.rotate(exchanges), lambda raw: sqlite_rotate(raw, exchanges)
+        )
+
+    async def _raw_write(
+        self,
+        pg: Callable[[PgRotator], Awaitable[T]],
+        sqlite: Callable[[sqlite3.Connection], T],
+    ) -> T:
+        """A write on the raw driver (`fastpath.py`), retried while merely contended:
+        `pg` on asyncpg's pool, or `sqlite` on the kept writer under the write lock."""
         rotator, write_lock = self._rotator, self._write_lock
         if rotator is not None:
-            return await self._retrying(lambda: rotator.rotate(exchanges))
+            return await self._retrying(lambda: pg(rotator))
         assert write_lock is not None
 
-        async def once() -> list[Rotated | None]:
+        async def once() -> T:
             async with write_lock:
-                return self._sqlite_rotate(exchanges)
+                writer = self._kept_writer()
+                raw = writer.connection.dbapi_connection
+                assert isinstance(raw, sqlite3.Connection)
+                try:
+                    return sqlite(raw)
+                finally:
+                    if raw.in_transaction:  # its rollback failed: start the next one afresh
+                        writer.invalidate()
+                        self._writer = None
 
         return await self._retrying(once)
-
-    def _sqlite_rotate(self, exchanges: Sequence[Exchange]) -> list[Rotated | None]:
-        writer = self._kept_writer()
-        raw = writer.connection.dbapi_connection
-        assert isinstance(raw, sqlite3.Connection)
-        try:
-            return sqlite_rotate(raw, exchanges)
-        finally:
-            if raw.in_transaction:  # its rollback failed: start the next one afresh
-                writer.invalidate()
-                self._writer = None
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[Executor]:
@@ -1206,18 +1214,9 @@ class SqlStore:
         return await self._jtis.submit(UsedJti(key, expires_at, now))
 
     async def _use_jtis(self, jtis: Sequence[UsedJti]) -> list[bool]:
-        rotator, write_lock = self._rotator, self._write_lock
-        if rotator is not None:
-            return await self._retrying(lambda: rotator.use_jtis(jtis))
-        assert write_lock is not None
-
-        async def once() -> list[bool]:
-            async with write_lock:
-                raw = self._kept_writer().connection.dbapi_connection
-                assert isinstance(raw, sqlite3.Connection)
-                return sqlite_use_jtis(raw, jtis)
-
-        return await self._retrying(once)
+        return await self._raw_write(
+            lambda rotator: rotator.use_jtis(jtis), lambda raw: sqlite_use_jtis(raw, jtis)
+        )
 
     async def purge_used_jtis(self, *, before: float) -> int:
         async def work(conn: Executor) -> int:
