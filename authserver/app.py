@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from authserver import __version__
@@ -44,7 +45,7 @@ from authserver.passwords import PasswordHasher
 from authserver.refresh import Lifetimes
 from authserver.resource import TokenValidator
 from authserver.responses import JSON
-from authserver.serving import set_header_timeout
+from authserver.serving import set_header_timeout, settle_heap
 from authserver.sessions import SessionService
 from authserver.store.migrate import upgrade_async
 from authserver.store.sql import SqlStore
@@ -148,8 +149,16 @@ def build_services(settings: Settings, store: SqlStore, keyring: KeyRing) -> Ser
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application; the store and keys are opened by its lifespan."""
+# FastAPI's OpenTelemetry, turned off: it would otherwise look for configured providers
+# on every request (`AUTHSERVER_OPENTELEMETRY` turns it on).
+_NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+
+
+def create_app(
+    settings: Settings | None = None, *, started: Callable[[], None] | None = None
+) -> FastAPI:
+    """Build the application; the store and keys are opened by its lifespan, which calls
+    `started` once everything is open (a server process tunes itself there)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -175,6 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             login_window=settings.login_window,
             known_address_ttl=settings.login_known_address_ttl,
         )
+        if started is not None:
+            started()
         try:
             yield
         finally:
@@ -194,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         default_response_class=JSON,
         swagger_ui_oauth2_redirect_url=None,
+        telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     install_error_handlers(app)
     # Routes are matched in order: the hot ones first (/protected, the hottest GET, then
@@ -226,10 +238,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def app_factory() -> Any:
     """For `uvicorn --factory authserver.app:app_factory`: settings from the environment.
 
-    Each worker process calls this, so it also sets up that process's logging and
-    the header timeout of its connections.
+    Each worker process calls this, so it also sets up that process's logging, the
+    header timeout of its connections and, once started, its garbage collector.
     """
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     set_header_timeout(settings.header_timeout)
-    return create_app(settings)
+    return create_app(settings, started=settle_heap)

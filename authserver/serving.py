@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import resource
 import socket
 from dataclasses import dataclass
@@ -78,6 +79,29 @@ def set_header_timeout(seconds: float) -> None:
     """Set the timeout for this process's connections. Each worker process calls it (from
     `app_factory`): uvicorn hands its workers the protocol class, not an instance."""
     HeaderTimeoutProtocol.header_timeout = seconds
+
+
+# The young generation's threshold: collected every this many allocations (net of
+# frees) instead of Python's 700. What a young collection walks is what is alive
+# then, about the requests in flight, so a thirtyfold rarer one costs about as much
+# and the collector's share of a request falls with it.
+YOUNG_GC_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Tune this server process's garbage collector, once it has started.
+
+    Everything alive after startup (modules, classes, functions, the services)
+    lives as long as the process, yet each full collection walked all of it:
+    ~150k objects, ~150 ms on a 2-core machine, a stall of every request in
+    flight (DPoP /protected's p99 went from ~170 ms to ~28 ms without them).
+    `gc.freeze` moves it to the permanent generation, which collections skip;
+    what the server allocates later is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
 
 
 def _allow_open_files(wanted: int) -> None:
