@@ -28,7 +28,14 @@ from authserver import audit
 from authserver.audit import Auditor, RequestContext
 from authserver.errors import InvalidClientError, InvalidTokenError
 from authserver.keys import ALGORITHMS, EC_CURVE, KEY_TYPES, public_key_of
-from authserver.store.protocol import AuditEvent, Client, Conflict, RefreshTransaction, Store
+from authserver.store.protocol import (
+    AuditEvent,
+    Client,
+    Conflict,
+    RefreshTransaction,
+    Store,
+    used_id,
+)
 from authserver.store.schema import BUILTIN_CLIENT_ID as BUILTIN_CLIENT_ID
 from authserver.throttle import LoginThrottle
 from authserver.tokens import MAX_TOKEN_LENGTH, VerificationKey, prepare_key, verify_assertion
@@ -562,7 +569,7 @@ class ClientAuthenticator:
         nbf = claims.get("nbf")
         if isinstance(nbf, (int, float)) and nbf > now + _CLOCK_SKEW:
             return False
-        key = "jwt:" + hashlib.sha256(f"{client.client_id}\0{jti}".encode()).hexdigest()
+        key = used_id("jwt:", client.client_id, jti)
         # Kept for as long as the assertion would still be accepted (`exp` plus the skew).
         expires_at = float(exp) + _CLOCK_SKEW
         return await self.clients.store.use_jti(key, expires_at=expires_at, now=now)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from authserver.errors import InvalidDPoPProofError, UseDPoPNonceError
 from authserver.keys import ALGORITHMS
+from authserver.store.protocol import used_id
 from authserver.tokens import verify_self_signed
 
 PROOF_TYPE = "dpop+jwt"
@@ -256,7 +257,7 @@ class ProofChecker:
             raise InvalidDPoPProofError("The DPoP proof is signed by another key than the token's.")
         if self.nonces is not None and not self.nonces.check(claims.get("nonce")):
             raise UseDPoPNonceError(self.nonces.current())
-        key = _REPLAY_NAMESPACE + hashlib.sha256(f"{thumbprint}\0{jti}".encode()).hexdigest()
+        key = used_id(_REPLAY_NAMESPACE, thumbprint, jti)
         if not await self.replay.use_once(key, expires_at=iat + self.window, now=now):
             raise InvalidDPoPProofError("The DPoP proof was already used.")
         return Proof(thumbprint, jti, iat)

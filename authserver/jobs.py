@@ -32,6 +32,12 @@ log = logging.getLogger("authserver")
 
 Jobs = Sequence[asyncio.Task[None]]
 
+# Single-use ids (DPoP proofs' and client assertions' `jti`) matter for a proof window
+# (a minute by default) or an assertion's short life. A busy DPoP server records one
+# per request, each at a random place in the table's indexes, so they are purged
+# every few seconds: the table stays a few windows of traffic, not a purge interval's.
+USED_ID_PURGE_INTERVAL = 10.0
+
 
 def start_jobs(
     *,
@@ -67,6 +73,7 @@ def start_jobs(
                 known_address_ttl=known_address_ttl,
             )
         ),
+        asyncio.create_task(_purge_used_ids_every(USED_ID_PURGE_INTERVAL, store)),
         asyncio.create_task(_every(1.0, store.checkpoint, "WAL checkpoint failed")),
     ]
 
@@ -85,6 +92,15 @@ async def _every(interval: float, work: Callable[[], object], failure: str) -> N
             await asyncio.to_thread(work)
         except Exception:
             log.exception(failure)
+
+
+async def _purge_used_ids_every(interval: float, store: SqlStore) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.purge_used_jtis(before=time.time())
+        except Exception:
+            log.exception("purging single-use ids failed")
 
 
 @dataclass(frozen=True, slots=True)
