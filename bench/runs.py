@@ -148,6 +148,13 @@ class Rounds:
         return sum(row[str(name)]["errors"] for row in self.rows for name in names)
 
 
+def in_turn(order: Sequence[K], index: int) -> Sequence[K]:
+    """The runs of round `index`: in `order`, then backwards, and so on. Whatever favours
+    a round's first (or last) run, a busy neighbour or a warm cache, favours each run
+    of a comparison as often as the other."""
+    return order if index % 2 == 0 else order[::-1]
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -275,6 +282,24 @@ class Bench:
                 except Exception as exc:
                     self.say(f"  could not drop {url}: {exc}")
 
+    def settle(self, server: Server, *, patience: float = 60.0) -> float:
+        """Wait until `server` is quiet (under 3% of a core over half a second), at most
+        `patience` seconds; how long that took. A section that follows another on the
+        same server starts after the other's aftermath (its WAL checkpointed, its
+        single-use ids purged), which is the other's cost, not its own."""
+        began = time.monotonic()
+        last = server.cpu_seconds()
+        while time.monotonic() - began < patience:
+            time.sleep(0.5)
+            now = server.cpu_seconds()
+            if now - last < 0.015:
+                break
+            last = now
+        waited = time.monotonic() - began
+        if waited > 1.0:
+            self.say(f"  waited {waited:.1f}s for {server.name} to go quiet")
+        return waited
+
     def measure(self, server: Server, load: Load) -> Measured:
         before = server.cpu_seconds()
         result = run_load(server.url, load, client=self.client)
@@ -336,7 +361,7 @@ class Bench:
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
             row: dict[str, Any] = {}
-            for variant in variants:
+            for variant in in_turn(variants, index):
                 measured = self.measure(targets[variant], load(variant, plan.duration))
                 if variant == "fresh":
                     offset += measured.load.requests
@@ -411,9 +436,7 @@ class Bench:
         order = list(servers)
         for index in range(plan.rounds):
             row: dict[str, Any] = {}
-            # off, on; then on, off: whatever favours the first (or second) run of a
-            # round favours each variant equally often.
-            for variant in order if index % 2 == 0 else order[::-1]:
+            for variant in in_turn(order, index):
                 server = servers[variant]
                 measured = self.measure(server, loads[variant](plan.duration))
                 self._check_errors(f"/protected (metrics {variant})", measured)
@@ -497,8 +520,8 @@ class Bench:
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
             row: dict[str, Any] = {}
-            for variant, target in targets.items():
-                measured = self.measure(target, load(variant, plan.duration))
+            for variant in in_turn(list(targets), index):
+                measured = self.measure(targets[variant], load(variant, plan.duration))
                 row[variant] = measured.as_dict()
             expected["dpop"] = max(expected["dpop"], row["dpop"]["rps"])
             row["ratio"] = row["dpop"]["rps"] / row["bare"]["rps"]
@@ -757,10 +780,10 @@ class Bench:
             self._check_errors(f"{name} warm-up", self.measure(target, load(plan.warmup)))
         rounds: list[dict[str, Any]] = []
         for index in range(plan.rounds):
-            row: dict[str, Any] = {
-                name: self.measure(target, load(plan.duration)).as_dict()
-                for name, (target, load) in runs.items()
-            }
+            row: dict[str, Any] = {}
+            for name in in_turn(list(runs), index):
+                target, load = runs[name]
+                row[name] = self.measure(target, load(plan.duration)).as_dict()
             row["client_credentials_ratio"] = row["client_credentials"]["rps"] / row["sign"]["rps"]
             row["introspect_ratio"] = row["introspect"]["rps"] / row["bare"]["rps"]
             rounds.append(row)
