@@ -22,11 +22,15 @@ import bcrypt
 from authserver import metrics
 
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores (bcrypt >= 5: refuses) anything longer
-# Hashing threads run at the lowest priority so the event loop (nice 0) wins the
-# CPU at once whenever it wakes: logins lose almost nothing (the loop is idle most
-# of the time), while /protected keeps its latency. Measured with `python -m bench
-# --only login`: the GET p99 under login load fell from about 1.6 ms at nice 10
-# to about 1.0 ms at nice 19, with logins still at 0.96x the bcrypt bound.
+# Hashing threads run at the lowest nice level so the event loop (nice 0) wins the
+# CPU whenever it wakes: logins lose almost nothing (the loop is idle most of the
+# time), while /protected keeps its latency. Measured with `python -m bench --only
+# login`: the GET p99 under login load fell from about 1.6 ms at nice 10 to about
+# 1.0 ms at nice 19, with logins still at 0.96x the bcrypt bound. Not SCHED_IDLE:
+# a hashing thread holds the GIL between its hashes, and one that the scheduler
+# starves then (SCHED_IDLE yields to any runnable thread) keeps the event loop
+# waiting for the GIL: the p99 was 5.4 to 5.9 ms under logins with it, 2.3 to
+# 3.4 ms at nice 19 alone (three rounds each, the same machine).
 _HASH_THREAD_NICENESS = 19
 
 
@@ -70,13 +74,8 @@ def hash_rounds(password_hash: str) -> int | None:
 
 
 def _lower_priority() -> None:
-    thread = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, thread, _HASH_THREAD_NICENESS)
-    # Linux's SCHED_IDLE goes further than nice 19: a waking event loop preempts a
-    # hashing thread at once, instead of after the scheduler's wake-up granularity.
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _HASH_THREAD_NICENESS)
 
 
 def _check(password: bytes, password_hash: bytes, pad_to_rounds: int = 0) -> bool:
