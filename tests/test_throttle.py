@@ -10,6 +10,7 @@ addresses; without it, X-Forwarded-For is ignored.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -378,3 +379,38 @@ def test_a_server_process_never_locks_a_user_out_of_her_address(
             assert attempt(client, "alice", DEFAULT_PASSWORD, "192.0.2.1") == 429
             assert attempt(client, "alice", DEFAULT_PASSWORD, home) == 200
         assert not server_errors(server.log())
+
+
+async def test_a_login_hands_the_event_loop_back_between_the_throttles_reads(
+    app: Running,
+) -> None:
+    """On SQLite each read runs inline on the event loop: the throttle lets other tasks
+    run between its reads, so a stream of logins does not hold other requests back."""
+    services = app.app.state.services
+    throttle, user = services.auth.throttle, await app.store.get_user("alice")
+    assert user is not None
+    ticks = 0
+    running = True
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while running:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        before = ticks
+        attempt = await throttle.begin("alice", "203.0.113.9", user_id=user.id, now=time.time())
+        during_begin = ticks - before
+        before = ticks
+        await throttle.succeeded(attempt, now=time.time())
+        during_success = ticks - before
+    finally:
+        running = False
+        await task
+    # begin reads the pair's, the user's and the network's counts; succeeded reads them
+    # again, then the pair's once more, then remembers the network.
+    assert during_begin >= 3
+    assert during_success >= 5
