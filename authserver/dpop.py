@@ -160,6 +160,7 @@ def normalise_url(url: str) -> str | None:
     return f"{scheme}://{host}{_PERCENT.sub(_percent, parts.path) or '/'}"
 
 
+@functools.lru_cache(maxsize=1024)  # a client presents one token with many proofs
 def access_token_hash(access_token: str) -> str:
     """RFC 9449 §4.2 `ath`: base64url of the SHA-256 of the token's ASCII."""
     return _b64(hashlib.sha256(access_token.encode("ascii", "replace")).digest())

@@ -10,7 +10,6 @@ Every failure, whatever raised it, becomes `InvalidTokenError`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import secrets
 import time
@@ -147,10 +146,13 @@ def _b64decode(segment: bytes) -> bytes:
 
 
 def _lenient_b64decode(segment: bytes) -> bytes:
+    # `base64.urlsafe_b64decode` without its wrappers (twice a DPoP proof): the same
+    # translation and the same non-strict decoding.
     if not segment:
         raise InvalidTokenError("The token is malformed.")
     try:
-        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+        padded = segment + b"=" * (-len(segment) % 4)
+        return binascii.a2b_base64(padded.translate(_URLSAFE_TO_STANDARD))
     except (binascii.Error, ValueError) as exc:
         raise InvalidTokenError("The token is malformed.") from exc
 

@@ -118,6 +118,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.rounds:
         changes["rounds"] = args.rounds
         changes["scaling_rounds"] = min(plan.scaling_rounds, args.rounds)
+        changes["dpop_rounds"] = args.rounds
     if args.duration:
         changes["duration"] = args.duration
         changes["login_duration"] = max(2, min(plan.login_duration, args.duration + 1))
