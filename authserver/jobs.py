@@ -7,7 +7,8 @@
   loaded keys follows.
 - Expired refresh families, old login failures and login networks unused for
   longer than they are remembered are purged every `purge_interval` (`purge`,
-  which `authserver db purge` runs too).
+  which `authserver db purge` runs too); the single-use ids of DPoP proofs and
+  client assertions every `USED_ID_PURGE_INTERVAL` seconds.
 - SQLite's WAL checkpoint runs every second in a thread: it fsyncs, and so it
   never stalls a request.
 
@@ -18,9 +19,10 @@ a server that can still answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from authserver import metrics
@@ -55,27 +57,27 @@ def start_jobs(
         keyring.reload_if_changed()
         metrics.SIGNING_KEYS.set(len(keyring.jwks()["keys"]))
 
+    async def housekeeping() -> None:
+        purged = await purge(
+            store, now=time.time(), login_window=login_window, known_address_ttl=known_address_ttl
+        )
+        if purged.refresh_families:
+            log.info("purged expired refresh families", extra={"families": purged.refresh_families})
+
     metrics.SIGNING_KEYS.set(len(keyring.jwks()["keys"]))
-    return [
-        asyncio.create_task(hasher.warm_up()),
-        asyncio.create_task(
-            _every(
-                keys_reload_interval,
-                reload_keys,
-                "reloading the keys directory failed",
-            )
+    jobs = [
+        _every(
+            keys_reload_interval, _in_thread(reload_keys), "reloading the keys directory failed"
         ),
-        asyncio.create_task(
-            _purge_every(
-                purge_interval,
-                store,
-                login_window=login_window,
-                known_address_ttl=known_address_ttl,
-            )
+        _every(purge_interval, housekeeping, "housekeeping failed"),
+        _every(
+            USED_ID_PURGE_INTERVAL,
+            functools.partial(forget_used_ids, store),
+            "purging single-use ids failed",
         ),
-        asyncio.create_task(_purge_used_ids_every(USED_ID_PURGE_INTERVAL, store)),
-        asyncio.create_task(_every(1.0, store.checkpoint, "WAL checkpoint failed")),
+        _every(1.0, _in_thread(store.checkpoint), "WAL checkpoint failed"),
     ]
+    return [asyncio.create_task(hasher.warm_up()), *(asyncio.create_task(job) for job in jobs)]
 
 
 async def stop_jobs(jobs: Jobs) -> None:
@@ -84,23 +86,24 @@ async def stop_jobs(jobs: Jobs) -> None:
     await asyncio.gather(*jobs, return_exceptions=True)
 
 
-async def _every(interval: float, work: Callable[[], object], failure: str) -> None:
-    """Run blocking `work` in a thread every `interval` seconds; a failure is logged, not fatal."""
+async def forget_used_ids(store: SqlStore) -> None:
+    """The single-use ids whose proof or assertion could no longer be accepted."""
+    await store.purge_used_jtis(before=time.time())
+
+
+def _in_thread(work: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    """Blocking `work` as a job: run in a thread, so it never holds the event loop."""
+    return functools.partial(asyncio.to_thread, work)
+
+
+async def _every(interval: float, work: Callable[[], Awaitable[object]], failure: str) -> None:
+    """Await `work` every `interval` seconds; a failure is logged, not fatal."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(work)
+            await work()
         except Exception:
             log.exception(failure)
-
-
-async def _purge_used_ids_every(interval: float, store: SqlStore) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await store.purge_used_jtis(before=time.time())
-        except Exception:
-            log.exception("purging single-use ids failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,24 +141,3 @@ async def purge(
     assertion_ids = await store.purge_used_jtis(before=now)
     codes, browser_sessions = await store.purge_browser_sign_in(now=now)
     return Purged(families, failures, networks, assertion_ids, codes, browser_sessions)
-
-
-async def _purge_every(
-    interval: float, store: SqlStore, *, login_window: float, known_address_ttl: float
-) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            purged = await purge(
-                store,
-                now=time.time(),
-                login_window=login_window,
-                known_address_ttl=known_address_ttl,
-            )
-            if purged.refresh_families:
-                log.info(
-                    "purged expired refresh families",
-                    extra={"families": purged.refresh_families},
-                )
-        except Exception:
-            log.exception("housekeeping failed")

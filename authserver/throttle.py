@@ -135,9 +135,8 @@ class LoginThrottle:
     async def succeeded(self, attempt: Attempt, *, now: float) -> None:
         """Re-check the limits (parallel failures may have reached them); then forget the
         pair's failures and remember the network as one the user logs in from."""
-        await self._check(attempt, now=now, extra=0, address_exempt=attempt.known)
+        count = await self._check(attempt, now=now, extra=0, address_exempt=attempt.known)
         keys = attempt.keys
-        count, _ = await self._failures(keys.pair, since=now - self.limits.window)
         if count:
             await self._store.clear_login_failures(keys.pair)
         if attempt.user_id is not None and keys.network is not None:
@@ -158,8 +157,9 @@ class LoginThrottle:
 
     async def _check(
         self, attempt: Attempt, *, now: float, extra: int, address_exempt: bool
-    ) -> None:
-        """Raise `SlowDownError` if a count has reached its limit (plus `extra`).
+    ) -> int:
+        """Raise `SlowDownError` if a count has reached its limit (plus `extra`); else
+        the pair's count.
 
         `address_exempt`: skip the network's count, for an attempt at a network known
         for its user, until its password has failed: the right one is never refused
@@ -172,9 +172,12 @@ class LoginThrottle:
         if keys.network is not None and not address_exempt:
             checks.append((keys.network, limits.max_failures_per_address))
         retry_after = 0.0
+        counts = []
         for key, limit in checks:
             count, oldest = await self._failures(key, since=now - limits.window)
+            counts.append(count)
             if count >= limit + extra and oldest is not None:
                 retry_after = max(retry_after, oldest + limits.window - now)
         if retry_after > 0:
             raise SlowDownError(math.ceil(retry_after))
+        return counts[0]

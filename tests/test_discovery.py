@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from jwcrypto import jwk
 
@@ -18,7 +17,7 @@ from authserver.config import Settings
 from authserver.keys import generate_key, key_files
 from authserver.store.sql import SqlStore
 from tests.helpers.app import Running, StartApp
-from tests.helpers.databases import drop_pg_database
+from tests.helpers.databases import POSTGRESQL_ONLY, drop_pg_database
 from tests.helpers.factories import make_user
 from tests.helpers.tokens import jwt_parts
 
@@ -216,11 +215,10 @@ async def test_health_503_when_the_database_does_not_answer(
     assert (await server.client.get("/health")).status_code == 200
 
 
+@POSTGRESQL_ONLY
 async def test_health_503_when_postgres_drops_the_database(
     server: Running, database_url: str
 ) -> None:
-    if server.settings.is_sqlite:
-        pytest.skip("PostgreSQL only: a dropped server-side database")
     await drop_pg_database(database_url)
     r = await server.client.get("/health")
     assert r.status_code == 503

@@ -411,6 +411,6 @@ async def test_a_login_hands_the_event_loop_back_between_the_throttles_reads(
         running = False
         await task
     # begin reads the pair's, the user's and the network's counts; succeeded reads them
-    # again, then the pair's once more, then remembers the network.
+    # again (the pair's tells it whether there are failures to clear).
     assert during_begin >= 3
-    assert during_success >= 5
+    assert during_success >= 3

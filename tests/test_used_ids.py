@@ -4,6 +4,7 @@ are forgotten once they can no longer be replayed."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import sqlalchemy as sa
@@ -50,7 +51,8 @@ async def test_the_server_forgets_expired_ids_every_few_seconds(store: SqlStore)
     assert await store.use_jti("dpop:soon", expires_at=now + 0.2, now=now)
     assert await store.use_jti("dpop:later", expires_at=now + 3600, now=now)
     assert await rows(store) == 2
-    job = asyncio.create_task(jobs._purge_used_ids_every(0.1, store))
+    forget = functools.partial(jobs.forget_used_ids, store)
+    job = asyncio.create_task(jobs._every(0.1, forget, "purging single-use ids failed"))
     try:
         deadline = time.monotonic() + 10
         while await rows(store) != 1:
