@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import inspect
 import math
 import secrets
@@ -435,6 +436,7 @@ class TokenAuth(httpx.Auth):
         self.dpop_key: DPoPKey | None = (
             dpop if isinstance(dpop, DPoPKey) else DPoPKey() if dpop else None
         )
+        self._check_key_for(tokens)
         self._nonces: dict[tuple[str, str, int | None], str] = {}  # per origin
 
     @property
@@ -444,8 +446,15 @@ class TokenAuth(httpx.Auth):
 
     def set_tokens(self, tokens: TokenPair) -> None:
         """Resume with a new pair, e.g. after `SessionExpired` and a fresh login elsewhere."""
+        self._check_key_for(tokens)
         self._tokens = tokens
         self._dead = None
+
+    def _check_key_for(self, tokens: TokenPair | None) -> None:
+        # Sent as a Bearer token, a DPoP-bound one is refused (RFC 9449 §7.1), and its
+        # refresh token needs the key too: without it the pair is worth nothing.
+        if tokens is not None and tokens.token_type == "DPoP" and self.dpop_key is None:
+            raise ValueError("These tokens are DPoP-bound: pass the DPoPKey they are bound to")
 
     # -- decisions (no I/O) ----------------------------------------------------
 
@@ -486,25 +495,36 @@ class TokenAuth(httpx.Auth):
         previous = self._tokens
         if previous is not seen:
             return None  # another request refreshed while this one waited: reuse that
+        build: Callable[[], httpx.Request]
         if previous is not None and previous.refresh_token:
-            request = self.endpoint.refresh_request(refresh_token=previous.refresh_token)
+            build = functools.partial(
+                self.endpoint.refresh_request, refresh_token=previous.refresh_token
+            )
             dead: type[AuthError] = SessionExpired
         elif self._credentials is not None:
             username, password = self._credentials
-            request = self.endpoint.password_request(
-                username=username, password=password, scope=self._scope
+            build = functools.partial(
+                self.endpoint.password_request,
+                username=username,
+                password=password,
+                scope=self._scope,
             )
             dead = LoginFailed
         elif self._client_credentials and isinstance(self.endpoint, TokenEndpoint):
             # A client's own token comes without a refresh token: ask again each time.
-            request = self.endpoint.client_credentials_request(scope=self._scope)
+            build = functools.partial(self.endpoint.client_credentials_request, scope=self._scope)
             dead = LoginFailed
         else:
             raise SessionExpired("No refresh token and no credentials: log in again.")
+        request = build()
         self._prove(request)
         response = yield request
         if self._nonce_demanded(response):
-            self._prove(request)  # RFC 9449 §8: once more, with the server's nonce
+            # RFC 9449 §8: once more, with the server's nonce. Built anew: a client
+            # assertion (private_key_jwt) is single-use, and the server may have
+            # recorded the first one's before it asked for a nonce.
+            request = build()
+            self._prove(request)
             response = yield request
         pair = self._accept(response, previous, dead)
         self._tokens = pair

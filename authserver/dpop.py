@@ -16,10 +16,12 @@ import base64
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import string
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,6 +38,8 @@ SIGNING_ALGORITHMS = ALGORITHMS
 MAX_JTI_LENGTH = 256
 # The `used_jtis` namespace of proofs (client assertions use "jwt:").
 _REPLAY_NAMESPACE = "dpop:"
+
+log = logging.getLogger(__name__)
 
 
 class ReplayCache(Protocol):
@@ -62,28 +66,50 @@ class StoreReplayCache:
 
 class MemoryReplayCache:
     """One process's memory: the resource kit's default. An API served by several
-    processes passes a `ReplayCache` they share (a database, Redis) instead."""
+    processes passes a `ReplayCache` they share (a database, Redis) instead.
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._seen: dict[str, float] = {}
+    It holds at most `max_entries` ids. Forgetting one that could still be
+    accepted would let its proof be replayed, so when every id held is still live
+    it refuses new proofs (they fail as replays) until some expire."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        # Ids expire about in the order they came (`iat` + one window), so the
+        # expired ones are mostly at the front.
+        self._seen: OrderedDict[str, float] = OrderedDict()
         self._max = max_entries
 
     async def use_once(self, key: str, *, expires_at: float, now: float) -> bool:
         seen = self._seen
+        while seen:
+            first, until = next(iter(seen.items()))
+            if until > now:
+                break
+            del seen[first]
         known = seen.get(key)
         if known is not None and known > now:
             return False
         if len(seen) >= self._max:
             for old in [k for k, until in seen.items() if until <= now]:
                 del seen[old]
-            while len(seen) >= self._max:  # all still live: drop the oldest
-                seen.pop(next(iter(seen)))
+            if len(seen) >= self._max:
+                log.warning(
+                    "The DPoP replay cache holds %d live proof ids; refusing proofs "
+                    "until some expire.",
+                    len(seen),
+                )
+                return False
         seen[key] = expires_at
         return True
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _equal(sent: str, expected: str) -> bool:
+    """Constant-time equality of a string a client sent (any Unicode) and ours;
+    `hmac.compare_digest` refuses non-ASCII strings."""
+    return hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode("utf-8"))
 
 
 class Nonces:
@@ -123,7 +149,7 @@ class Nonces:
             return False
         step = self._step()
         return any(
-            hmac.compare_digest(nonce, self._make(secret, s))
+            _equal(nonce, self._make(secret, s))
             for secret in self._secrets()
             for s in (step, step - 1)
         )
@@ -250,11 +276,9 @@ class ProofChecker:
             raise InvalidDPoPProofError("The DPoP proof was issued in the future.")
         if access_token is not None:
             ath = claims.get("ath")
-            if not isinstance(ath, str) or not hmac.compare_digest(
-                ath, access_token_hash(access_token)
-            ):
+            if not isinstance(ath, str) or not _equal(ath, access_token_hash(access_token)):
                 raise InvalidDPoPProofError("The DPoP proof is for another access token.")
-        if jkt is not None and not hmac.compare_digest(thumbprint, jkt):
+        if jkt is not None and not _equal(thumbprint, jkt):
             raise InvalidDPoPProofError("The DPoP proof is signed by another key than the token's.")
         if self.nonces is not None and not self.nonces.check(claims.get("nonce")):
             raise UseDPoPNonceError(self.nonces.current())
@@ -264,6 +288,12 @@ class ProofChecker:
         return Proof(thumbprint, jti, iat)
 
     def _targets(self, url: str) -> tuple[str | None, ...]:
+        """What `htu` may name for a request received at `url`: that URL and, behind a
+        proxy, the same path under `base_url` (None for a URL that cannot be)."""
         if self.base_url is None:
             return (normalise_url(url),)
-        return normalise_url(url), normalise_url(self.base_url + urlsplit(url).path)
+        try:
+            path = urlsplit(url).path
+        except ValueError:
+            return (None,)
+        return normalise_url(url), normalise_url(self.base_url + path)

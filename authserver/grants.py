@@ -403,7 +403,8 @@ class AuthService:
         `client` is the authenticated client, to which the token must have been issued;
         None where the request names none (the seed's /refresh), for the tokens of
         public clients only. `dpop_jkt` is the key of the request's checked DPoP proof:
-        a bound family's token needs its own key's, and is not spent without it.
+        a bound family's token needs its own key's, and is not spent without it; a
+        public client's family bound to no key yet is bound to it (RFC 9449 §5).
         """
         if client is not None:
             self._check_grant(client, REFRESH_TOKEN, dpop_jkt)
@@ -421,6 +422,8 @@ class AuthService:
             requested_scope=frozenset(requested) if requested else None,
             client_id=client.client_id if client is not None else None,
             dpop_jkt=dpop_jkt,
+            # Without a client named, the token is a public client's (rotation.py).
+            bind=client is None or client.public,
         )
         if isinstance(outcome, Refused):
             if outcome.reason is Refusal.INVALID_SCOPE:

@@ -32,6 +32,8 @@ ALGORITHMS: tuple[Algorithm, ...] = ("RS256", "ES256")
 KEY_TYPES: Mapping[str, str] = {"RS256": "RSA", "ES256": "EC"}  # each one's JWK `kty`
 EC_CURVE = "P-256"  # the one curve of ES256 (RFC 7518 §3.4)
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3
+MAX_RSA_BITS = 8192
+MAX_RSA_EXPONENT_BITS = 32  # 65537 is 17 bits
 _NAME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 _MAX_KEY_FILE = 64 * 1024
 
@@ -130,7 +132,8 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 def public_key_of(jwk: Mapping[str, Any]) -> PublicKey:
     """The public key a JWK (RFC 7517) describes; `ValueError` unless it is an RSA key of
-    at least `MIN_RSA_BITS` or an EC key on `EC_CURVE`."""
+    `MIN_RSA_BITS` to `MAX_RSA_BITS` with an exponent of at most `MAX_RSA_EXPONENT_BITS`,
+    or an EC key on `EC_CURVE`."""
     try:
         key = JWK(**{k: v for k, v in jwk.items() if isinstance(v, str)}).get_op_key("verify")
     except Exception as exc:  # jwcrypto raises its own and the standard exceptions alike
@@ -138,6 +141,12 @@ def public_key_of(jwk: Mapping[str, Any]) -> PublicKey:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             raise ValueError(f"RSA keys of {MIN_RSA_BITS} bits at least are required")
+        # Anyone may send a key (a DPoP proof's `jwk`): its size must not set the cost
+        # of the signature check (verifying grows with the modulus and the exponent).
+        if key.key_size > MAX_RSA_BITS:
+            raise ValueError(f"RSA keys of more than {MAX_RSA_BITS} bits are refused")
+        if key.public_numbers().e.bit_length() > MAX_RSA_EXPONENT_BITS:
+            raise ValueError(f"RSA exponents of more than {MAX_RSA_EXPONENT_BITS} bits are refused")
         return key
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
         return key

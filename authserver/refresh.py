@@ -64,6 +64,7 @@ class Issued:
     username: str
     granted_scope: str
     client_id: str
+    dpop_jkt: str | None = None  # the DPoP key its family is bound to
 
 
 class Refusal(StrEnum):
@@ -176,7 +177,7 @@ async def start_family(
     if not await store.atomic(work):
         return None
     auditor.emit(event)  # logged only once it is true
-    return Issued(token, family_id, user.username, scope, client_id)
+    return Issued(token, family_id, user.username, scope, client_id, dpop_jkt)
 
 
 @dataclass(slots=True)
@@ -245,7 +246,9 @@ class _Rotation:
                 audit.REFRESHED, self.ctx, username=rec.username, family_id=rec.family_id
             ),
         )
-        return Issued(self.new_token, rec.family_id, rec.username, rec.scope, rec.client_id)
+        return Issued(
+            self.new_token, rec.family_id, rec.username, rec.scope, rec.client_id, rec.dpop_jkt
+        )
 
     async def _reuse(self, tx: RefreshTransaction, rec: RefreshRecord) -> Refused:
         await tx.revoke_family(rec.family_id, at=self.now, reason="reuse")
@@ -277,6 +280,7 @@ async def rotate(
     requested_scope: frozenset[str] | None = None,
     client_id: str | None,
     dpop_jkt: str | None = None,
+    bind: bool = False,
     fast_path: bool = True,
 ) -> Issued | Refused:
     """Exchange a refresh token for its successor, detecting reuse.
@@ -285,6 +289,8 @@ async def rotate(
     issued to; None where the request names no client (the seed's /refresh), which
     only a public client's token allows. `dpop_jkt` is the key the request's DPoP
     proof was signed with (None: no proof), which a bound family's token needs.
+    With `bind` (a public client's request), a family bound to no key yet is bound
+    to `dpop_jkt` (CONTRACT §8: a proof at /refresh binds the family as at login).
 
     Returns `Refused` (after committing any revocation it caused) rather than
     raising, so that a reuse detection is never rolled back with the error.
@@ -310,11 +316,16 @@ async def rotate(
             auditor.emit(
                 replace(event, username=done.username, details={"family_id": done.family_id})
             )
-            return Issued(new_token, done.family_id, done.username, done.scope, done.client_id)
+            issued = Issued(
+                new_token, done.family_id, done.username, done.scope, done.client_id, done.dpop_jkt
+            )
+            return await _bound(store, issued, dpop_jkt if bind else None)
     rotation = _Rotation(
         auditor, ctx, lifetimes, now, requested_scope, client_id, new_token, new_hash, dpop_jkt
     )
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
+    if isinstance(outcome, Issued):
+        outcome = await _bound(store, outcome, dpop_jkt if bind else None)
     for event in rotation.events:
         auditor.emit(event)  # after the commit: a rolled-back attempt logs nothing
     if isinstance(outcome, Refused) and outcome.reason is not Refusal.REUSE:
@@ -373,3 +384,15 @@ async def revoke_family(
     for built in revoked:
         auditor.emit(built)
     return known
+
+
+async def _bound(store: Store, issued: Issued, dpop_jkt: str | None) -> Issued:
+    """`issued`, its family bound to `dpop_jkt` if it was bound to no key yet. A write of
+    its own after the rotation's, made once in a family's life, so that the plain
+    rotation (`Store.rotate_active`) stays one statement."""
+    if dpop_jkt is None or issued.dpop_jkt is not None:
+        return issued
+    family_id = issued.family_id
+    if await store.atomic(lambda tx: tx.bind_family(family_id, dpop_jkt)):
+        return replace(issued, dpop_jkt=dpop_jkt)
+    return issued

@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import unquote
 
 import httpx
 from fastapi import Request, Security
@@ -541,13 +542,19 @@ _BOUND = "The access token is DPoP-bound: send it as 'Authorization: DPoP' with 
 
 @functools.lru_cache(maxsize=4096)  # a resource is asked the same few URLs again and again
 def _url_of(
-    scheme: str, server: tuple[Any, ...] | None, host: bytes | None, root_path: str, path: str
+    scheme: str, server: tuple[Any, ...] | None, host: bytes | None, path: str, raw: bytes | None
 ) -> str:
+    if raw is not None:
+        # The path as the client wrote it, which its `htu` names (`%2F`, `%20` and all);
+        # `path` is decoded. Some servers leave the query on it; a proxy's prefix
+        # (`root_path`) is not on it, and then the decoded path is all there is.
+        sent = raw.split(b"?", 1)[0].decode("latin-1")
+        if unquote(sent) == path:
+            path = sent
     scope: dict[str, Any] = {
         "type": "http",
         "scheme": scheme,
         "server": server,
-        "root_path": root_path,
         "path": path,
         "query_string": b"",
         "headers": [] if host is None else [(b"host", host)],
@@ -556,9 +563,10 @@ def _url_of(
 
 
 def request_url(request: Request) -> str:
-    """`str(request.url)` without the query, for a DPoP proof's `htu` (which leaves the
-    query out, RFC 9449 §4.2), remembered by what Starlette builds it from: building it
-    costs ~10 µs a request, a tenth of a proof's whole check besides its signature."""
+    """`str(request.url)` without the query and with the path as sent, for a DPoP
+    proof's `htu` (which leaves the query out, RFC 9449 §4.2), remembered by what
+    Starlette builds it from: building it costs ~10 µs a request, a tenth of a
+    proof's whole check besides its signature."""
     scope = request.scope
     host = None
     for name, value in scope["headers"]:
@@ -570,8 +578,8 @@ def request_url(request: Request) -> str:
         scope.get("scheme", "http"),
         None if server is None else tuple(server),
         host,
-        scope.get("root_path", ""),
         scope["path"],
+        scope.get("raw_path"),
     )
 
 

@@ -260,7 +260,7 @@ class EmbeddedKey:
 
 
 # Clients keep their DPoP key for a long time: parse and thumbprint each key once.
-_embedded_keys: dict[tuple[str, tuple[tuple[str, str], ...]], EmbeddedKey] = {}
+_embedded_keys: OrderedDict[tuple[str, tuple[tuple[str, str], ...]], EmbeddedKey] = OrderedDict()
 
 
 def _embedded_key(jwk: object, alg: str) -> EmbeddedKey:
@@ -279,12 +279,12 @@ def _embedded_key(jwk: object, alg: str) -> EmbeddedKey:
     if known is not None:
         return known
     try:
-        public = public_key_of(dict(cache_key[1]))  # RSA of 2048 bits at least, or P-256
+        public = public_key_of(dict(cache_key[1]))  # RSA of 2048 to 8192 bits, or P-256
         prepared = EmbeddedKey(prepare_key(public, alg), thumbprint(public))
     except Exception as exc:
         raise InvalidDPoPProofError("The DPoP proof's jwk is not a usable public key.") from exc
     if len(_embedded_keys) >= _MAX_EMBEDDED_KEYS:
-        _embedded_keys.pop(next(iter(_embedded_keys)))
+        _embedded_keys.popitem(last=False)
     _embedded_keys[cache_key] = prepared
     return prepared
 

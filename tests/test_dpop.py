@@ -119,12 +119,14 @@ REASONS = {
     "garbage": "malformed",
     "no ath": "another access token",
     "ath of another token": "another access token",
+    "a non-ASCII ath": "another access token",
     "signed by another key than cnf.jkt": "another key than the token's",
 }
 # Only where an access token is presented (RFC 9449 §4.3 step 11 and §7.1).
 RESOURCE_ONLY: dict[str, BadProof] = {
     "no ath": lambda k, m, u, t: k.proof(m, u),
     "ath of another token": lambda k, m, u, t: k.proof(m, u, access_token=f"{t}x"),
+    "a non-ASCII ath": lambda k, m, u, t: forged(k, m, u, ath="é" * 43),
     "signed by another key than cnf.jkt": lambda k, m, u, t: DPoPKey().proof(m, u, access_token=t),
 }
 
@@ -230,6 +232,71 @@ async def test_a_bound_refresh_needs_the_same_key_and_is_not_spent_without_it(
         headers={"DPoP": key.proof("POST", BASE + "/refresh")},
     )
     assert r.status_code == 200, r.text
+
+
+async def test_a_proof_at_refresh_binds_a_public_family_started_without_one(
+    server: Running,
+) -> None:
+    """CONTRACT §8: a proof at /refresh binds the family as one at login does; from then
+    on a refresh without the key is refused and spends nothing."""
+    await make_client(server.store, "spa", public=True)
+    for path, extra in (("/refresh", {}), ("/token", {"client_id": "spa"})):
+        tokens = await server.login(**extra)
+        assert tokens["token_type"] == "bearer"
+        key = DPoPKey()
+
+        async def refresh(token: str, proof: str | None, path: str = path) -> httpx.Response:
+            headers = {} if proof is None else {"DPoP": proof}
+            if path == "/refresh":
+                return await server.client.post(
+                    path, json={"refresh_token": token}, headers=headers
+                )
+            form = {"grant_type": "refresh_token", "refresh_token": token, "client_id": "spa"}
+            return await server.client.post(path, data=form, headers=headers)
+
+        r = await refresh(tokens["refresh_token"], key.proof("POST", BASE + path))
+        assert r.status_code == 200, r.text
+        assert r.json()["token_type"] == "DPoP"
+        assert jwt_parts(r.json()["access_token"])[1]["cnf"] == {"jkt": key.thumbprint}
+        bound = r.json()["refresh_token"]
+        family = await family_of(server, bound)
+        assert family["dpop_jkt"] == key.thumbprint
+        # A copy of the new refresh token without the key, or with another key:
+        assert_token_endpoint_refusal(await refresh(bound, None))
+        assert_token_endpoint_refusal(await refresh(bound, DPoPKey().proof("POST", BASE + path)))
+        assert (await family_of(server, bound))["statuses"]["active"] == 1
+        r = await refresh(bound, key.proof("POST", BASE + path))
+        assert r.status_code == 200, r.text
+        assert r.json()["token_type"] == "DPoP"
+
+
+async def test_a_confidential_clients_dpop_refresh_leaves_its_family_unbound(
+    server: Running,
+) -> None:
+    """RFC 9449 §5: a confidential client's refresh token is bound by its authentication."""
+    _, secret = await make_client(server.store, "backend", grants=("password", "refresh_token"))
+    assert secret is not None
+    auth = ("backend", secret)
+    r = await server.client.post(
+        "/token", data={"grant_type": "password", **CREDENTIALS}, auth=auth
+    )
+    assert r.status_code == 200, r.text
+    r = await server.client.post(
+        "/token",
+        data={"grant_type": "refresh_token", "refresh_token": r.json()["refresh_token"]},
+        auth=auth,
+        headers={"DPoP": DPoPKey().proof("POST", BASE + "/token")},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["token_type"] == "DPoP"
+    assert (await family_of(server, r.json()["refresh_token"]))["dpop_jkt"] is None
+    r = await server.client.post(
+        "/token",
+        data={"grant_type": "refresh_token", "refresh_token": r.json()["refresh_token"]},
+        auth=auth,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["token_type"] == "bearer"
 
 
 async def test_attacks_on_the_token_endpoint(server: Running) -> None:
@@ -407,12 +474,13 @@ async def test_server_nonces(start_app: StartApp) -> None:
     )
     assert_token_endpoint_refusal(r, "use_dpop_nonce")
     nonce = r.headers["dpop-nonce"]
-    r = await running.client.post(
-        "/login",
-        json=CREDENTIALS,
-        headers={"DPoP": key.proof("POST", BASE + "/login", nonce=nonce + "x")},
-    )
-    assert_token_endpoint_refusal(r, "use_dpop_nonce")
+    for wrong in (nonce + "x", "é" * 24):
+        r = await running.client.post(
+            "/login",
+            json=CREDENTIALS,
+            headers={"DPoP": key.proof("POST", BASE + "/login", nonce=wrong)},
+        )
+        assert_token_endpoint_refusal(r, "use_dpop_nonce")
     r = await running.client.post(
         "/login",
         json=CREDENTIALS,

@@ -4,16 +4,28 @@ accepting DPoP-bound tokens in another app (CONTRACT §8, RFC 9449)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Depends, FastAPI
+from jwcrypto.jwk import JWK
 
-from authserver.client import DPoPKey, LoginEndpoints, TokenAuth, TokenEndpoint, TokenEndpointError
+from authserver.client import (
+    DPoPKey,
+    LoginEndpoints,
+    PrivateKeyJWT,
+    TokenAuth,
+    TokenEndpoint,
+    TokenEndpointError,
+    TokenPair,
+)
 from authserver.resource import (
     AccessClaims,
     JwksKeySource,
@@ -23,7 +35,7 @@ from authserver.resource import (
 )
 from authserver.tokens import AccessTokenVerifier
 from tests.helpers.app import Running, StartApp
-from tests.helpers.factories import DEFAULT_PASSWORD, make_user
+from tests.helpers.factories import DEFAULT_PASSWORD, make_client, make_user
 from tests.helpers.tokens import jwt_parts
 
 BASE = "http://testserver"
@@ -56,6 +68,12 @@ def resource_app(server: Running) -> FastAPI:
     @app.get("/hello")
     async def hello(claims: AccessClaims = Depends(require_token(validator))) -> dict[str, Any]:
         return {"sub": claims.sub}
+
+    @app.get("/files/{name:path}")
+    async def file(
+        name: str, claims: AccessClaims = Depends(require_token(validator))
+    ) -> dict[str, Any]:
+        return {"name": name, "sub": claims.sub}
 
     return app
 
@@ -163,3 +181,76 @@ async def test_the_resource_kit_refuses_replays_and_downgrades(server: Running) 
         plain = (await server.login())["access_token"]
         bearer = await resource.get("/hello", headers={"Authorization": f"Bearer {plain}"})
         assert bearer.status_code == 200, bearer.text
+
+
+async def test_a_private_key_jwt_client_answers_nonce_challenges(start_app: StartApp) -> None:
+    server = await start_app(dpop_nonce=True)
+    signer = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(JWK.from_pyca(signer.public_key()).export_public())
+    await make_client(server.store, "robot", jwks=json.dumps({"keys": [public]}))
+    # The server checks the proof before the client: the challenge spends no assertion,
+    # so the same one goes again with the nonce.
+    form: dict[str, str] = {"grant_type": "client_credentials"}
+    PrivateKeyJWT("robot", signer).apply(form, {}, audience=BASE + "/token")
+    key = DPoPKey()
+    r = await server.client.post(
+        "/token", data=form, headers={"DPoP": key.proof("POST", BASE + "/token")}
+    )
+    assert r.status_code == 400 and r.json()["error"] == "use_dpop_nonce", r.text
+    proof = key.proof("POST", BASE + "/token", nonce=r.headers["dpop-nonce"])
+    r = await server.client.post("/token", data=form, headers={"DPoP": proof})
+    assert r.status_code == 200, r.text
+    assert r.json()["token_type"] == "DPoP"
+    # The kit answers the challenge with a request built anew: a fresh assertion.
+    assertions: list[str] = []
+
+    async def keep(request: httpx.Request) -> None:
+        if request.url.path == "/token":
+            assertions.extend(parse_qs(request.content.decode())["client_assertion"])
+
+    auth = TokenAuth(
+        TokenEndpoint(BASE + "/token", client_auth=PrivateKeyJWT("robot", signer)),
+        client_credentials=True,
+        dpop=True,
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=server.app),
+        base_url=BASE,
+        auth=auth,
+        event_hooks={"request": [keep]},
+    ) as client:
+        r = await client.get("/protected")
+    assert r.status_code == 200, r.text
+    assert len(assertions) == 2 and assertions[0] != assertions[1]
+
+
+async def test_the_resource_kit_checks_the_path_as_the_client_sent_it(server: Running) -> None:
+    """`htu` names the path percent-encoded as sent; the router sees it decoded."""
+    auth = TokenAuth(BASE + "/token", username="alice", password=DEFAULT_PASSWORD, dpop=True)
+    async with client_for(server, auth, Counter()) as client:
+        for path in ("/files/a%20b", "/files/caf%C3%A9", "/files/x%2Fy"):
+            r = await client.get("http://resource" + path)
+            assert r.status_code == 200, (path, r.text)
+    assert auth.tokens is not None and auth.dpop_key is not None
+    token = auth.tokens.access_token
+    # A proof for the decoded spelling names another URL.
+    resource = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=resource_app(server)), base_url="http://resource"
+    )
+    async with resource:
+        proof = auth.dpop_key.proof("GET", "http://resource/files/a", access_token=token)
+        r = await resource.get(
+            "/files/a%20b", headers={"Authorization": f"DPoP {token}", "DPoP": proof}
+        )
+    assert r.status_code == 401
+    assert "another URL" in r.json()["error_description"]
+
+
+def test_dpop_bound_tokens_need_their_key() -> None:
+    bound = TokenPair(access_token="a", refresh_token="r", token_type="DPoP")
+    with pytest.raises(ValueError, match="DPoP-bound"):
+        TokenAuth(BASE + "/token", tokens=bound)
+    auth = TokenAuth(BASE + "/token", tokens=TokenPair(access_token="a", refresh_token="r"))
+    with pytest.raises(ValueError, match="DPoP-bound"):
+        auth.set_tokens(bound)
+    assert TokenAuth(BASE + "/token", tokens=bound, dpop=True).tokens is bound

@@ -18,7 +18,9 @@ from jose import jws
 from starlette.requests import Request
 
 from authserver.client import DPoPKey
+from authserver.dpop import MemoryReplayCache
 from authserver.errors import InvalidDPoPProofError
+from authserver.keys import public_key_of
 from authserver.resource import request_url
 from authserver.store.sql import SqlStore
 from authserver.tokens import _proof_headers, verify_self_signed
@@ -172,3 +174,49 @@ async def test_a_jti_waits_for_another_process_holding_the_write_lock(
     assert not await store.use_jti("dpop:first", expires_at=now + 60, now=now)
     # An expired entry of the same key is taken over, as before.
     assert await store.use_jti("dpop:first", expires_at=now + 200, now=now + 100)
+
+
+async def test_the_memory_replay_cache_forgets_only_what_expired() -> None:
+    cache = MemoryReplayCache(max_entries=3)
+    assert await cache.use_once("a", expires_at=10, now=0)
+    assert not await cache.use_once("a", expires_at=10, now=5)  # a replay
+    assert await cache.use_once("b", expires_at=20, now=5)
+    assert await cache.use_once("c", expires_at=30, now=5)
+    # Full of live ids: a new one is refused rather than one of them forgotten, which
+    # would let its proof be replayed.
+    assert not await cache.use_once("d", expires_at=30, now=6)
+    assert not await cache.use_once("a", expires_at=10, now=6)
+    # Once "a" expired it makes room, and may come again.
+    assert await cache.use_once("d", expires_at=30, now=11)
+    assert not await cache.use_once("b", expires_at=20, now=11)
+    assert await cache.use_once("a", expires_at=40, now=21)  # "b" expired too
+
+
+def rsa_jwk(n: int, e: int) -> dict[str, str]:
+    def member(value: int) -> str:
+        return b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+    return {"kty": "RSA", "n": member(n), "e": member(e)}
+
+
+@pytest.mark.parametrize(
+    ("bits", "e", "refused"),
+    [(2048, 65537, False), (8192, 65537, False), (8200, 65537, True), (2048, 2**40 + 1, True)],
+)
+def test_client_keys_of_unbounded_cost_are_refused(bits: int, e: int, refused: bool) -> None:
+    """Anyone may put a key in a proof; verifying grows with its modulus and exponent.
+    The modulus need not be a real key's for `public_key_of` to size it up."""
+    n = (1 << (bits - 1)) | 1 | (int.from_bytes(b"authserver" * 40) % (1 << (bits - 2)))
+    jwk = rsa_jwk(n, e)
+    if refused:
+        with pytest.raises(ValueError, match="refused"):
+            public_key_of(jwk)
+        with pytest.raises(InvalidDPoPProofError, match="not a usable public key"):
+            verify_self_signed(unsigned_rs256({"typ": TYP, "jwk": jwk}), typ=TYP)
+    else:
+        assert public_key_of(jwk).key_size == bits
+
+
+def unsigned_rs256(header: dict[str, Any]) -> str:
+    head = b64(orjson.dumps({**header, "alg": "RS256"}))
+    return f"{head}.{b64(orjson.dumps(claims()))}.c2ln"

@@ -201,8 +201,10 @@ async def refresh(request: Request) -> JSON:
 async def token(request: Request) -> JSON:
     services, ctx = services_of(request), request_context(request)
     form = await read_form(request)
-    client = await client_of(request, form, ctx, endpoint="/token")
+    # The proof first: a nonce challenge (RFC 9449 §8) must not use up the single-use
+    # assertion of a private_key_jwt client, which the client's retry could not resend.
     jkt = await dpop_key(request, services)
+    client = await client_of(request, form, ctx, endpoint="/token")
     return token_response(
         await token_request(services.auth, ctx, form, client=client, dpop_jkt=jkt)
     )

@@ -206,6 +206,7 @@ def _pg_rotate() -> sa.Select[Any]:
             _t.family_id,
             _t.scope,
             _f.client_id,
+            _f.dpop_jkt,
             _u.username,
             b.ord,
             b.successor,
@@ -239,7 +240,7 @@ def _pg_rotate() -> sa.Select[Any]:
         .cte("audited")
     )
     # The two inserts are referenced by nothing; `add_cte` has them rendered anyway.
-    answer = sa.select(s.ord, s.family_id, s.username, s.scope, s.client_id)
+    answer = sa.select(s.ord, s.family_id, s.username, s.scope, s.client_id, s.dpop_jkt)
     return answer.add_cte(issued, audited)
 
 
@@ -334,7 +335,7 @@ class PgRotator:
         done: list[Rotated | None] = [None] * len(exchanges)
         for row in rows:
             done[row["ord"]] = Rotated(
-                row["family_id"], row["username"], row["scope"], row["client_id"]
+                row["family_id"], row["username"], row["scope"], row["client_id"], row["dpop_jkt"]
             )
         return done
 
@@ -429,7 +430,7 @@ def sqlite_fetch_one(raw: sqlite3.Connection, read: Read, **values: Any) -> dict
 # Under BEGIN IMMEDIATE nothing changes between these statements, so the plain case is
 # found first, and then spent with the general path's own compare-and-set.
 _SQLITE_FIND = _compile(
-    sa.select(_t.family_id, _t.scope, _f.client_id, _u.username)
+    sa.select(_t.family_id, _t.scope, _f.client_id, _f.dpop_jkt, _u.username)
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(
         _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
@@ -508,7 +509,7 @@ def _sqlite_rotate_one(conn: sqlite3.Connection, exchange: Exchange) -> Rotated 
     ).fetchone()
     if found is None:
         return None
-    family_id, scope, client_id, username = found
+    family_id, scope, client_id, dpop_jkt, username = found
     spent = conn.execute(
         _SQLITE_SPEND.sql,
         _SQLITE_SPEND.args(
@@ -533,4 +534,4 @@ def _sqlite_rotate_one(conn: sqlite3.Connection, exchange: Exchange) -> Rotated 
         _SQLITE_AUDIT.sql,
         _SQLITE_AUDIT.args(b_username=username, b_details=details, **_event_values(exchange)),
     )
-    return Rotated(family_id, username, scope, client_id)
+    return Rotated(family_id, username, scope, client_id, dpop_jkt)

@@ -97,6 +97,7 @@ class Rotated:
     username: str
     scope: str
     client_id: str
+    dpop_jkt: str | None  # the DPoP key the family is bound to
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,10 @@ class RefreshTransaction(Protocol):
         """Compare-and-set: mark the token spent if it is still `expected`."""
 
     async def revoke_token(self, token_hash: str) -> None: ...
+
+    async def bind_family(self, family_id: str, dpop_jkt: str) -> bool:
+        """Bind a family that is bound to no DPoP key yet to `dpop_jkt`; False if it was
+        bound already (to this key or another)."""
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
         """Revoke the family and every token in it; False if it already was."""

@@ -565,6 +565,15 @@ class SqlTransaction:
             .values(status="revoked")
         )
 
+    async def bind_family(self, family_id: str, dpop_jkt: str) -> bool:
+        f = refresh_families.c
+        result = await self._conn.execute(
+            refresh_families.update()
+            .where(f.id == family_id, f.dpop_jkt.is_(None))
+            .values(dpop_jkt=dpop_jkt)
+        )
+        return result.rowcount == 1
+
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
         self._changed.sessions.add(family_id)
         # Tokens before families, the order `revoke_user_families` locks in too.

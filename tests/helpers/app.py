@@ -112,5 +112,6 @@ async def family_of(running: Running, token: str) -> dict[str, Any]:
         return {
             "id": family_id,
             "revoked_reason": family.revoked_reason,
+            "dpop_jkt": family.dpop_jkt,
             "statuses": Counter(statuses),
         }
