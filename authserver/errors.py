@@ -198,6 +198,10 @@ class SessionNotFoundError(OAuthError):
     description = "No live session of yours has this id."
 
 
+# RFC 9449 (DPoP): https://www.rfc-editor.org/rfc/rfc9449
+DPOP_ALGS = "ES256 RS256"  # the `algs` of a DPoP challenge: keys.ALGORITHMS, spelled out
+
+
 class BearerError(OAuthError):
     """Errors of a bearer-protected resource carry an RFC 6750 §3 challenge."""
 
@@ -237,21 +241,24 @@ class InsufficientScopeError(BearerError):
     status_code = 403
     description = "The access token lacks the required scope."
 
-    def __init__(self, scopes: tuple[str, ...] = (), description: str | None = None) -> None:
+    def __init__(
+        self, scopes: tuple[str, ...] = (), description: str | None = None, *, dpop: bool = False
+    ) -> None:
         super().__init__(description)
         self.scopes = scopes
+        self.dpop = dpop  # the token came with the DPoP scheme: so does the challenge
 
     def headers(self) -> dict[str, str]:
         headers = super().headers()
+        if self.dpop:  # RFC 9449 §7.1
+            challenge = headers["WWW-Authenticate"].removeprefix("Bearer ")
+            headers["WWW-Authenticate"] = f'DPoP {challenge}, algs="{DPOP_ALGS}"'
         if self.scopes:
             headers["WWW-Authenticate"] += f', scope="{" ".join(self.scopes)}"'
         return headers
 
 
-# RFC 9449 (DPoP): https://www.rfc-editor.org/rfc/rfc9449
-DPOP_ALGS = "ES256 RS256"  # the `algs` of a DPoP challenge: keys.ALGORITHMS, spelled out
-
-
+# RFC 9449 (DPoP) at token endpoints: https://www.rfc-editor.org/rfc/rfc9449
 class InvalidDPoPProofError(OAuthError):
     """RFC 9449 §5: a DPoP proof at a token endpoint is missing, malformed or wrong."""
 

@@ -664,7 +664,9 @@ def _claims_checker(
             missing = [s for s in required if s not in claims.scope]
             if missing:
                 raise InsufficientScopeError(
-                    required, f"The access token lacks the scope: {' '.join(missing)}."
+                    required,
+                    f"The access token lacks the scope: {' '.join(missing)}.",
+                    dpop=dpop_token,
                 )
         return claims
 

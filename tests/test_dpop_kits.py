@@ -75,6 +75,12 @@ def resource_app(server: Running) -> FastAPI:
     ) -> dict[str, Any]:
         return {"name": name, "sub": claims.sub}
 
+    @app.get("/admin")
+    async def admin(
+        claims: AccessClaims = Depends(require_token(validator, scopes=["admin"])),
+    ) -> dict[str, Any]:
+        return {"sub": claims.sub}
+
     return app
 
 
@@ -254,3 +260,23 @@ def test_dpop_bound_tokens_need_their_key() -> None:
     with pytest.raises(ValueError, match="DPoP-bound"):
         auth.set_tokens(bound)
     assert TokenAuth(BASE + "/token", tokens=bound, dpop=True).tokens is bound
+
+
+async def test_a_missing_scope_is_answered_in_the_scheme_the_token_came_with(
+    server: Running,
+) -> None:
+    """RFC 9449 §7.1: a DPoP request's 403 carries a DPoP challenge; a Bearer one's, Bearer."""
+    auth = TokenAuth(BASE + "/token", username="alice", password=DEFAULT_PASSWORD, dpop=True)
+    async with client_for(server, auth, Counter()) as client:
+        r = await client.get("http://resource/admin")
+    assert r.status_code == 403, r.text
+    challenge = r.headers["www-authenticate"]
+    assert challenge.startswith('DPoP error="insufficient_scope"'), challenge
+    assert 'algs="ES256 RS256"' in challenge and 'scope="admin"' in challenge
+    plain = (await server.login())["access_token"]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=resource_app(server)), base_url="http://resource"
+    ) as resource:
+        r = await resource.get("/admin", headers={"Authorization": f"Bearer {plain}"})
+    assert r.status_code == 403
+    assert r.headers["www-authenticate"].startswith('Bearer error="insufficient_scope"')
