@@ -519,7 +519,7 @@ class TokenAuth(httpx.Auth):
         request = build()
         self._prove(request)
         response = yield request
-        if self._nonce_demanded(response):
+        if self._nonce_demanded(response, token_endpoint=True):
             # RFC 9449 §8: once more, with the server's nonce. Built anew: a client
             # assertion (private_key_jwt) is single-use, and the server may have
             # recorded the first one's before it asked for a nonce.
@@ -584,9 +584,10 @@ class TokenAuth(httpx.Auth):
             request.method, request.url, access_token=access_token, nonce=nonce
         )
 
-    def _nonce_demanded(self, response: httpx.Response) -> bool:
+    def _nonce_demanded(self, response: httpx.Response, *, token_endpoint: bool = False) -> bool:
         """Keep the server's latest nonce; whether the response asks for the request
-        again with it (400 at a token endpoint, 401 at a resource: RFC 9449 §8, §9)."""
+        again with it (400 at a token endpoint, whose answer has been read; 401 at a
+        resource, whose answer is still unread: RFC 9449 §8, §9)."""
         if self.dpop_key is None:
             return False
         nonce = response.headers.get("dpop-nonce")
@@ -595,7 +596,7 @@ class TokenAuth(httpx.Auth):
         self._nonces[self._origin(response.request.url)] = nonce
         if response.status_code == 401:
             return "use_dpop_nonce" in response.headers.get("www-authenticate", "")
-        if response.status_code == 400:
+        if response.status_code == 400 and token_endpoint:
             try:
                 body = response.json()
             except ValueError:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import re
 import string
 import struct
@@ -77,6 +78,7 @@ class MemoryReplayCache:
         # expired ones are mostly at the front.
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._max = max_entries
+        self._swept_at = -math.inf
 
     async def use_once(self, key: str, *, expires_at: float, now: float) -> bool:
         seen = self._seen
@@ -89,8 +91,12 @@ class MemoryReplayCache:
         if known is not None and known > now:
             return False
         if len(seen) >= self._max:
-            for old in [k for k, until in seen.items() if until <= now]:
-                del seen[old]
+            # A whole sweep costs milliseconds at this size: at most one a second, or
+            # a flood of proofs would pay for one each.
+            if now - self._swept_at >= 1.0:
+                self._swept_at = now
+                for old in [k for k, until in seen.items() if until <= now]:
+                    del seen[old]
             if len(seen) >= self._max:
                 log.warning(
                     "The DPoP replay cache holds %d live proof ids; refusing proofs "

@@ -319,13 +319,13 @@ async def rotate(
             issued = Issued(
                 new_token, done.family_id, done.username, done.scope, done.client_id, done.dpop_jkt
             )
-            return await _bound(store, issued, dpop_jkt if bind else None)
+            return await _bound(store, issued, dpop_jkt if bind else None, now)
     rotation = _Rotation(
         auditor, ctx, lifetimes, now, requested_scope, client_id, new_token, new_hash, dpop_jkt
     )
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
     if isinstance(outcome, Issued):
-        outcome = await _bound(store, outcome, dpop_jkt if bind else None)
+        outcome = await _bound(store, outcome, dpop_jkt if bind else None, now)
     for event in rotation.events:
         auditor.emit(event)  # after the commit: a rolled-back attempt logs nothing
     if isinstance(outcome, Refused) and outcome.reason is not Refusal.REUSE:
@@ -386,13 +386,14 @@ async def revoke_family(
     return known
 
 
-async def _bound(store: Store, issued: Issued, dpop_jkt: str | None) -> Issued:
-    """`issued`, its family bound to `dpop_jkt` if it was bound to no key yet. A write of
-    its own after the rotation's, made once in a family's life, so that the plain
-    rotation (`Store.rotate_active`) stays one statement."""
+async def _bound(store: Store, issued: Issued, dpop_jkt: str | None, now: float) -> Issued:
+    """`issued`, its family bound to `dpop_jkt` if it was bound to no key yet, from `now`
+    on: the token just issued (`created_at` `now`) is the family's first bound one. A
+    write of its own after the rotation's, made once in a family's life, so that the
+    plain rotation (`Store.rotate_active`) stays one statement."""
     if dpop_jkt is None or issued.dpop_jkt is not None:
         return issued
     family_id = issued.family_id
-    if await store.atomic(lambda tx: tx.bind_family(family_id, dpop_jkt)):
+    if await store.atomic(lambda tx: tx.bind_family(family_id, dpop_jkt, at=now)):
         return replace(issued, dpop_jkt=dpop_jkt)
     return issued

@@ -501,10 +501,9 @@ class IntrospectingValidator:
         return body
 
     def _claims(self, body: Mapping[str, Any], now: float) -> AccessClaims:
-        if body.get("active") is not True or body.get("token_type", "access_token") not in (
-            "access_token",
-            "Bearer",
-        ):
+        token_type = body.get("token_type", "access_token")
+        # authserver says `access_token`; other issuers the scheme (RFC 9449 §6.2: DPoP).
+        if body.get("active") is not True or str(token_type).lower() not in _ACCESS_TOKEN_TYPES:
             raise InvalidTokenError("The access token is not active.")
         aud = body.get("aud")
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
@@ -534,6 +533,7 @@ class IntrospectingValidator:
             self._http = None
 
 
+_ACCESS_TOKEN_TYPES = frozenset({"access_token", "bearer", "dpop"})
 ValidatorGetter = Callable[[Request], Validator]
 CheckerGetter = Callable[[Request], ProofChecker]
 _bearer = HTTPBearer(auto_error=False, description="An access token from the auth server.")

@@ -270,6 +270,36 @@ async def test_a_proof_at_refresh_binds_a_public_family_started_without_one(
         assert r.json()["token_type"] == "DPoP"
 
 
+async def test_a_thief_who_binds_a_stolen_refresh_token_first_is_caught_by_reuse_detection(
+    server: Running,
+) -> None:
+    """A refresh token stolen before its family was bound, used first by the thief with a
+    proof of their own key: the owner's next refresh with it (spent now) is reuse, and
+    revokes the family the thief bound, as it would have had nobody sent a proof."""
+    tokens = await server.login()
+    stolen = tokens["refresh_token"]
+    thief = DPoPKey()
+    r = await server.client.post(
+        "/refresh",
+        json={"refresh_token": stolen},
+        headers={"DPoP": thief.proof("POST", BASE + "/refresh")},
+    )
+    assert r.status_code == 200, r.text
+    thiefs = r.json()["refresh_token"]
+    assert (await family_of(server, thiefs))["dpop_jkt"] == thief.thumbprint
+    r = await server.client.post("/refresh", json={"refresh_token": stolen})
+    assert r.status_code == 401, r.text
+    assert r.json()["error"] == "invalid_grant"
+    assert (await family_of(server, thiefs))["revoked_reason"] == "reuse"
+    r = await server.client.post(
+        "/refresh",
+        json={"refresh_token": thiefs},
+        headers={"DPoP": thief.proof("POST", BASE + "/refresh")},
+    )
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_grant"
+
+
 async def test_a_confidential_clients_dpop_refresh_leaves_its_family_unbound(
     server: Running,
 ) -> None:

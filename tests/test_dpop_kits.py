@@ -15,6 +15,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
 from jwcrypto.jwk import JWK
 
 from authserver.client import (
@@ -74,6 +75,12 @@ def resource_app(server: Running) -> FastAPI:
         name: str, claims: AccessClaims = Depends(require_token(validator))
     ) -> dict[str, Any]:
         return {"name": name, "sub": claims.sub}
+
+    @app.get("/refuses")
+    async def refuses() -> JSONResponse:
+        # A 400 that carries a nonce: only a 401 asks a resource's client to retry.
+        body = {"error": "use_dpop_nonce"}
+        return JSONResponse(body, status_code=400, headers={"DPoP-Nonce": "resource-nonce"})
 
     @app.get("/admin")
     async def admin(
@@ -280,3 +287,23 @@ async def test_a_missing_scope_is_answered_in_the_scheme_the_token_came_with(
         r = await resource.get("/admin", headers={"Authorization": f"Bearer {plain}"})
     assert r.status_code == 403
     assert r.headers["www-authenticate"].startswith('Bearer error="insufficient_scope"')
+
+
+async def test_a_resources_400_is_returned_as_it_is_and_its_nonce_kept(server: Running) -> None:
+    auth = TokenAuth(BASE + "/token", username="alice", password=DEFAULT_PASSWORD, dpop=True)
+    proofs: list[str] = []
+
+    async def keep(request: httpx.Request) -> None:
+        if request.url.host == "resource":
+            proofs.append(request.headers["dpop"])
+
+    async with client_for(server, auth, Counter()) as client:
+        client.event_hooks["request"].append(keep)
+        r = await client.get("http://resource/refuses")
+        assert r.status_code == 400
+        assert r.json() == {"error": "use_dpop_nonce"}
+        r = await client.get("http://resource/hello")
+        assert r.status_code == 200, r.text
+    assert len(proofs) == 2  # no retry of the 400
+    assert "nonce" not in jwt_parts(proofs[0])[1]
+    assert jwt_parts(proofs[1])[1]["nonce"] == "resource-nonce"

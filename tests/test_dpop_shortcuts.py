@@ -190,6 +190,14 @@ async def test_the_memory_replay_cache_forgets_only_what_expired() -> None:
     assert await cache.use_once("d", expires_at=30, now=11)
     assert not await cache.use_once("b", expires_at=20, now=11)
     assert await cache.use_once("a", expires_at=40, now=21)  # "b" expired too
+    # Out of order: "e" expires before the ids in front of it, and only a sweep finds
+    # it. A full cache sweeps at most once a second.
+    full = MemoryReplayCache(max_entries=2)
+    assert await full.use_once("long", expires_at=100, now=0)
+    assert await full.use_once("short", expires_at=5, now=0)
+    assert await full.use_once("x", expires_at=100, now=6)  # swept: "short" went
+    assert not await full.use_once("y", expires_at=100, now=6.5)  # full, swept 0.5 s ago
+    assert not await full.use_once("x", expires_at=100, now=7)
 
 
 def rsa_jwk(n: int, e: int) -> dict[str, str]:

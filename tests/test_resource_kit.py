@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from jwcrypto.jwk import JWK
 
 from authserver.api import deps
-from authserver.client import ClientSecret
+from authserver.client import ClientSecret, DPoPKey
 from authserver.keys import generate_key
 from authserver.resource import (
     AccessClaims,
@@ -500,3 +500,52 @@ async def test_introspection_with_wrong_client_credentials_is_an_outage_not_a_pa
         assert r.json()["error"] == "temporarily_unavailable"
     finally:
         await kit.close()
+
+
+@pytest.mark.parametrize(("token_type", "accepted"), [("DPoP", True), ("refresh_token", False)])
+async def test_introspection_of_another_issuer_that_names_the_scheme(
+    token_type: str, accepted: bool
+) -> None:
+    """RFC 9449 §6.2: an issuer may answer `token_type: DPoP` for a bound access token."""
+    key = DPoPKey()
+    issuer = FastAPI()
+
+    @issuer.post("/introspect")
+    async def introspect() -> dict[str, Any]:
+        now = int(time.time())
+        return {
+            "active": True,
+            "token_type": token_type,
+            "sub": "bob",
+            "scope": "read",
+            "client_id": "app",
+            "aud": "authserver",
+            "iss": "https://other-issuer.example",
+            "exp": now + 60,
+            "iat": now,
+            "cnf": {"jkt": key.thumbprint},
+        }
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=issuer), base_url="https://other-issuer.example"
+    ) as http:
+        validator = IntrospectingValidator(
+            "https://other-issuer.example/introspect",
+            ClientSecret("orders-api", "secret"),
+            audience="authserver",
+            http=http,
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=resource_app(validator)),
+            base_url="http://resource",
+        ) as resource:
+            proof = key.proof("GET", "http://resource/hello", access_token="opaque")
+            r = await resource.get(
+                "/hello", headers={"Authorization": "DPoP opaque", "DPoP": proof}
+            )
+    if accepted:
+        assert r.status_code == 200, r.text
+        assert r.json()["sub"] == "bob"
+    else:
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith('DPoP error="invalid_token"')

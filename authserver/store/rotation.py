@@ -50,8 +50,16 @@ def _issued_to_a_live_client() -> sa.ColumnElement[bool]:
 
 def _proves_the_family_key(jkt: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
     """RFC 9449 §5: a family bound to a DPoP key may be refreshed only with a proof signed
-    by that key; `jkt` is the thumbprint of the request's proof key, NULL without one."""
-    return sa.or_(_f.dpop_jkt.is_(None), sa.and_(jkt.is_not(None), _f.dpop_jkt == jkt))
+    by that key; `jkt` is the thumbprint of the request's proof key, NULL without one.
+
+    A token the family issued before it was bound (at a refresh) is not bound: replayed
+    spent, by whoever holds a copy, it must meet reuse detection, not a refusal that
+    leaves the session to a thief who bound it to their own key first."""
+    return sa.or_(
+        _f.dpop_jkt.is_(None),
+        _t.created_at < _f.dpop_bound_at,
+        sa.and_(jkt.is_not(None), _f.dpop_jkt == jkt),
+    )
 
 
 def refusal(

@@ -52,6 +52,9 @@ refresh_families = sa.Table(
     # RFC 9449 §5: a public client's family bound to its DPoP key (the RFC 7638
     # thumbprint); every refresh must then prove possession of that key.
     sa.Column("dpop_jkt", sa.String(64), nullable=True),
+    # Since when: its tokens issued before (a family bound at a refresh, not at its
+    # login) are not bound, so a spent one replayed still triggers reuse detection.
+    sa.Column("dpop_bound_at", Time, nullable=True),
     sa.Index("ix_refresh_families_user_id", "user_id"),
 )
 

@@ -519,6 +519,7 @@ class SqlTransaction:
                 "ip": ip,
                 "user_agent": user_agent,
                 "dpop_jkt": dpop_jkt,
+                "dpop_bound_at": None if dpop_jkt is None else created_at,
             },
         )
 
@@ -565,12 +566,12 @@ class SqlTransaction:
             .values(status="revoked")
         )
 
-    async def bind_family(self, family_id: str, dpop_jkt: str) -> bool:
+    async def bind_family(self, family_id: str, dpop_jkt: str, *, at: float) -> bool:
         f = refresh_families.c
         result = await self._conn.execute(
             refresh_families.update()
             .where(f.id == family_id, f.dpop_jkt.is_(None))
-            .values(dpop_jkt=dpop_jkt)
+            .values(dpop_jkt=dpop_jkt, dpop_bound_at=at)
         )
         return result.rowcount == 1
 
