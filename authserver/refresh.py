@@ -64,7 +64,6 @@ class Issued:
     username: str
     granted_scope: str
     client_id: str
-    dpop_jkt: str | None = None  # the DPoP key its family is bound to
 
 
 class Refusal(StrEnum):
@@ -177,7 +176,7 @@ async def start_family(
     if not await store.atomic(work):
         return None
     auditor.emit(event)  # logged only once it is true
-    return Issued(token, family_id, user.username, scope, client_id, dpop_jkt)
+    return Issued(token, family_id, user.username, scope, client_id)
 
 
 @dataclass(slots=True)
@@ -193,6 +192,7 @@ class _Rotation:
     new_token: str
     new_hash: str
     dpop_jkt: str | None = None
+    bind: bool = False  # bind an unbound family to `dpop_jkt` (a public client's proof)
     events: list[AuditEvent] = field(default_factory=list)
 
     async def decide(self, tx: RefreshTransaction, token_hash: str) -> Issued | Refused:
@@ -214,7 +214,12 @@ class _Rotation:
             ):
                 return await self._reuse(tx, rec)
             return await self._issue(tx, rec)
-        if await _within_grace(tx, rec, self.lifetimes, self.now):
+        # A token its family issued before it was bound (not refused above) may be retried
+        # only with the family's key: a thief who bound a stolen copy to their own key
+        # must not have the owner's retry go to them, nor their own retry be spared.
+        if self._proves_the_family_key(rec) and await _within_grace(
+            tx, rec, self.lifetimes, self.now
+        ):
             if self._widens(rec):
                 return Refused(Refusal.INVALID_SCOPE, rec.username, rec.family_id)
             # A retry after a lost response: the unused successor gives way.
@@ -226,12 +231,19 @@ class _Rotation:
             return await self._issue(tx, rec)
         return await self._reuse(tx, rec)  # spent, and not the grace window's retry
 
+    def _proves_the_family_key(self, rec: RefreshRecord) -> bool:
+        return rec.dpop_jkt is None or rec.dpop_jkt == self.dpop_jkt
+
     def _widens(self, rec: RefreshRecord) -> bool:
         # RFC 6749 §6: a refresh may narrow the scope, never widen it.
         granted = set(rec.scope.split())
         return self.requested_scope is not None and not self.requested_scope <= granted
 
     async def _issue(self, tx: RefreshTransaction, rec: RefreshRecord) -> Issued:
+        if self.bind and self.dpop_jkt is not None and rec.dpop_jkt is None:
+            # From the successor on (its `created_at` is `now`): the family's earlier
+            # tokens stay unbound, and a spent one replayed meets reuse detection.
+            await tx.bind_family(rec.family_id, self.dpop_jkt, at=self.now)
         await tx.add_refresh(
             token_hash=self.new_hash,
             family_id=rec.family_id,
@@ -246,9 +258,7 @@ class _Rotation:
                 audit.REFRESHED, self.ctx, username=rec.username, family_id=rec.family_id
             ),
         )
-        return Issued(
-            self.new_token, rec.family_id, rec.username, rec.scope, rec.client_id, rec.dpop_jkt
-        )
+        return Issued(self.new_token, rec.family_id, rec.username, rec.scope, rec.client_id)
 
     async def _reuse(self, tx: RefreshTransaction, rec: RefreshRecord) -> Refused:
         await tx.revoke_family(rec.family_id, at=self.now, reason="reuse")
@@ -311,21 +321,26 @@ async def rotate(
             event=event,
             client_id=client_id,
             dpop_jkt=dpop_jkt,
+            bind=bind,
         )
         if done is not None:
             auditor.emit(
                 replace(event, username=done.username, details={"family_id": done.family_id})
             )
-            issued = Issued(
-                new_token, done.family_id, done.username, done.scope, done.client_id, done.dpop_jkt
-            )
-            return await _bound(store, issued, dpop_jkt if bind else None, now)
+            return Issued(new_token, done.family_id, done.username, done.scope, done.client_id)
     rotation = _Rotation(
-        auditor, ctx, lifetimes, now, requested_scope, client_id, new_token, new_hash, dpop_jkt
+        auditor,
+        ctx,
+        lifetimes,
+        now,
+        requested_scope,
+        client_id,
+        new_token,
+        new_hash,
+        dpop_jkt,
+        bind,
     )
     outcome = await store.atomic(lambda tx: rotation.decide(tx, token_hash))
-    if isinstance(outcome, Issued):
-        outcome = await _bound(store, outcome, dpop_jkt if bind else None, now)
     for event in rotation.events:
         auditor.emit(event)  # after the commit: a rolled-back attempt logs nothing
     if isinstance(outcome, Refused) and outcome.reason is not Refusal.REUSE:
@@ -384,16 +399,3 @@ async def revoke_family(
     for built in revoked:
         auditor.emit(built)
     return known
-
-
-async def _bound(store: Store, issued: Issued, dpop_jkt: str | None, now: float) -> Issued:
-    """`issued`, its family bound to `dpop_jkt` if it was bound to no key yet, from `now`
-    on: the token just issued (`created_at` `now`) is the family's first bound one. A
-    write of its own after the rotation's, made once in a family's life, so that the
-    plain rotation (`Store.rotate_active`) stays one statement."""
-    if dpop_jkt is None or issued.dpop_jkt is not None:
-        return issued
-    family_id = issued.family_id
-    if await store.atomic(lambda tx: tx.bind_family(family_id, dpop_jkt, at=now)):
-        return replace(issued, dpop_jkt=dpop_jkt)
-    return issued

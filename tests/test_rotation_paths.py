@@ -74,6 +74,7 @@ class World:
     issued_to: str  # the client of every family it logs in
     bound_to: str | None = None  # the DPoP key of every family it logs in
     proof_key: str | None = None  # the DPoP key the presenting request proves
+    bind: bool = False  # the presenting request may bind an unbound family to its key
     tokens: list[str] = field(default_factory=list)  # in the order they were issued
     families: list[str] = field(default_factory=list)
     user_ids: dict[int, str] = field(default_factory=dict)
@@ -116,6 +117,7 @@ class World:
             fast_path=fast_path,
             client_id=self.issued_to if owner else self.client,
             dpop_jkt=self.bound_to if owner else self.proof_key,
+            bind=False if owner else self.bind,
             **kw,
         )
         if isinstance(outcome, Issued):
@@ -180,6 +182,7 @@ class World:
                     f.revoked_at,
                     f.revoked_reason,
                     f.dpop_jkt,
+                    f.dpop_bound_at,
                 )
                 for f in families
             ),
@@ -208,6 +211,7 @@ class Case:
     registered: tuple[tuple[str, bool, bool], ...] = (("app", False, False),)
     bound_to: str | None = None  # the DPoP key (thumbprint) the family is bound to
     proof_key: str | None = None  # the DPoP key the presenting request proves; None: no proof
+    bind: bool = False  # a public client's request: its proof binds an unbound family
 
 
 async def plain(world: World) -> str:
@@ -294,6 +298,36 @@ async def session_over_only(world: World) -> str:
     token = await world.login()
     await _set(world, refresh_families.update().values(expires_at=world.clock.now + 5))
     world.clock.now += 10
+    return token
+
+
+async def bound_at_a_refresh(world: World, *, present_successor: bool = False) -> str:
+    """A family begun without a proof, bound to KEY by its first refresh (a public
+    client's, proved by KEY): its first token, spent before the binding, or the successor."""
+    first = await world.login()
+    world.clock.now += 1
+    outcome = await rotate(
+        world.store,
+        world.auditor,
+        CTX,
+        token=first,
+        lifetimes=world.lifetimes,
+        now=world.clock.now,
+        client_id=world.issued_to,
+        dpop_jkt=KEY,
+        bind=True,
+    )
+    assert isinstance(outcome, Issued), outcome
+    world.tokens.append(outcome.refresh_token)
+    world.clock.now += 1
+    return outcome.refresh_token if present_successor else first
+
+
+async def bound_by_an_older_release(world: World) -> str:
+    """A bound family whose binding time was never written: bound throughout."""
+    token = await world.login()
+    await _set(world, refresh_families.update().values(dpop_bound_at=None))
+    world.clock.now += 1
     return token
 
 
@@ -397,6 +431,37 @@ CASES = {
     "DPoP-bound, no client named, a public client's token, no proof": Case(
         plain, Refusal.DPOP_KEY, client=None, registered=(("app", True, False),), bound_to=KEY
     ),
+    "DPoP-bound by an older release, no proof": Case(
+        bound_by_an_older_release, Refusal.DPOP_KEY, bound_to=KEY
+    ),
+    # A proof binds an unbound family (the general path's work: the one step declines).
+    "unbound, with a proof that binds": Case(
+        plain, None, successor_expires_in=TTL, proof_key=KEY, bind=True
+    ),
+    "bound, with a proof of its key that would bind": Case(
+        plain,
+        None,
+        one_step=True,
+        successor_expires_in=TTL,
+        bound_to=KEY,
+        proof_key=KEY,
+        bind=True,
+    ),
+    "bound at a refresh, its successor without the key": Case(
+        lambda w: bound_at_a_refresh(w, present_successor=True), Refusal.DPOP_KEY
+    ),
+    "bound at a refresh, a token from before, without the key: reuse": Case(
+        bound_at_a_refresh, Refusal.REUSE
+    ),
+    "bound at a refresh, a token from before, with another key: reuse": Case(
+        bound_at_a_refresh, Refusal.REUSE, proof_key=OTHER_KEY, bind=True
+    ),
+    "bound at a refresh, a token from before, within the grace window, without the key": Case(
+        bound_at_a_refresh, Refusal.REUSE, GRACE
+    ),
+    "bound at a refresh, a token from before, within the grace window, with the key": Case(
+        bound_at_a_refresh, None, GRACE, successor_expires_in=TTL, proof_key=KEY
+    ),
 }
 
 
@@ -416,6 +481,7 @@ async def _arrange(store: SqlStore, case: Case, t0: float) -> tuple[World, str]:
         case.issued_to,
         bound_to=case.bound_to,
         proof_key=case.proof_key,
+        bind=case.bind,
     )
     for client_id, public, disabled in case.registered:
         await make_client(store, client_id, public=public, disabled=disabled)
@@ -469,6 +535,10 @@ async def _exchange(
         now + case.successor_expires_in,
         None,
     )
+    (family,) = (f for f in rows["families"] if f[0] == world.label(outcome.family_id))
+    if case.bind and case.proof_key is not None and case.bound_to is None:
+        # Bound from the successor on: the key, and the successor's `created_at`.
+        assert family[-2:] == (case.proof_key, now)
     assert rows["events"][-1] == (
         now,
         audit.REFRESHED,
@@ -499,6 +569,7 @@ async def _one_step(
         event=world.auditor.build(audit.REFRESHED, CTX),
         client_id=case.client,
         dpop_jkt=case.proof_key,
+        bind=case.bind,
     )
     if not case.one_step:
         assert done is None

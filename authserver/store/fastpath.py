@@ -70,6 +70,8 @@ class Exchange:
     event: AuditEvent
     client_id: str | None  # the requesting client; None: any public one (see rotation.py)
     dpop_jkt: str | None = None  # the request's DPoP proof key, if it sent a proof
+    # The key to bind an unbound family to (a public client's proof): see rotation.py.
+    bind_jkt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,7 @@ _BATCH_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("successor", sa.String),
     ("client", sa.String),
     ("jkt", sa.String),
+    ("bind", sa.String),
     ("at", Time),
     ("ttl", sa.Integer),
     ("event_at", Time),
@@ -162,6 +165,7 @@ def _batch_values(exchanges: Sequence[Exchange]) -> dict[str, list[Any]]:
             e.successor_hash,
             e.client_id,
             e.dpop_jkt,
+            e.bind_jkt,
             e.now,
             e.refresh_ttl,
             e.event.at,
@@ -200,13 +204,13 @@ def _pg_rotate() -> sa.Select[Any]:
             _t.family_id == _f.id,
             _f.user_id == _u.id,
             rotation.refusal(b.at, b.client, b.jkt).is_(None),
+            rotation.binds_nothing(b.bind),
         )
         .returning(
             _t.token_hash,
             _t.family_id,
             _t.scope,
             _f.client_id,
-            _f.dpop_jkt,
             _u.username,
             b.ord,
             b.successor,
@@ -240,7 +244,7 @@ def _pg_rotate() -> sa.Select[Any]:
         .cte("audited")
     )
     # The two inserts are referenced by nothing; `add_cte` has them rendered anyway.
-    answer = sa.select(s.ord, s.family_id, s.username, s.scope, s.client_id, s.dpop_jkt)
+    answer = sa.select(s.ord, s.family_id, s.username, s.scope, s.client_id)
     return answer.add_cte(issued, audited)
 
 
@@ -335,7 +339,7 @@ class PgRotator:
         done: list[Rotated | None] = [None] * len(exchanges)
         for row in rows:
             done[row["ord"]] = Rotated(
-                row["family_id"], row["username"], row["scope"], row["client_id"], row["dpop_jkt"]
+                row["family_id"], row["username"], row["scope"], row["client_id"]
             )
         return done
 
@@ -430,7 +434,7 @@ def sqlite_fetch_one(raw: sqlite3.Connection, read: Read, **values: Any) -> dict
 # Under BEGIN IMMEDIATE nothing changes between these statements, so the plain case is
 # found first, and then spent with the general path's own compare-and-set.
 _SQLITE_FIND = _compile(
-    sa.select(_t.family_id, _t.scope, _f.client_id, _f.dpop_jkt, _u.username)
+    sa.select(_t.family_id, _t.scope, _f.client_id, _u.username)
     .select_from(rotation.TOKEN_FAMILY_USER)
     .where(
         _t.token_hash == sa.bindparam("b_hash", type_=sa.String),
@@ -438,6 +442,7 @@ _SQLITE_FIND = _compile(
         rotation.refusal(sa.bindparam("b_now", type_=Time), rotation.CLIENT, rotation.DPOP_KEY).is_(
             None
         ),
+        rotation.binds_nothing(rotation.BIND_KEY),
     ),
     _sqlite,
 )
@@ -504,12 +509,16 @@ def _sqlite_rotate_one(conn: sqlite3.Connection, exchange: Exchange) -> Rotated 
     found = conn.execute(
         _SQLITE_FIND.sql,
         _SQLITE_FIND.args(
-            b_hash=token_hash, b_now=now, b_client=exchange.client_id, b_jkt=exchange.dpop_jkt
+            b_hash=token_hash,
+            b_now=now,
+            b_client=exchange.client_id,
+            b_jkt=exchange.dpop_jkt,
+            b_bind=exchange.bind_jkt,
         ),
     ).fetchone()
     if found is None:
         return None
-    family_id, scope, client_id, dpop_jkt, username = found
+    family_id, scope, client_id, username = found
     spent = conn.execute(
         _SQLITE_SPEND.sql,
         _SQLITE_SPEND.args(
@@ -534,4 +543,4 @@ def _sqlite_rotate_one(conn: sqlite3.Connection, exchange: Exchange) -> Rotated 
         _SQLITE_AUDIT.sql,
         _SQLITE_AUDIT.args(b_username=username, b_details=details, **_event_values(exchange)),
     )
-    return Rotated(family_id, username, scope, client_id, dpop_jkt)
+    return Rotated(family_id, username, scope, client_id)

@@ -97,7 +97,6 @@ class Rotated:
     username: str
     scope: str
     client_id: str
-    dpop_jkt: str | None  # the DPoP key the family is bound to
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,13 +277,15 @@ class Store(Protocol):
         event: AuditEvent,
         client_id: str | None,
         dpop_jkt: str | None = None,
+        bind: bool = False,
     ) -> Rotated | None:
         """The common exchange as one atomic step, where the backend has one.
 
         Spends `token_hash` if it is active, unexpired, of a live family and an
         enabled user, issues `successor_hash` in its family and stores `event`
         (its username and family id filled in). None means nothing was done and
-        the caller takes the general path (`atomic`), which decides the rest.
+        the caller takes the general path (`atomic`), which decides the rest:
+        with `bind`, an unbound family (which `dpop_jkt` would bind) too.
         """
 
     async def ping(self) -> None: ...

@@ -57,9 +57,18 @@ def _proves_the_family_key(jkt: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]
     leaves the session to a thief who bound it to their own key first."""
     return sa.or_(
         _f.dpop_jkt.is_(None),
-        _t.created_at < _f.dpop_bound_at,
+        # Not NULL: a family bound by a release before `dpop_bound_at` is bound throughout.
+        sa.and_(_f.dpop_bound_at.is_not(None), _t.created_at < _f.dpop_bound_at),
         sa.and_(jkt.is_not(None), _f.dpop_jkt == jkt),
     )
+
+
+def binds_nothing(bind: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """The exchange leaves the family's binding as it is: `bind` (the key a public
+    client's proof would bind an unbound family to, NULL for none) is NULL, or the family
+    is bound already. Binding is the general path's (`refresh._Rotation`), in the
+    rotation's own transaction; the one step declines such an exchange."""
+    return sa.or_(bind.is_(None), _f.dpop_jkt.is_not(None))
 
 
 def refusal(
@@ -94,6 +103,8 @@ def refusal(
 CLIENT = sa.bindparam("b_client", type_=sa.String)
 # The thumbprint of the request's DPoP proof key: see `_proves_the_family_key`.
 DPOP_KEY = sa.bindparam("b_jkt", type_=sa.String)
+# The key an unbound family would be bound to: see `binds_nothing`.
+BIND_KEY = sa.bindparam("b_bind", type_=sa.String)
 
 
 def spend(

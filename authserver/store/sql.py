@@ -946,9 +946,17 @@ class SqlStore:
         event: AuditEvent,
         client_id: str | None,
         dpop_jkt: str | None = None,
+        bind: bool = False,
     ) -> Rotated | None:
         exchange = Exchange(
-            token_hash, successor_hash, now, refresh_ttl, event, client_id, dpop_jkt
+            token_hash,
+            successor_hash,
+            now,
+            refresh_ttl,
+            event,
+            client_id,
+            dpop_jkt,
+            bind_jkt=dpop_jkt if bind else None,
         )
         return await self._rotations.submit(exchange)
 
