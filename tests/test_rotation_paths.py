@@ -103,10 +103,17 @@ class World:
         return issued.refresh_token
 
     async def rotate(
-        self, token: str, *, fast_path: bool = True, owner: bool = False, **kw: Any
+        self,
+        token: str,
+        *,
+        fast_path: bool = True,
+        owner: bool = False,
+        binding: str | None = None,
+        **kw: Any,
     ) -> Issued | Refused:
         """Present `token` as the case's client with its proof, or (`owner`) as the one it
-        was issued to, with the key its family is bound to."""
+        was issued to, with the key its family is bound to, or `binding` (a public
+        client's proof, which binds an unbound family)."""
         outcome = await rotate(
             self.store,
             self.auditor,
@@ -116,8 +123,8 @@ class World:
             now=self.clock.now,
             fast_path=fast_path,
             client_id=self.issued_to if owner else self.client,
-            dpop_jkt=self.bound_to if owner else self.proof_key,
-            bind=False if owner else self.bind,
+            dpop_jkt=binding or (self.bound_to if owner else self.proof_key),
+            bind=binding is not None if owner else self.bind,
             **kw,
         )
         if isinstance(outcome, Issued):
@@ -306,19 +313,8 @@ async def bound_at_a_refresh(world: World, *, present_successor: bool = False) -
     client's, proved by KEY): its first token, spent before the binding, or the successor."""
     first = await world.login()
     world.clock.now += 1
-    outcome = await rotate(
-        world.store,
-        world.auditor,
-        CTX,
-        token=first,
-        lifetimes=world.lifetimes,
-        now=world.clock.now,
-        client_id=world.issued_to,
-        dpop_jkt=KEY,
-        bind=True,
-    )
+    outcome = await world.rotate(first, owner=True, binding=KEY)
     assert isinstance(outcome, Issued), outcome
-    world.tokens.append(outcome.refresh_token)
     world.clock.now += 1
     return outcome.refresh_token if present_successor else first
 
