@@ -10,7 +10,7 @@
   which `authserver db purge` runs too); the single-use ids of DPoP proofs and
   client assertions every `USED_ID_PURGE_INTERVAL` seconds.
 - SQLite's WAL checkpoint runs every second in a thread: it fsyncs, and so it
-  never stalls a request.
+  never stalls the event loop (the process's writes wait for it).
 
 A failed round is logged and its job carries on: none of this is worth stopping
 a server that can still answer.
@@ -75,7 +75,7 @@ def start_jobs(
             functools.partial(forget_used_ids, store),
             "purging single-use ids failed",
         ),
-        _every(1.0, _in_thread(store.checkpoint), "WAL checkpoint failed"),
+        _every(1.0, store.checkpoint, "WAL checkpoint failed"),
     ]
     return [asyncio.create_task(hasher.warm_up()), *(asyncio.create_task(job) for job in jobs)]
 

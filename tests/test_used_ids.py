@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 
 from authserver import jobs
+from authserver.config import Settings
+from authserver.store.migrate import upgrade_async
 from authserver.store.protocol import used_id
 from authserver.store.schema import used_jtis
 from authserver.store.sql import SqlStore
@@ -67,3 +70,46 @@ async def rows(store: SqlStore) -> int:
     async with store.engine.connect() as conn:
         count = await conn.scalar(sa.select(sa.func.count()).select_from(used_jtis))
     return int(count or 0)
+
+
+async def _wal_size_under_writes(path: Path, *, beside: bool) -> int:
+    """The size the WAL reaches while ids are written without a pause and a checkpoint
+    runs every 20 ms, 25 times (the server's job: every second): the store's, or one in a thread
+    beside the writes (`beside`)."""
+    store = SqlStore.from_settings(Settings(database_url=f"sqlite:///{path}"))
+    try:
+        await upgrade_async(store.engine)
+        stop = asyncio.Event()
+
+        async def write() -> None:
+            n = 0
+            while not stop.is_set():
+                now = time.time()
+                ids = (f"dpop:{n}-{i}" for i in range(8))
+                await asyncio.gather(
+                    *(store.use_jti(key, expires_at=now + 60, now=now) for key in ids)
+                )
+                n += 1
+
+        writer = asyncio.create_task(write())
+        try:
+            for _ in range(25):
+                await asyncio.sleep(0.02)
+                if beside:
+                    await asyncio.to_thread(store._checkpoint)
+                else:
+                    await store.checkpoint()
+        finally:
+            stop.set()
+            await writer
+        return Path(f"{path}-wal").stat().st_size
+    finally:
+        await store.close()
+
+
+async def test_the_wal_starts_over_under_a_steady_stream_of_writes(tmp_path: Path) -> None:
+    """A checkpoint beside the writes never reaches the end of the log, so the log never
+    starts over and only grows; the store's checkpoint lets this process's writes wait."""
+    beside = await _wal_size_under_writes(tmp_path / "beside.db", beside=True)
+    waiting = await _wal_size_under_writes(tmp_path / "waiting.db", beside=False)
+    assert waiting < beside / 2, (waiting, beside)

@@ -816,8 +816,21 @@ class SqlStore:
             await self._rotator.close()
         await self.engine.dispose()
 
-    def checkpoint(self) -> None:
-        """Fold SQLite's WAL into the database file (blocking: call it from a thread)."""
+    async def checkpoint(self) -> None:
+        """Fold SQLite's WAL into the database file, in a thread (it fsyncs), while this
+        process's writers wait (the loop itself does not).
+
+        With no write of its own landing meanwhile, the checkpoint reaches the end of
+        the log, and the next write starts the log over from its beginning. Under a
+        steady stream of writes (a DPoP proof's id per request) a checkpoint beside
+        them never did: the log only grew (80 MB in a minute of the DPoP benchmark)
+        and every write cost more (+40 to 60 µs of CPU per request)."""
+        if self._write_lock is None:
+            return
+        async with self._write_lock:
+            await asyncio.to_thread(self._checkpoint)
+
+    def _checkpoint(self) -> None:
         if self._inline is None or not self.engine.url.database:
             return
         conn = sqlite3.connect(self.engine.url.database, timeout=_SQLITE_BUSY_TIMEOUT_MS / 1000)
