@@ -296,10 +296,7 @@ class ProofChecker:
     def _targets(self, url: str) -> tuple[str | None, ...]:
         """What `htu` may name for a request received at `url`: that URL and, behind a
         proxy, the same path under `base_url` (None for a URL that cannot be)."""
-        if self.base_url is None:
-            return (normalise_url(url),)
-        try:
-            path = urlsplit(url).path
-        except ValueError:
-            return (None,)
-        return normalise_url(url), normalise_url(self.base_url + path)
+        own = normalise_url(url)
+        if self.base_url is None or own is None:
+            return (own,)
+        return own, normalise_url(self.base_url + urlsplit(url).path)

@@ -213,9 +213,9 @@ class RefreshTransaction(Protocol):
 
     async def revoke_token(self, token_hash: str) -> None: ...
 
-    async def bind_family(self, family_id: str, dpop_jkt: str, *, at: float) -> bool:
+    async def bind_family(self, family_id: str, dpop_jkt: str, *, at: float) -> None:
         """Bind a family that is bound to no DPoP key yet to `dpop_jkt` from `at` on (the
-        tokens it issued before stay unbound); False if it was bound already."""
+        tokens it issued before stay unbound); a bound family is left as it is."""
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
         """Revoke the family and every token in it; False if it already was."""

@@ -566,14 +566,13 @@ class SqlTransaction:
             .values(status="revoked")
         )
 
-    async def bind_family(self, family_id: str, dpop_jkt: str, *, at: float) -> bool:
+    async def bind_family(self, family_id: str, dpop_jkt: str, *, at: float) -> None:
         f = refresh_families.c
-        result = await self._conn.execute(
+        await self._conn.execute(
             refresh_families.update()
             .where(f.id == family_id, f.dpop_jkt.is_(None))
             .values(dpop_jkt=dpop_jkt, dpop_bound_at=at)
         )
-        return result.rowcount == 1
 
     async def revoke_family(self, family_id: str, *, at: float, reason: str) -> bool:
         self._changed.sessions.add(family_id)
@@ -824,7 +823,8 @@ class SqlStore:
         the log, and the next write starts the log over from its beginning. Under a
         steady stream of writes (a DPoP proof's id per request) a checkpoint beside
         them never did: the log only grew (80 MB in a minute of the DPoP benchmark)
-        and every write cost more (+40 to 60 µs of CPU per request)."""
+        and every write cost more (DPoP /protected: 270 to 294 µs of CPU a request,
+        against 235 to 267 µs with the writes waiting)."""
         if self._write_lock is None:
             return
         async with self._write_lock:
