@@ -251,11 +251,6 @@ class AuthService:
         granted = self._granted_scope(client, scope)
         now = self.clock()
         user = await self.authenticate_user(ctx, username=username, password=password, now=now)
-        # A login's steps after the hash (the throttle's reads, the new family's write,
-        # the signature) take the event loop for about a millisecond when run back to
-        # back; letting other requests in between them keeps their latency flat
-        # under a stream of logins.
-        await asyncio.sleep(0)
         issued = await start_family(
             self.store,
             self.auditor,

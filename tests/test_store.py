@@ -86,3 +86,40 @@ async def test_a_saturated_pool_waits_at_most_its_timeout_then_is_unavailable(
         assert await store.get_client("nobody") is None
     finally:
         await store.close()
+
+
+# -- fairness: a run of store calls lets other requests in between them ----------------
+
+
+async def test_store_calls_hand_the_event_loop_to_other_requests_between_them(
+    store: SqlStore,
+) -> None:
+    """SQLite's calls run inline and never wait for I/O: unless each transaction hands
+    the loop over before it starts and after it commits, a login's dozen calls hold
+    every other request from the first to the last. (asyncpg waits at each statement.)"""
+    user = await make_user(store)
+    turns = 0
+    done = False
+
+    async def another_request() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(another_request())
+    await asyncio.sleep(0)
+    seen: list[tuple[str, int]] = []
+    try:
+        for _ in range(3):
+            before = turns
+            await store.get_user(user.username)
+            seen.append(("read", turns - before))
+            before = turns
+            await store.remember_login_address(user.id, "net", at=time.time())
+            seen.append(("write", turns - before))
+    finally:
+        done = True
+        await other
+    # One turn before a read; one before a write and one after its commit.
+    assert all(n >= (1 if kind == "read" else 2) for kind, n in seen), seen
