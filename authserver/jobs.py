@@ -10,7 +10,7 @@
   which `authserver db purge` runs too); the single-use ids of DPoP proofs and
   client assertions every `USED_ID_PURGE_INTERVAL` seconds.
 - SQLite's WAL checkpoint runs every second in a thread: it fsyncs, and so it
-  never stalls the event loop (the process's writes wait for it).
+  never stalls the event loop (the process's writes wait for its short last pass).
 
 A failed round is logged and its job carries on: none of this is worth stopping
 a server that can still answer.
